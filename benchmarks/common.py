@@ -1,0 +1,56 @@
+"""Shared benchmark pieces: the machine's floor rates, medians, and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_FILE = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of a square matmul (the machine's compute ceiling for these kernels)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeats)
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s streamed by a sum over a buffer far larger than the caches."""
+    x = torch.ones(nbytes // 4)
+    return nbytes / median_time(lambda: x.sum(), repeats)
+
+
+def machine_line() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replaces (or appends) the section between this benchmark's markers in BENCHMARKS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = BENCH_FILE.read_text() if BENCH_FILE.exists() else (
+        "# Benchmarks\n\nFigures from the scripts in `benchmarks/`; each section names the command that "
+        "produced it. Ratios are measured side by side in one run; times are medians over repeats.\n")
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCH_FILE.write_text(text)

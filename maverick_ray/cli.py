@@ -1,0 +1,212 @@
+"""maverick-ray command line: generate | make-checkpoint | serve | top.
+
+Every subcommand works with no checkpoint argument: the tiny checkpoint is created on first
+use in the user cache directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="checkpoint directory in the Hugging Face Llama 4 layout "
+                        "(default: the tiny checkpoint, created on first use in ~/.cache/maverick-ray)")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="expert-parallel ranks; N > 1 runs N Ray worker actors (default: 1, in-process)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address to join (default: start a local Ray bound to 127.0.0.1)")
+    p.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"],
+                   help="Ray placement-group strategy for the EP workers (default: PACK)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per EP worker (1 on GPU clusters)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences per EP rank")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maverick-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt",
+                       description="Generate a completion for one prompt (chat template applied to --prompt).")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="user message; the chat template is applied")
+    src.add_argument("--token-ids", default=None, metavar="1,2,3",
+                     help="raw prompt token ids (works on a checkpoint without tokenizer files)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file to put before the prompt text (repeatable)")
+    g.add_argument("--max-images", type=int, default=8, help="most images accepted per prompt (default: 8)")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible per request)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
+
+    m = sub.add_parser("make-checkpoint", help="write a deterministic random checkpoint",
+                       description="Write a random Llama 4 checkpoint in the Hugging Face layout "
+                                   "(config, safetensors, tokenizer), loadable by transformers.")
+    m.add_argument("out", metavar="OUT", help="output directory")
+    m.add_argument("--preset", default="tiny", choices=["tiny", "mini"],
+                   help="tiny: tests and try-outs (with a small vision tower); mini: benchmarks (hidden 512, 128 experts)")
+    m.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    m.add_argument("--experts-layout", default="fused", choices=["fused", "split"],
+                   help="fused experts.gate_up_proj (HF default) or split experts.{i}.*_proj.weight")
+    m.add_argument("--max-shard-mb", type=float, default=2048.0, help="shard safetensors above this size (MB)")
+    m.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API on a local or existing Ray cluster",
+                       description="Start (or join) Ray, deploy maverick-ray with Ray Serve and serve the "
+                                   "OpenAI-compatible API until interrupted.")
+    s.add_argument("--model", metavar="DIR", default=None,
+                   help="checkpoint directory (default: the tiny checkpoint, created if missing)")
+    s.add_argument("--ep", type=int, default=2, metavar="N", help="expert-parallel ranks per replica (default: 2)")
+    s.add_argument("--replicas", type=int, default=1, help="Serve replicas (each one a whole EP engine)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    s.add_argument("--metrics-port", type=int, default=8080,
+                   help="Prometheus metrics export port of the local Ray node (default: 8080)")
+    s.add_argument("--address", default=None, help="existing Ray cluster to deploy onto (default: start one)")
+    s.add_argument("--placement-strategy", default="PACK",
+                   choices=["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"], help="placement of the EP workers")
+    s.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per EP worker (1 on GPU clusters)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
+    s.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or set MAVERICK_RAY_API_KEY)")
+
+    t = sub.add_parser("top", help="live expert-load view of a running deployment in the terminal",
+                       description="Show routing balance per MoE layer and per rank of a running deployment.")
+    t.add_argument("--url", default="http://127.0.0.1:8000", help="Serve endpoint (default: http://127.0.0.1:8000)")
+    t.add_argument("--interval", type=float, default=2.0, help="refresh seconds (default: 2)")
+    t.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    t.add_argument("--api-key", default=None, help="API key, when the server requires one")
+    return parser
+
+
+def _checkpoint(path: str | None) -> Path:
+    from .checkpoint.writer import ensure_tiny_checkpoint
+
+    return Path(path) if path else ensure_tiny_checkpoint()
+
+
+def make_engine(args, tokenizer=None, progress: bool = True):
+    from .config import EngineConfig, ParallelConfig
+    from .engine.engine import Engine
+    from .ray_runtime import init_ray
+
+    ckpt = _checkpoint(args.model)
+    parallel = ParallelConfig(ep_size=args.ep, placement_strategy=args.placement_strategy,
+                              num_gpus_per_worker=args.gpus_per_worker)
+    engine_cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype)
+    if args.ep > 1:
+        init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep + 1))
+    return Engine(ckpt, parallel, engine_cfg, progress=progress, tokenizer=tokenizer), ckpt
+
+
+def cmd_generate(args) -> int:
+    from .engine.sampling import InvalidRequest, SamplingParams
+
+    ckpt = _checkpoint(args.model)
+    args.model = str(ckpt)
+    tokenizer = None
+    if args.token_ids is not None:
+        try:
+            prompt_ids = [int(t) for t in args.token_ids.split(",") if t.strip()]
+        except ValueError:
+            print(f"error: --token-ids must be comma-separated integers, got {args.token_ids!r}", file=sys.stderr)
+            return 2
+        mm = None
+        if args.image:
+            print("error: --image needs --prompt (images are placed by the chat template)", file=sys.stderr)
+            return 2
+    else:
+        from .checkpoint.chat import Llama4Tokenizer
+
+        tokenizer = Llama4Tokenizer.from_pretrained(ckpt)
+        prompt_ids, mm = _chat_prompt(args, ckpt, tokenizer)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop)
+    engine, _ = make_engine(args, tokenizer, progress=not args.json)
+    with engine:
+        try:
+            out = engine.generate(prompt_ids, params, mm_inputs=mm)
+        except InvalidRequest as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps({"token_ids": out["token_ids"], "text": out["text"] if tokenizer else None,
+                          "finish_reason": out["finish_reason"]}))
+    elif tokenizer is not None:
+        print(out["text"])
+    else:
+        print(",".join(map(str, out["token_ids"])))
+    return 0
+
+
+def _chat_prompt(args, ckpt: Path, tokenizer):
+    """Applies the chat template to --prompt (and --image files); returns (ids, multimodal inputs)."""
+    text = args.prompt if args.prompt is not None else "Hello!"
+    if not args.image:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}]), None
+    from .engine.multimodal import prepare_images_from_files
+
+    return prepare_images_from_files(ckpt, tokenizer, args.image, text, args.max_images)
+
+
+def cmd_make_checkpoint(args) -> int:
+    from .checkpoint.writer import write_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
+        return 2
+    write_checkpoint(out, preset=args.preset, seed=args.seed, experts_layout=args.experts_layout,
+                     max_shard_bytes=int(args.max_shard_mb * 2**20), progress=True)
+    print(f"wrote {args.preset} checkpoint to {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.local import serve_forever
+
+    return serve_forever(args)
+
+
+def cmd_top(args) -> int:
+    from .top import run
+
+    return run(args.url, args.interval, args.once, args.api_key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .checkpoint.errors import CheckpointError
+    from .config import ConfigError
+    from .multimodal.images import ImageError
+
+    handlers = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve,
+                "top": cmd_top}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, CheckpointError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

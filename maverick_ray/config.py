@@ -1,0 +1,369 @@
+"""Validated configuration objects.
+
+`ModelConfig` is built from a checkpoint's ``config.json``: either the Hugging Face
+``Llama4Config`` form (``text_config`` + ``vision_config``) or a bare text config
+(``model_type: llama4_text``). Inconsistent shapes fail here, at load, with a
+`ConfigError` that names the field, instead of deep inside torch later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json value is missing, of the wrong type, or inconsistent with another."""
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _positive_int(d: dict, name: str, prefix: str) -> int:
+    value = d.get(name)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             prefix + name, f"must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling (``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int          # routed and shared expert width
+    intermediate_size_mlp: int      # dense-layer MLP width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    moe_layers: tuple[int, ...]
+    no_rope_layers: tuple[int, ...]  # 1 = RoPE layer, 0 = NoPE layer
+    use_qk_norm: bool
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    attention_chunk_size: int | None
+    attn_temperature_tuning: bool
+    floor_scale: float
+    attn_scale: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def is_moe(self) -> tuple[bool, ...]:
+        moe = set(self.moe_layers)
+        return tuple(i in moe for i in range(self.num_hidden_layers))
+
+    def uses_rope(self, layer: int) -> bool:
+        return bool(self.no_rope_layers[layer])
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "") -> "TextConfig":
+        p = prefix
+        hidden = _positive_int(d, "hidden_size", p)
+        heads = _positive_int(d, "num_attention_heads", p)
+        layers = _positive_int(d, "num_hidden_layers", p)
+        kv_heads = d.get("num_key_value_heads") or heads
+        _require(isinstance(kv_heads, int) and kv_heads > 0, p + "num_key_value_heads",
+                 f"must be a positive integer, got {kv_heads!r}")
+        _require(heads % kv_heads == 0, p + "num_key_value_heads",
+                 f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        head_dim = d.get("head_dim") or hidden // heads
+        _require(isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0, p + "head_dim",
+                 f"must be a positive even integer (RoPE rotates pairs), got {head_dim!r}")
+        experts = _positive_int(d, "num_local_experts", p)
+        top_k = d.get("num_experts_per_tok", 1)
+        _require(isinstance(top_k, int) and 1 <= top_k <= experts, p + "num_experts_per_tok",
+                 f"must be between 1 and num_local_experts ({experts}), got {top_k!r}")
+        act = d.get("hidden_act", "silu")
+        _require(act == "silu", p + "hidden_act", f"only 'silu' is supported, got {act!r}")
+        _require(not d.get("attention_bias", False), p + "attention_bias",
+                 "Llama 4 attention has no biases; attention_bias=true is not supported")
+
+        moe_layers = d.get("moe_layers")
+        if moe_layers is None:
+            step = d.get("interleave_moe_layer_step", 1)
+            _require(isinstance(step, int) and step > 0, p + "interleave_moe_layer_step",
+                     f"must be a positive integer, got {step!r}")
+            moe_layers = list(range(step - 1, layers, step))
+        _require(all(isinstance(i, int) and 0 <= i < layers for i in moe_layers), p + "moe_layers",
+                 f"every index must be in [0, {layers}), got {moe_layers!r}")
+
+        no_rope = d.get("no_rope_layers") or []
+        if not no_rope:
+            interval = d.get("no_rope_layer_interval", 4)
+            no_rope = [int((i + 1) % interval != 0) for i in range(layers)]
+        _require(len(no_rope) >= layers and all(v in (0, 1) for v in no_rope), p + "no_rope_layers",
+                 f"needs one 0/1 entry per layer ({layers}), got {no_rope!r}")
+
+        theta, scaling = _parse_rope(d, p)
+        chunk = d.get("attention_chunk_size")
+        _require(chunk is None or (isinstance(chunk, int) and chunk > 0), p + "attention_chunk_size",
+                 f"must be a positive integer or null, got {chunk!r}")
+        floor_scale = d.get("floor_scale", 8192)
+        _require(isinstance(floor_scale, (int, float)) and floor_scale > 0, p + "floor_scale",
+                 f"must be positive, got {floor_scale!r}")
+        inter = _positive_int(d, "intermediate_size", p)
+        inter_mlp = d.get("intermediate_size_mlp", inter)
+        _require(isinstance(inter_mlp, int) and inter_mlp > 0, p + "intermediate_size_mlp",
+                 f"must be a positive integer, got {inter_mlp!r}")
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=_positive_int(d, "vocab_size", p),
+            hidden_size=hidden,
+            intermediate_size=inter,
+            intermediate_size_mlp=inter_mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            num_local_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_layers=tuple(sorted(set(moe_layers))),
+            no_rope_layers=tuple(int(v) for v in no_rope[:layers]),
+            use_qk_norm=bool(d.get("use_qk_norm", False)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            attention_chunk_size=chunk,
+            attn_temperature_tuning=bool(d.get("attn_temperature_tuning", True)),
+            floor_scale=float(floor_scale),
+            attn_scale=float(d.get("attn_scale", 0.1)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+
+def _parse_rope(d: dict, p: str) -> tuple[float, RopeScaling | None]:
+    """Accepts both the transformers 4.x form (rope_theta + rope_scaling) and 5.x (rope_parameters)."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    if params and not scaling and params.get("rope_type", "default") != "default":
+        scaling = params
+    theta = params.get("rope_theta", d.get("rope_theta", 500000.0))
+    _require(isinstance(theta, (int, float)) and theta > 0, p + "rope_theta", f"must be positive, got {theta!r}")
+    if not scaling:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    _require(kind == "llama3", p + "rope_scaling.rope_type", f"only 'llama3' scaling is supported, got {kind!r}")
+    try:
+        rs = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{p}rope_scaling.{e.args[0]}: missing for llama3 RoPE scaling") from None
+    _require(rs.factor > 0, p + "rope_scaling.factor", "must be positive")
+    _require(rs.high_freq_factor >= rs.low_freq_factor, p + "rope_scaling.high_freq_factor",
+             "must be >= low_freq_factor")
+    return float(theta), rs
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    norm_eps: float
+    pixel_shuffle_ratio: float
+    projector_input_dim: int
+    projector_output_dim: int
+    vision_output_dim: int
+    rope_theta: float
+    multi_modal_projector_bias: bool = False
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Patch tokens one tile contributes to the prompt after pixel shuffle."""
+        return int(self.patches_per_side ** 2 * self.pixel_shuffle_ratio ** 2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "vision_config.") -> "VisionConfig":
+        p = prefix
+        hidden = _positive_int(d, "hidden_size", p)
+        heads = _positive_int(d, "num_attention_heads", p)
+        _require(hidden % heads == 0, p + "hidden_size",
+                 f"must be divisible by num_attention_heads ({heads}), got {hidden}")
+        image = d.get("image_size", 448)
+        patch = d.get("patch_size", 14)
+        image = image[0] if isinstance(image, (list, tuple)) else image
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        _require(isinstance(image, int) and isinstance(patch, int) and patch > 0 and image % patch == 0,
+                 p + "image_size", f"must be a multiple of patch_size ({patch}), got {image}")
+        ratio = float(d.get("pixel_shuffle_ratio", 0.5))
+        side = image // patch
+        _require(math.isclose(side * ratio, round(side * ratio)), p + "pixel_shuffle_ratio",
+                 f"{ratio} does not divide the {side}x{side} patch grid evenly")
+        rope = d.get("rope_parameters") or {}
+        inter = _positive_int(d, "intermediate_size", p)
+        _require(inter * ratio * ratio == hidden, p + "intermediate_size",
+                 f"the pixel-shuffled width hidden_size/ratio^2 = {hidden / ratio ** 2:g} feeds the adapter, "
+                 f"but intermediate_size is {inter}")
+        proj_in, proj_out = _positive_int(d, "projector_input_dim", p), _positive_int(d, "projector_output_dim", p)
+        _require(proj_in == proj_out, p + "projector_output_dim",
+                 f"must equal projector_input_dim ({proj_in}), got {proj_out}")
+        out_dim = _positive_int(d, "vision_output_dim", p)
+        _require(out_dim == proj_out, p + "vision_output_dim",
+                 f"must equal projector_output_dim ({proj_out}) (the projector's input), got {out_dim}")
+        return cls(
+            hidden_size=hidden,
+            num_hidden_layers=_positive_int(d, "num_hidden_layers", p),
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            image_size=image,
+            patch_size=patch,
+            num_channels=int(d.get("num_channels", 3)),
+            norm_eps=float(d.get("norm_eps", 1e-5)),
+            pixel_shuffle_ratio=ratio,
+            projector_input_dim=proj_in,
+            projector_output_dim=proj_out,
+            vision_output_dim=out_dim,
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            multi_modal_projector_bias=bool(d.get("multi_modal_projector_bias", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the engine needs to know about a checkpoint's architecture."""
+
+    text: TextConfig
+    vision: VisionConfig | None = None
+    image_token_id: int | None = None   # <|patch|>
+    boi_token_id: int | None = None     # <|image_start|>
+    eoi_token_id: int | None = None     # <|image_end|>
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        _require(isinstance(d, dict), "config.json", "must hold a JSON object")
+        if "text_config" in d:
+            text_d = d["text_config"]
+            _require(isinstance(text_d, dict), "text_config", "must be an object")
+            text = TextConfig.from_dict(text_d, "text_config.")
+            vision_d = d.get("vision_config")
+            vision = VisionConfig.from_dict(vision_d) if vision_d else None
+            if vision is not None:
+                _require(vision.projector_output_dim > 0, "vision_config.projector_output_dim", "must be positive")
+            return cls(text=text, vision=vision, image_token_id=d.get("image_token_index", d.get("image_token_id")),
+                       boi_token_id=d.get("boi_token_index"), eoi_token_id=d.get("eoi_token_index"), raw=d)
+        mt = d.get("model_type", "llama4_text")
+        _require(mt in ("llama4_text", "llama4"), "model_type", f"expected a Llama 4 config, got {mt!r}")
+        return cls(text=TextConfig.from_dict(d), raw=d)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        """Reads ``config.json`` in a checkpoint directory (or the file itself)."""
+        p = Path(path)
+        cfg_file = p / "config.json" if p.is_dir() else p
+        if not cfg_file.exists():
+            raise ConfigError(f"config.json: not found at {cfg_file}")
+        try:
+            data = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config.json: not valid JSON ({cfg_file}: {e})") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {cfg_file})") from None
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the expert-parallel group is laid out over the Ray cluster."""
+
+    ep_size: int = 1
+    placement_strategy: str = "PACK"     # Ray placement-group strategy for the worker bundles
+    num_gpus_per_worker: float = 0       # 1 on GPU clusters (one worker per GPU), 0 on CPU
+    num_cpus_per_worker: float = 1
+    expert_owner: tuple[int, ...] | None = None  # expert -> rank map; None = contiguous blocks
+    # Extra Ray resources each worker bundle asks for, e.g. {"expert_host": 1} to keep the
+    # expert shards on nodes started with `ray start --resources='{"expert_host": 4}'`.
+    worker_resources: dict[str, float] | None = None
+
+    def __post_init__(self):
+        _require(isinstance(self.ep_size, int) and self.ep_size >= 1, "ep_size",
+                 f"must be a positive integer, got {self.ep_size!r}")
+        _require(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+                 f"must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+        _require(self.num_gpus_per_worker >= 0 and self.num_cpus_per_worker >= 0, "num_gpus_per_worker",
+                 "resources must be non-negative")
+        extra = self.worker_resources or {}
+        _require(isinstance(extra, dict) and all(isinstance(k, str) and k not in ("CPU", "GPU")
+                                                 and isinstance(v, (int, float)) and v > 0
+                                                 for k, v in extra.items()),
+                 "worker_resources", f"must map custom resource names to positive amounts "
+                 f"(CPU/GPU have their own fields), got {self.worker_resources!r}")
+
+    def worker_bundle(self) -> dict[str, float]:
+        """The Ray resources of one EP worker's placement-group bundle."""
+        bundle = {"CPU": self.num_cpus_per_worker}
+        if self.num_gpus_per_worker:
+            bundle["GPU"] = self.num_gpus_per_worker
+        bundle.update(self.worker_resources or {})
+        return bundle
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Capacity and numerics of one engine (one Serve replica)."""
+
+    max_num_seqs: int = 32          # KV cache slots per rank = sequences a rank runs at once
+    max_model_len: int = 2048       # prompt + output tokens of one sequence (KV positions per slot)
+    max_waiting: int = 1024         # queued requests beyond which new ones are refused
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per rank per step
+    dtype: str = "auto"             # auto = float32 on CPU, bfloat16 on GPU
+    device: str = "auto"            # auto = cuda when the worker has a GPU, else cpu
+    step_timeout_s: float = 120.0   # a step slower than this marks the engine unhealthy
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                 f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _require(self.step_timeout_s > 0, "step_timeout_s", "must be positive")

@@ -1,0 +1,1 @@
+"""Expert-parallel inference engine: rank workers, lockstep steps, continuous batching."""

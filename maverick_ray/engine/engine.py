@@ -1,0 +1,308 @@
+"""The engine: requests in, tokens out, one lockstep step over all EP ranks at a time.
+
+Protocol the serving layer relies on: `add_request`, iterating the returned stream (sync or
+async), `abort`, `stats`, `healthy`. Steps run in a background thread; a failing or stuck
+rank fails every waiting request with an EngineError and marks the engine unhealthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+from ..config import EngineConfig, ModelConfig, ParallelConfig
+from .request import EngineError, Request, RequestStream, TokenEvent
+from .sampling import InvalidRequest, SamplingParams
+from .scheduler import Scheduler
+from .text_output import advance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    step: int
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    admitted: int                        # requests whose prefill ran this step
+    joined_running_batch: bool           # admitted while other sequences were decoding
+    expert_counts: list[list[int]]       # per MoE layer, tokens routed to each expert (all ranks)
+    rank_received: list[list[int]]       # per rank, per MoE layer, rows its experts received
+    rank_tokens: list[int]               # per rank, tokens it ran this step
+    a2a_seconds: list[float]             # per rank
+    a2a_bytes: list[int]                 # per rank
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # max over ranks
+
+
+class Engine:
+    def __init__(self, checkpoint: str | Path, parallel: ParallelConfig | None = None,
+                 engine: EngineConfig | None = None, use_ray: bool | None = None, progress: bool = False,
+                 tokenizer: Any = None):
+        self.checkpoint = Path(checkpoint)
+        self.parallel = parallel or ParallelConfig()
+        self.engine_cfg = engine or EngineConfig()
+        self.model_config = ModelConfig.from_pretrained(self.checkpoint)
+        self.use_ray = self.parallel.ep_size > 1 if use_ray is None else use_ray
+        self.progress = progress
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(self.parallel.ep_size, self.engine_cfg)
+        self.stop_ids = set(self.model_config.text.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._aborts: deque[str] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: str | None = None
+        self.step_count = 0
+        self.finished: dict[str, int] = {}   # requests ended, by finish reason
+        self.last_step: StepStats | None = None
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._finish_listeners: list[Callable[[Request, str, float], None]] = []
+        self.ranks = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        from .ranks import LocalRanks, RayRanks
+
+        if self.use_ray:
+            self.ranks = RayRanks(self.checkpoint, self.engine_cfg, self.parallel, self.progress)
+        else:
+            if self.parallel.ep_size != 1:
+                raise ValueError("expert parallelism over several ranks needs Ray (use_ray=True)")
+            self.ranks = LocalRanks(self.checkpoint, self.engine_cfg, self.progress)
+        self.ranks.start(self.model_config.text.num_local_experts)
+        self._thread = threading.Thread(target=self._loop, name="maverick-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._fail_all("the engine was shut down")
+        if self.ranks is not None:
+            self.ranks.shutdown()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
+        self._listeners.append(fn)
+
+    def add_finish_listener(self, fn: Callable[[Request, str, float], None]) -> None:
+        """fn(request, finish reason, monotonic time) when a request ends."""
+        self._finish_listeners.append(fn)
+
+    def force_expert(self, expert: int | None) -> None:
+        """Test hook: every rank routes every token to `expert` (None restores the router)."""
+        self.ranks.call("force_expert", expert)
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, mm_inputs: Any = None) -> RequestStream:
+        """Queues a request; raises InvalidRequest for bad input, EngineError when unhealthy or full."""
+        params = (params or SamplingParams()).validate()
+        if self.error is not None:
+            raise EngineError(f"engine is unhealthy: {self.error}")
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.model_config.text.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        limit = self.engine_cfg.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {limit}",
+                                 "messages")
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                 f"the context length {limit}", "max_tokens")
+        if mm_inputs is not None:
+            from .multimodal import check_mm_inputs
+
+            check_mm_inputs(prompt_ids, mm_inputs, self.model_config)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this checkpoint has none", "stop")
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id)
+        req = Request(request_id, list(prompt_ids), params, stream, mm_inputs)
+        with self._cv:
+            if request_id in self._requests:
+                raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
+            if len(self.scheduler.waiting) >= self.engine_cfg.max_waiting:
+                raise EngineError(f"the engine is full: {len(self.scheduler.waiting)} requests already waiting")
+            self._requests[request_id] = req
+            self.scheduler.waiting.append(req)
+            self._cv.notify_all()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request; its KV cache slot is freed at the next step."""
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify_all()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None, **kw) -> dict:
+        """Blocking convenience: runs one request to completion."""
+        stream = self.add_request(prompt_ids, params, **kw)
+        ids, text, reason = [], [], None
+        for ev in stream:
+            if ev.token_id is not None:
+                ids.append(ev.token_id)
+            text.append(ev.text)
+            if ev.finished:
+                if ev.finish_reason == "error":
+                    raise EngineError(ev.error)
+                reason = ev.finish_reason
+        return {"token_ids": ids, "text": "".join(text), "finish_reason": reason}
+
+    def stats(self) -> dict:
+        with self._cv:
+            used = sum(self.scheduler.load(r) for r in range(self.parallel.ep_size))
+            slots = self.engine_cfg.max_num_seqs * self.parallel.ep_size
+            cached = sum(r.cached_tokens for r in self.scheduler.running.values())
+            return {"healthy": self.healthy, "error": self.error, "steps": self.step_count,
+                    "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                    "kv_slots_used": used, "kv_slots_total": slots,
+                    "kv_tokens_used": cached, "kv_tokens_total": slots * self.engine_cfg.max_model_len,
+                    "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
+                    "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "experts")}
+                              for i in (self.ranks.infos if self.ranks else [])]}
+
+    # ---- the step loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.scheduler.has_work and not self._aborts:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                self._apply_aborts()
+                if not self.scheduler.has_work:
+                    continue
+                decoding = sum(1 for r in self.scheduler.running.values() if r.prefilled)
+                plans, admitted = self.scheduler.plan()
+            t0 = time.perf_counter()
+            try:
+                results = self.ranks.step(plans, self.engine_cfg.step_timeout_s)
+            except Exception as e:  # a rank died, raised, or hung
+                self._mark_unhealthy(e)
+                return
+            self._finish_step(plans, results, admitted, decoding, time.perf_counter() - t0)
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            req = self._requests.get(self._aborts.popleft())
+            if req is None:
+                continue
+            if req in self.scheduler.waiting:
+                self.scheduler.waiting.remove(req)
+            self._finish(req, "abort")
+
+    def _finish_step(self, plans, results, admitted, decoding, seconds) -> None:
+        with self._cv:
+            for res in results:
+                for seq_id, token in res.tokens.items():
+                    req = self._requests.get(seq_id)
+                    if req is not None:
+                        self._on_token(req, token)
+            self.step_count += 1
+            stats = self._step_stats(results, admitted, decoding, seconds)
+            self.last_step = stats
+        for fn in self._listeners:
+            try:
+                fn(stats)
+            except Exception:  # a metrics bug must not stop generation
+                log.exception("step listener failed")
+
+    def _step_stats(self, results, admitted, decoding, seconds) -> StepStats:
+        n_moe = len(results[0].routed_counts) if results else 0
+        experts = [[sum(col) for col in zip(*(r.routed_counts[layer] for r in results))] for layer in range(n_moe)]
+        phases: dict[str, float] = {}
+        for r in results:
+            for k, v in r.phase_seconds.items():
+                phases[k] = max(phases.get(k, 0.0), v)
+        return StepStats(step=self.step_count, seconds=seconds, num_seqs=sum(len(t.tokens) for t in results),
+                         num_tokens=sum(r.num_tokens for r in results), admitted=admitted,
+                         joined_running_batch=admitted > 0 and decoding > 0, expert_counts=experts,
+                         rank_received=[r.received for r in results], rank_tokens=[r.num_tokens for r in results],
+                         a2a_seconds=[r.a2a_seconds for r in results], a2a_bytes=[r.a2a_bytes for r in results],
+                         phase_seconds=phases)
+
+    def _on_token(self, req: Request, token: int) -> None:
+        if req.aborted:
+            return
+        req.prefilled = True
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_ids):
+            self._finish(req, "stop", final_token=token)
+            return
+        req.output_ids.append(token)
+        delta, stopped = "", False
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(req.output_ids)
+            delta, req.emitted, stopped = advance(full, req.emitted, p.stop)
+        if stopped:
+            self._emit(req, token, delta)
+            self._finish(req, "stop")
+        elif len(req.output_ids) >= p.max_tokens:
+            self._emit(req, token, delta)
+            self._finish(req, "length")
+        else:
+            self._emit(req, token, delta)
+
+    def _emit(self, req: Request, token: int | None, text: str) -> None:
+        req.stream.put(TokenEvent(req.request_id, token, text, prompt_tokens=len(req.prompt_ids),
+                                  completion_tokens=len(req.output_ids)))
+
+    def _finish(self, req: Request, reason: str, error: str | None = None, final_token: int | None = None) -> None:
+        """Ends a request: frees its slot and sends the final event (with any held-back text)."""
+        if req.aborted:
+            return
+        req.aborted = True
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+        now = time.monotonic()
+        for fn in self._finish_listeners:
+            try:
+                fn(req, reason, now)
+            except Exception:  # a metrics bug must not stop generation
+                log.exception("finish listener failed")
+        self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        tail = ""
+        if self.tokenizer is not None and reason == "length" and req.output_ids:
+            full = self.tokenizer.decode(req.output_ids)
+            tail = full[req.emitted:]  # text held back for a stop string that never completed
+        if final_token is not None and self.tokenizer is not None and req.output_ids:
+            tail = self.tokenizer.decode(req.output_ids)[req.emitted:]
+        req.stream.put(TokenEvent(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
+                                  prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids)))
+
+    def _mark_unhealthy(self, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.error("engine step failed; engine is now unhealthy: %s", self.error)
+        self._fail_all(f"engine failed: {self.error}")
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            for req in list(self._requests.values()):
+                self._finish(req, "error", error=message)
+            self.scheduler.waiting.clear()

@@ -1,0 +1,180 @@
+"""The set of rank workers an engine steps in lockstep: in-process (EP = 1) or Ray actors.
+
+Ray actors live in a placement group whose bundles and strategy come from ParallelConfig
+(SPREAD/STRICT_SPREAD across nodes, PACK on one). Inside a Serve replica that was given
+`placement_group_bundles`, the workers take the replica's bundles 1..EP instead. Rank 0
+picks the rendezvous address (its node IP and a free port); all ranks then form the
+torch.distributed group through deepspeed.init_distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+from ..config import EngineConfig, ParallelConfig
+from ..parallel.network import pin_collective_interface
+from ..parallel.placement import ExpertPlacement
+from .step_types import RankPlan, RankResult
+from .worker import RankWorker
+
+log = logging.getLogger(__name__)
+
+
+class LocalRanks:
+    """A single in-process rank (EP = 1, no Ray)."""
+
+    def __init__(self, checkpoint: Path, engine: EngineConfig, progress: bool = False):
+        self.placement = None
+        self.worker = None
+        self.infos: list[dict] = []
+        self._args = (checkpoint, engine, progress)
+
+    def start(self, num_experts: int) -> None:
+        checkpoint, engine, progress = self._args
+        self.placement = ExpertPlacement.contiguous(num_experts, 1)
+        self.worker = RankWorker(checkpoint, 0, self.placement, engine, progress=progress)
+        self.infos = [self.worker.info()]
+
+    def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
+        return [self.worker.step(plans[0])]
+
+    def call(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
+
+    def shutdown(self) -> None:
+        self.worker = None
+
+
+def check_worker_bundles(bundles: list[dict], needed: dict) -> None:
+    """Fails at once when the replica's placement-group bundles 1..EP (from the Serve config's
+    `placement_group_bundles`) cannot hold an EP worker, instead of a worker that never starts."""
+    for i, bundle in enumerate(bundles, start=1):
+        short = {k: v for k, v in needed.items() if float(bundle.get(k, 0)) < v}
+        if short:
+            raise ValueError(f"placement_group_bundles[{i}] = {bundle} cannot hold an EP worker, which needs "
+                             f"{needed}: fix the Serve config's placement_group_bundles (one bundle for the "
+                             "replica, then one per EP worker) or the worker resources in its args")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _RankActor:
+    """Ray actor body: builds a RankWorker once the group's address is known."""
+
+    def __init__(self):
+        self.worker: RankWorker | None = None
+
+    def rendezvous_address(self) -> str:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        return f"tcp://{ip}:{_free_port(ip)}"
+
+    def setup(self, checkpoint, rank, placement, engine, address, progress=False):
+        import ray
+
+        pin_collective_interface(ray.util.get_node_ip_address())
+        self.worker = RankWorker(checkpoint, rank, placement, engine, dist_address=address, progress=progress)
+        return self.worker.info()
+
+    def step(self, plan):
+        return self.worker.step(plan)
+
+    def call(self, method, *args):
+        return getattr(self.worker, method)(*args)
+
+
+class RayRanks:
+    """EP ranks as Ray actors, one per placement-group bundle."""
+
+    def __init__(self, checkpoint: Path, engine: EngineConfig, parallel: ParallelConfig, progress: bool = False):
+        self.checkpoint, self.engine, self.parallel, self.progress = checkpoint, engine, parallel, progress
+        self.actors = []
+        self.pg = None
+        self.own_pg = False
+        self.placement = None
+        self.infos: list[dict] = []   # what each rank reported at setup (node, experts, bytes)
+
+    def _bundles(self):
+        return [self.parallel.worker_bundle()] * self.parallel.ep_size
+
+    def start(self, num_experts: int, ready_timeout: float = 600.0) -> None:
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        p = self.parallel
+        owner = p.expert_owner
+        self.placement = (ExpertPlacement.from_map(list(owner), p.ep_size) if owner
+                          else ExpertPlacement.contiguous(num_experts, p.ep_size))
+        if self.placement.num_experts != num_experts:
+            raise ValueError(f"expert_owner names {self.placement.num_experts} experts; the model has {num_experts}")
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) >= p.ep_size + 1:
+            check_worker_bundles(current.bundle_specs[1:p.ep_size + 1], p.worker_bundle())
+            self.pg, first = current, 1  # a Serve replica: bundle 0 is the replica itself
+        else:
+            self.pg = placement_group(self._bundles(), strategy=p.placement_strategy)
+            self.own_pg, first = True, 0
+            try:
+                ray.get(self.pg.ready(), timeout=ready_timeout)
+            except ray.exceptions.GetTimeoutError:
+                ray.util.remove_placement_group(self.pg)
+                raise RuntimeError(
+                    f"the cluster cannot place {p.ep_size} workers of {self._bundles()[0]} with strategy "
+                    f"{p.placement_strategy} within {ready_timeout:.0f}s (see `ray status`)") from None
+        actor_cls = ray.remote(_RankActor)
+        for r in range(p.ep_size):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=first + r)
+            self.actors.append(actor_cls.options(
+                num_cpus=p.num_cpus_per_worker, num_gpus=p.num_gpus_per_worker,
+                scheduling_strategy=strategy, max_concurrency=2).remote())
+        address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=ready_timeout)
+        infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address,
+                                        self.progress and r == 0)
+                         for r, a in enumerate(self.actors)], timeout=ready_timeout)
+        self.infos = infos
+        for info in infos:
+            log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
+
+    def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
+        import ray
+
+        refs = [a.step.remote(plan) for a, plan in zip(self.actors, plans)]
+        # Wait for any result at a time so a failed rank surfaces at once, even while its peers
+        # are still blocked in the collective it never joined.
+        pending, deadline = list(refs), time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"{len(pending)} of {len(refs)} ranks did not finish a step within {timeout:.0f}s")
+            ray.get(ready[0])
+        return ray.get(refs)
+
+    def call(self, method: str, *args) -> list:
+        import ray
+
+        return ray.get([a.call.remote(method, *args) for a in self.actors], timeout=120)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already dead
+                pass
+        self.actors = []
+        if self.own_pg and self.pg is not None:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None

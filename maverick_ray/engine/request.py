@@ -1,0 +1,100 @@
+"""A request's life on the driver: its tokens, its text, its stop checks, and its output stream.
+
+The stream is fed from the engine's step thread and read either synchronously
+(`for event in stream`) or from asyncio (`async for event in stream`) without a thread per
+waiting reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sampling import SamplingParams
+
+
+class EngineError(RuntimeError):
+    """The engine could not finish a request (a worker died, the engine was shut down, ...)."""
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int | None          # None on a final event that carries no new token
+    text: str                     # new text since the previous event (stop strings held back)
+    finished: bool = False
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_END = object()
+
+
+class RequestStream:
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._lock = threading.Lock()
+        self._sync: queue.Queue = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async: asyncio.Queue | None = None
+
+    def put(self, event: TokenEvent) -> None:
+        with self._lock:
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+                except RuntimeError:  # the reader's loop is closed: nobody is listening
+                    pass
+            else:
+                self._sync.put(event)
+
+    def __iter__(self):
+        while True:
+            event = self._sync.get()
+            yield event
+            if event.finished:
+                return
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._async = asyncio.Queue()
+            while not self._sync.empty():
+                self._async.put_nowait(self._sync.get_nowait())
+        while True:
+            event = await self._async.get()
+            yield event
+            if event.finished:
+                return
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    mm_inputs: Any = None
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    rank: int | None = None
+    slot: int | None = None
+    prefilled: bool = False
+    first_token_time: float | None = None
+    text: str = ""          # decoded output so far
+    emitted: int = 0        # characters of `text` already sent
+    aborted: bool = False
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens this request has in its rank's KV cache once the next step runs."""
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)

@@ -1,0 +1,39 @@
+"""What the engine sends each rank per step, and what comes back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a step on its rank."""
+
+    seq_id: str
+    slot: int
+    start: int                       # tokens of this sequence already in the KV cache
+    token_ids: list[int]             # new tokens: the prompt at prefill, the last sampled token after
+    params: SamplingParams | None = None   # sent with the prefill; the rank keeps it
+    mm_inputs: Any = None            # image inputs for the prefill (vision path)
+
+
+@dataclass
+class RankPlan:
+    work: list[SeqWork] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)  # sequences finished/aborted: drop rank state
+
+
+@dataclass
+class RankResult:
+    rank: int
+    tokens: dict[str, int]                 # seq_id -> sampled token
+    routed_counts: list[list[int]]         # per MoE layer, tokens this rank routed to each expert
+    received: list[int]                    # per MoE layer, rows this rank's experts received
+    a2a_seconds: float = 0.0
+    a2a_bytes: int = 0
+    step_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    num_tokens: int = 0

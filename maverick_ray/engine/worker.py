@@ -1,0 +1,185 @@
+"""One expert-parallel rank: the dense weights, its shard of the routed experts, its KV cache.
+
+A RankWorker runs in-process (EP = 1) or inside a Ray actor (engine/ray_workers.py). Every
+step, all ranks run one forward over their own sequences in lockstep (an empty batch when a
+rank has none: the all-to-all is collective), sample the next token of each sequence, and
+return the tokens with the step's routing statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..model.batch import ForwardBatch
+from ..model.kv_cache import KVCache
+from ..model.moe import LocalDispatcher
+from ..model.rope import inverse_frequencies
+from ..model.text import TextModel
+from ..parallel.placement import ExpertPlacement
+from .sampling import SamplingParams, make_generator, sample_token
+from .step_types import RankPlan, RankResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(engine: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = engine.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = engine.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), DTYPES[dtype]
+
+
+class RankWorker:
+    def __init__(self, checkpoint: str | Path, rank: int, placement: ExpertPlacement, engine: EngineConfig,
+                 dist_address: str | None = None, progress: bool = False):
+        self.rank, self.world = rank, placement.world_size
+        self.engine = engine
+        self.placement = placement
+        self.device, self.dtype = resolve_device_dtype(engine)
+        self.checkpoint = Path(checkpoint)
+        self.config = ModelConfig.from_pretrained(checkpoint)
+        dispatcher = LocalDispatcher()
+        if self.world > 1:
+            dispatcher = self._init_distributed(dist_address)
+        self.dispatcher = dispatcher
+        self.model = self._load(Path(checkpoint), progress)
+        text = self.config.text
+        self.cache = KVCache(text.num_hidden_layers, engine.max_num_seqs, engine.max_model_len,
+                             text.num_key_value_heads, text.head_dim, self.dtype, self.device)
+        self.params: dict[str, SamplingParams] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.slots: dict[str, int] = {}
+        self.vision = None  # built lazily by the vision path when a prompt carries images
+        self._phase = defaultdict(float)
+        self._profile_hooks = []
+
+    def _init_distributed(self, address: str | None):
+        import deepspeed
+
+        from ..parallel.all_to_all import AllToAllDispatcher
+
+        if address is None:
+            raise ValueError("an expert-parallel group of more than one rank needs a rendezvous address")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, init_method=address, rank=self.rank,
+                                   world_size=self.world, auto_mpi_discovery=False, verbose=False)
+        return AllToAllDispatcher(self.placement, self.rank)
+
+    def _load(self, checkpoint: Path, progress: bool) -> TextModel:
+        from ..checkpoint.loader import load_state_dict
+
+        experts = self.placement.experts_of(self.rank)
+        state = load_state_dict(checkpoint, self.config, expert_ids=experts, dtype=self.dtype,
+                                include_vision=False, progress=progress)
+        with torch.device("meta"):
+            model = TextModel(self.config.text, expert_ids=experts, dispatcher=self.dispatcher)
+        model.load_state_dict(state, strict=True, assign=True)
+        text = self.config.text
+        model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta, text.rope_scaling)  # was on meta
+        return model.to(self.device).eval()
+
+    # ---- introspection -------------------------------------------------------------------
+    def routed_expert_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for b in self.model.moe_blocks for p in b.experts.parameters())
+
+    def info(self) -> dict:
+        import os
+        import socket
+
+        node_id = node_ip = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+                node_ip = ray.util.get_node_ip_address()
+        except Exception:  # not in a Ray process
+            pass
+        return {"rank": self.rank, "experts": self.placement.experts_of(self.rank), "node_id": node_id,
+                "node_ip": node_ip,
+                "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
+                "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes}
+
+    # ---- one lockstep step ---------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, plan: RankPlan) -> RankResult:
+        t0 = time.perf_counter()
+        for seq_id in plan.release:
+            self.params.pop(seq_id, None)
+            self.generators.pop(seq_id, None)
+            self.slots.pop(seq_id, None)
+        for w in plan.work:
+            if w.params is not None:
+                self.params[w.seq_id] = w.params
+                self.generators[w.seq_id] = make_generator(w.params.seed)
+                self.slots[w.seq_id] = w.slot
+        batch = ForwardBatch.build([w.slot for w in plan.work], [w.start for w in plan.work],
+                                   [len(w.token_ids) for w in plan.work], device=self.device)
+        ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
+        embeds = self._embed(ids, plan)
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            self.dispatcher.stats.reset()
+        counts: list[torch.Tensor] = []
+        self._phase.clear()
+        logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_counts=counts)
+        tokens = {}
+        for i, w in enumerate(plan.work):
+            tokens[w.seq_id] = sample_token(logits[i], self.params[w.seq_id], self.generators[w.seq_id])
+        if isinstance(self.dispatcher, LocalDispatcher):
+            received = [int(c.sum()) for c in counts]
+            a2a_s, a2a_b = 0.0, 0
+        else:
+            st = self.dispatcher.stats
+            received = [st.received_per_layer.get(b.layer, 0) for b in self.model.moe_blocks]
+            a2a_s, a2a_b = st.seconds, st.bytes_sent
+        return RankResult(rank=self.rank, tokens=tokens, routed_counts=[c.tolist() for c in counts],
+                          received=received, a2a_seconds=a2a_s, a2a_bytes=a2a_b,
+                          step_seconds=time.perf_counter() - t0, phase_seconds=dict(self._phase),
+                          num_tokens=int(ids.numel()))
+
+    def _embed(self, ids: torch.Tensor, plan: RankPlan) -> torch.Tensor:
+        """(T,) ids -> (T, C) embeddings, with image features fused at patch positions (vision path)."""
+        embeds = self.model.embed(ids)
+        if any(w.mm_inputs is not None for w in plan.work):
+            from .multimodal import fuse_images  # vision path; only imported when images arrive
+
+            embeds = fuse_images(self, embeds, ids, plan)
+        return embeds
+
+    # ---- test hooks / profiling -----------------------------------------------------------
+    def force_expert(self, expert: int | None) -> None:
+        """Test hook: route every token to one expert (None restores the router)."""
+        for block in self.model.moe_blocks:
+            block.force_expert = expert
+
+    def enable_phase_timing(self) -> None:
+        """Times attention, router, experts and shared expert per step (benchmarks)."""
+        def hooks(name):
+            def pre(module, args):
+                module._t0 = time.perf_counter()
+
+            def post(module, args, out):
+                self._phase[name] += time.perf_counter() - module._t0
+            return pre, post
+
+        for layer in self.model.model.layers:
+            targets = [("attention", layer.self_attn)]
+            if layer.is_moe:
+                ff = layer.feed_forward
+                targets += [("router", ff.router), ("experts", ff.experts), ("shared_expert", ff.shared_expert)]
+            else:
+                targets.append(("dense_mlp", layer.feed_forward))
+            for name, mod in targets:
+                pre, post = hooks(name)
+                self._profile_hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]

@@ -1,0 +1,180 @@
+"""Every maverick-ray metric, defined in one place, plus the routing-balance window.
+
+Metrics use `ray.util.metrics`, so each Ray node exports them on its metrics export port
+(8080 in `maverick-ray serve` and the KubeRay manifests) with Ray's `ray_` prefix, e.g.
+`ray_maverick_balancedness{layer="1", replica="..."}`. Units are in the names.
+
+Balancedness of a MoE layer over the window = mean over ranks / max over ranks of the tokens
+their experts received (1.0 = perfectly even, 1/EP = one rank gets everything).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+EXPERT_SERIES_MODES = ("on", "off", "summary")
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+
+
+class RoutingWindow:
+    """Sliding window of per-step routing counts: expert load, rank load, balance figures."""
+
+    def __init__(self, steps: int = 64):
+        self.steps: deque = deque(maxlen=steps)
+
+    def add(self, expert_counts: list[list[int]], rank_received: list[list[int]]) -> None:
+        """expert_counts[layer][expert], rank_received[rank][layer] for one step."""
+        if expert_counts:
+            self.steps.append((expert_counts, rank_received))
+
+    def summary(self) -> dict:
+        if not self.steps:
+            return {"layers": 0, "expert_load": [], "rank_load": [], "balancedness": [], "imbalance": [],
+                    "idle_fraction": [], "window_steps": 0}
+        n_layers = len(self.steps[0][0])
+        n_experts = len(self.steps[0][0][0]) if n_layers else 0
+        n_ranks = len(self.steps[0][1])
+        experts = [[0] * n_experts for _ in range(n_layers)]
+        ranks = [[0] * n_ranks for _ in range(n_layers)]
+        for counts, received in self.steps:
+            for layer in range(n_layers):
+                for e, c in enumerate(counts[layer]):
+                    experts[layer][e] += c
+                for r in range(n_ranks):
+                    ranks[layer][r] += received[r][layer]
+        bal, imb, idle = [], [], []
+        for layer in range(n_layers):
+            load = ranks[layer]
+            top, mean = max(load), sum(load) / len(load)
+            bal.append(mean / top if top else 1.0)
+            imb.append(top / mean if mean else 1.0)
+            idle.append(sum(1 for c in experts[layer] if c == 0) / max(n_experts, 1))
+        return {"layers": n_layers, "expert_load": experts, "rank_load": ranks, "balancedness": bal,
+                "imbalance": imb, "idle_fraction": idle, "window_steps": len(self.steps)}
+
+
+@dataclass
+class _Defs:
+    expert_tokens: object
+    expert_load_max: object
+    expert_load_min: object
+    rank_tokens: object
+    balancedness: object
+    imbalance: object
+    idle_fraction: object
+    a2a_seconds: object
+    a2a_bytes: object
+    step_seconds: object
+    requests: object
+    ttft: object
+    tpot: object
+    latency: object
+    prompt_tokens: object
+    generation_tokens: object
+    running: object
+    waiting: object
+    kv_usage: object
+
+
+def _define() -> _Defs:
+    from ray.util.metrics import Counter, Gauge, Histogram
+
+    r = ("replica",)
+    return _Defs(
+        expert_tokens=Counter("maverick_expert_tokens_total", "Tokens routed to each expert of each MoE layer.",
+                              tag_keys=r + ("layer", "expert")),
+        expert_load_max=Gauge("maverick_expert_load_max_tokens", "Most tokens any one expert got in the window.",
+                              tag_keys=r + ("layer",)),
+        expert_load_min=Gauge("maverick_expert_load_min_tokens", "Fewest tokens any one expert got in the window.",
+                              tag_keys=r + ("layer",)),
+        rank_tokens=Counter("maverick_rank_tokens_total", "Tokens received by each EP rank's experts per MoE layer.",
+                            tag_keys=r + ("layer", "rank")),
+        balancedness=Gauge("maverick_balancedness_ratio",
+                           "Mean over ranks / max over ranks of tokens received, per layer, over the window.",
+                           tag_keys=r + ("layer",)),
+        imbalance=Gauge("maverick_imbalance_ratio", "Max over ranks / mean over ranks of tokens received.",
+                        tag_keys=r + ("layer",)),
+        idle_fraction=Gauge("maverick_idle_experts_ratio", "Fraction of experts that got no token in the window.",
+                            tag_keys=r + ("layer",)),
+        a2a_seconds=Histogram("maverick_all_to_all_seconds", "All-to-all time per step (slowest rank).",
+                              boundaries=STEP_BUCKETS, tag_keys=r),
+        a2a_bytes=Counter("maverick_all_to_all_bytes_total", "Bytes sent through the all-to-all.", tag_keys=r),
+        step_seconds=Histogram("maverick_step_seconds", "Engine step time.", boundaries=STEP_BUCKETS, tag_keys=r),
+        requests=Counter("maverick_requests_total", "Finished requests by status.", tag_keys=r + ("status",)),
+        ttft=Histogram("maverick_time_to_first_token_seconds", "Time to first token.",
+                       boundaries=LATENCY_BUCKETS, tag_keys=r),
+        tpot=Histogram("maverick_time_per_output_token_seconds", "Time per output token after the first.",
+                       boundaries=STEP_BUCKETS, tag_keys=r),
+        latency=Histogram("maverick_request_latency_seconds", "End-to-end request latency.",
+                          boundaries=LATENCY_BUCKETS, tag_keys=r),
+        prompt_tokens=Counter("maverick_prompt_tokens_total", "Prompt tokens processed.", tag_keys=r),
+        generation_tokens=Counter("maverick_generation_tokens_total", "Tokens generated.", tag_keys=r),
+        running=Gauge("maverick_running_sequences", "Sequences generating.", tag_keys=r),
+        waiting=Gauge("maverick_waiting_sequences", "Requests waiting for a KV cache slot.", tag_keys=r),
+        kv_usage=Gauge("maverick_kv_cache_usage_ratio", "Fraction of KV cache slots in use.", tag_keys=r),
+    )
+
+
+class EngineMetrics:
+    """Feeds the engine's step statistics and request outcomes into the metrics and the window."""
+
+    def __init__(self, engine, replica: str, expert_series: str = "on", window_steps: int = 64):
+        if expert_series not in EXPERT_SERIES_MODES:
+            raise ValueError(f"expert_series must be one of {EXPERT_SERIES_MODES}, got {expert_series!r}")
+        self.engine, self.tags, self.mode = engine, {"replica": replica}, expert_series
+        self.window = RoutingWindow(window_steps)
+        self.m = _define()
+        self.moe_layers = list(engine.model_config.text.moe_layers)
+        engine.add_step_listener(self.on_step)
+        engine.add_finish_listener(self.on_finish)
+
+    def on_step(self, s) -> None:
+        m, t = self.m, self.tags
+        self.window.add(s.expert_counts, s.rank_received)
+        for i, layer in enumerate(self.moe_layers[:len(s.expert_counts)]):
+            lt = dict(t, layer=str(layer))
+            if self.mode == "on":
+                for e, c in enumerate(s.expert_counts[i]):
+                    if c:
+                        m.expert_tokens.inc(c, tags=dict(lt, expert=str(e)))
+            for r, rec in enumerate(s.rank_received):
+                if rec[i]:
+                    m.rank_tokens.inc(rec[i], tags=dict(lt, rank=str(r)))
+        summary = self.window.summary()
+        for i, layer in enumerate(self.moe_layers[:summary["layers"]]):
+            lt = dict(t, layer=str(layer))
+            m.balancedness.set(summary["balancedness"][i], tags=lt)
+            m.imbalance.set(summary["imbalance"][i], tags=lt)
+            m.idle_fraction.set(summary["idle_fraction"][i], tags=lt)
+            if self.mode == "summary":
+                m.expert_load_max.set(max(summary["expert_load"][i]), tags=lt)
+                m.expert_load_min.set(min(summary["expert_load"][i]), tags=lt)
+        if s.a2a_seconds:
+            m.a2a_seconds.observe(max(s.a2a_seconds), tags=t)
+            if sum(s.a2a_bytes):
+                m.a2a_bytes.inc(sum(s.a2a_bytes), tags=t)
+        m.step_seconds.observe(s.seconds, tags=t)
+        st = self.engine.stats()
+        m.running.set(st["running"], tags=t)
+        m.waiting.set(st["waiting"], tags=t)
+        m.kv_usage.set(st["kv_slots_used"] / max(st["kv_slots_total"], 1), tags=t)
+
+    def on_finish(self, req, reason: str, now: float) -> None:
+        m, t = self.m, self.tags
+        m.requests.inc(1, tags=dict(t, status=reason))
+        m.prompt_tokens.inc(len(req.prompt_ids), tags=t)
+        if req.output_ids:
+            m.generation_tokens.inc(len(req.output_ids), tags=t)
+        if req.first_token_time is not None:
+            m.ttft.observe(req.first_token_time - req.arrival, tags=t)
+            if len(req.output_ids) > 1:
+                m.tpot.observe((now - req.first_token_time) / (len(req.output_ids) - 1), tags=t)
+        m.latency.observe(now - req.arrival, tags=t)
+
+    def expert_load(self) -> dict:
+        out = self.window.summary()
+        out.update({"moe_layers": self.moe_layers[:out["layers"]], "ep_size": self.engine.parallel.ep_size,
+                    "num_experts": self.engine.model_config.text.num_local_experts, "stats": self.engine.stats()})
+        return out

@@ -1,0 +1,108 @@
+"""Llama 4 attention: GQA, RoPE or NoPE per layer, chunked masks, QK norm, temperature tuning.
+
+Shape legend: T new tokens (all sequences flattened), B sequences, H query heads,
+KV key/value heads, D head_dim, C hidden, N context length (cached + new).
+Order inside one layer (LLAMA4.md): RoPE (RoPE layers) -> QK L2 norm (RoPE layers, if
+use_qk_norm) -> temperature tuning (NoPE layers) -> cache write -> softmax(q k^T / sqrt(D)) v.
+RoPE layers attend within chunks of `attention_chunk_size`; NoPE layers see the whole prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .batch import ForwardBatch
+from .kv_cache import KVCache
+from .norm import rms_normalize
+from .rope import apply_rope
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where query at q_pos may attend key at k_pos."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if chunk is not None:
+        allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+    return allowed
+
+
+def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """(T,) multiplier for NoPE-layer queries: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer)
+        self.qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk = cfg.attention_chunk_size if self.use_rope else None
+        self.eps, self.floor_scale, self.attn_scale = cfg.rms_norm_eps, cfg.floor_scale, cfg.attn_scale
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, H, D)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)     # (T, KV, D)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)     # (T, KV, D)
+        if self.use_rope:
+            q, k = apply_rope(q, rot), apply_rope(k, rot)
+        if self.qk_norm:
+            q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
+        if self.temperature:
+            scale = temperature_scale(batch.positions, self.floor_scale, self.attn_scale)
+            q = (q * scale[:, None, None].to(q.device)).to(q.dtype)
+        if cache is not None:
+            cache.write(self.layer, batch.token_slots, batch.positions, k, v)
+        if cache is not None and batch.is_decode:
+            out = self._decode(q, batch, cache)  # (B, H, D) with B == T
+        else:
+            out = self._per_sequence(q, k, v, batch, cache)
+        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """One new token per sequence: one batched SDPA over the slots' cached keys."""
+        n_ctx = max(batch.starts) + 1
+        k, v = cache.read(self.layer, batch.slots, n_ctx)  # (B, N, KV, D)
+        k_pos = torch.arange(n_ctx, device=q.device)
+        mask = attention_mask(batch.positions, k_pos, self.chunk)  # (B, N): row b is query b
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :],                  # (B, H, 1, D)
+            k.transpose(1, 2), v.transpose(1, 2),  # (B, KV, N, D)
+            attn_mask=mask[:, None, None, :], enable_gqa=self.n_heads != self.n_kv)
+        return out[:, :, 0, :]  # (B, H, D)
+
+    def _per_sequence(self, q, k, v, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+        """Prefill or mixed batches: each sequence attends over its own prefix."""
+        outs, offset = [], 0
+        for i, n in enumerate(batch.lengths):
+            if n == 0:
+                continue
+            start = batch.starts[i]
+            q_i = q[offset:offset + n].transpose(0, 1)[None]  # (1, H, n, D)
+            if cache is not None:
+                k_i, v_i = cache.read(self.layer, [batch.slots[i]], start + n)  # (1, N, KV, D)
+            else:
+                if start != 0:
+                    raise ValueError("a sequence continuing from cached tokens needs a KV cache")
+                k_i, v_i = k[offset:offset + n][None], v[offset:offset + n][None]
+            q_pos = batch.positions[offset:offset + n]
+            k_pos = torch.arange(start + n, device=q.device)
+            mask = attention_mask(q_pos, k_pos, self.chunk)  # (n, N)
+            o = F.scaled_dot_product_attention(q_i, k_i.transpose(1, 2), v_i.transpose(1, 2),
+                                               attn_mask=mask[None, None], enable_gqa=self.n_heads != self.n_kv)
+            outs.append(o[0].transpose(0, 1))  # (n, H, D)
+            offset += n
+        if not outs:
+            return q.new_zeros(0, self.n_heads, self.head_dim)
+        return torch.cat(outs, 0)

@@ -1,0 +1,57 @@
+"""Describes which tokens of which sequences one forward pass processes.
+
+Shape legend: B sequences, T = sum(lengths) new tokens, flattened in sequence order.
+A sequence with `start` tokens already in its KV cache slot contributes `length` new tokens
+at positions start .. start+length-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    slots: list[int]          # (B,) KV cache slot of each sequence
+    starts: list[int]         # (B,) tokens already cached for each sequence
+    lengths: list[int]        # (B,) new tokens of each sequence
+    positions: torch.Tensor   # (T,) absolute position of every new token
+    token_slots: torch.Tensor  # (T,) cache slot of every new token
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], lengths: list[int],
+              device: torch.device | str = "cpu") -> "ForwardBatch":
+        if not (len(slots) == len(starts) == len(lengths)):
+            raise ValueError("slots, starts and lengths must have one entry per sequence")
+        if any(n < 0 for n in lengths) or any(s < 0 for s in starts):
+            raise ValueError("starts and lengths must be non-negative")
+        pos = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
+        tok_slots = [sl for sl, n in zip(slots, lengths) for _ in range(n)]
+        return cls(list(slots), list(starts), list(lengths),
+                   torch.tensor(pos, dtype=torch.long, device=device),
+                   torch.tensor(tok_slots, dtype=torch.long, device=device))
+
+    @classmethod
+    def single(cls, length: int, start: int = 0, slot: int = 0,
+               device: torch.device | str = "cpu") -> "ForwardBatch":
+        return cls.build([slot], [start], [length], device)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token (the batched decode fast path applies)."""
+        return len(self.lengths) > 0 and all(n == 1 for n in self.lengths)
+
+    def last_token_index(self) -> torch.Tensor:
+        """(B,) index into the T rows of each sequence's last new token (sequences with length > 0)."""
+        ends, total = [], 0
+        for n in self.lengths:
+            total += n
+            if n:
+                ends.append(total - 1)
+        return torch.tensor(ends, dtype=torch.long, device=self.positions.device)

@@ -1,0 +1,178 @@
+"""Llama 4 mixture-of-experts block: router -> dispatch -> local experts -> combine (+ shared).
+
+Shape legend: T tokens, C hidden, E routed experts (global), El experts held here,
+I expert width, k experts per token (top_k; 1 for Llama 4), R = T*k routed rows,
+Rl rows that reach this process's experts.
+
+    logits = x @ router.T                     (T, E)
+    top_v, top_i = topk(logits, k)            raw logits, no renormalisation
+    s = sigmoid(top_v)                        fp32, cast back
+    out = shared(x) + sum_k expert_{top_i}(x * s)   the score scales the expert INPUT
+
+Experts run only on the rows routed to them (rows grouped by expert), never the dense
+all-experts product. Where the experts live is the dispatcher's business: the block hands it
+scaled rows with global expert ids and gets back one output row per routed row, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 routing rule. logits (T, E) -> scores (T, k) in logits' dtype, expert ids (T, k)."""
+    top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    return torch.sigmoid(top_v.float()).to(logits.dtype), top_i
+
+
+class Dispatcher(Protocol):
+    """Moves routed rows to the experts that own them and the results back."""
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """x (R, C), global expert_ids (R,) -> (rows for my experts (Rl, C), LOCAL ids (Rl,), handle)."""
+
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        """y (Rl, C) outputs of my experts -> (R, C) outputs for the rows this process routed, in order."""
+
+
+class LocalDispatcher:
+    """Every expert lives in this process: dispatch and combine are identities."""
+
+    def dispatch(self, x, expert_ids, layer):
+        return x, expert_ids, None
+
+    def combine(self, y, handle):
+        return y
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: (silu(x Wg) * x Wu) Wd. Used for dense layers and the shared expert."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, C) -> (T, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+_POOL = None  # threads that run expert groups side by side on CPU (created on first use)
+
+
+def _cpu_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max(torch.get_num_threads(), 2), thread_name_prefix="experts")
+    return _POOL
+
+
+def _balanced(groups: list[tuple[int, int, int]], k: int) -> list[list[tuple[int, int, int]]]:
+    """Splits (expert, start, rows) groups into k shares of similar cost (largest first, each to
+    the lightest share); a group costs its weight read plus its rows."""
+    shares, load = [[] for _ in range(k)], [0] * k
+    for g in sorted(groups, key=lambda g: -g[2]):
+        i = load.index(min(load))
+        shares[i].append(g)
+        load[i] += 8 + g[2]
+    return shares
+
+
+class Experts(nn.Module):
+    """The routed experts held by this process, fused as in HF checkpoints (used as x @ W).
+
+    On CPU, expert groups run on several threads at once: each group is a few rows against one
+    expert's weights, a matmul too small for the BLAS library's own threading, so one group at a
+    time leaves cores idle while weights stream from memory. Results equal the serial order's.
+    """
+
+    parallel_cpu = True  # class-wide switch (benchmarks compare both)
+    MIN_GROUPS_FOR_THREADS = 4
+    MIN_ROWS_FOR_THREADS = 64  # below this (decode batches) the thread hand-off costs more than it saves
+
+    def __init__(self, num_local: int, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local, hidden, 2 * inter))  # (El, C, 2I)
+        self.down_proj = nn.Parameter(torch.empty(num_local, inter, hidden))         # (El, I, C)
+
+    @property
+    def num_local(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def _run_groups(self, xs: torch.Tensor, out: torch.Tensor, groups: list[tuple[int, int, int]]) -> None:
+        """groups: (local expert, first row, rows) over xs (rows sorted by expert) -> out."""
+        for e, start, n in groups:
+            rows = xs[start:start + n]                                 # (n, C)
+            gate, up = (rows @ self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
+            out[start:start + n] = (F.silu(gate) * up) @ self.down_proj[e]
+
+    def _run_groups_no_grad(self, xs, out, groups, inference: bool) -> None:
+        with torch.inference_mode(inference), torch.no_grad():
+            self._run_groups(xs, out, groups)
+
+    def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """x (Rl, C), local_ids (Rl,) -> (Rl, C); each row through its own expert only."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.down_proj.shape[-1])
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=self.num_local).tolist()
+        groups, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                groups.append((e, start, n))
+                start += n
+        xs = x[order]
+        out = torch.empty_like(xs)
+        workers = torch.get_num_threads()
+        if (self.parallel_cpu and x.device.type == "cpu" and workers > 1
+                and len(groups) >= self.MIN_GROUPS_FOR_THREADS and x.shape[0] >= self.MIN_ROWS_FOR_THREADS
+                and not torch.is_grad_enabled()):
+            shares = _balanced(groups, workers)
+            inference = torch.is_inference_mode_enabled()  # grad modes are per thread: carry them over
+            for f in [_cpu_pool().submit(self._run_groups_no_grad, xs, out, share, inference) for share in shares]:
+                f.result()
+        else:
+            self._run_groups(xs, out, groups)
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int, num_local_experts: int | None = None,
+                 dispatcher: Dispatcher | None = None):
+        super().__init__()
+        self.layer, self.top_k, self.num_experts = layer, cfg.num_experts_per_tok, cfg.num_local_experts
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        local = cfg.num_local_experts if num_local_experts is None else num_local_experts
+        self.experts = Experts(local, cfg.hidden_size, cfg.intermediate_size)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+        self.force_expert: int | None = None  # test hook: route every token to this expert
+
+    def forward(self, x: torch.Tensor, routed_counts: list | None = None) -> torch.Tensor:
+        """x (T, C) -> (T, C). Appends this layer's per-expert token counts (E,) to routed_counts."""
+        T, C = x.shape
+        logits = self.router(x)                                  # (T, E)
+        if self.force_expert is not None:
+            logits = torch.full_like(logits, -1e4)
+            logits[:, self.force_expert] = 0.0
+        scores, ids = route(logits, self.top_k)                  # (T, k), (T, k)
+        rows = x[:, None, :] * scores[:, :, None]                # (T, k, C) scaled inputs
+        rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
+        if routed_counts is not None:
+            routed_counts.append(torch.bincount(ids, minlength=self.num_experts))
+        local_rows, local_ids, handle = self.dispatcher.dispatch(rows, ids, self.layer)
+        local_out = self.experts(local_rows, local_ids)          # (Rl, C)
+        routed = self.dispatcher.combine(local_out, handle)       # (R, C)
+        return self.shared_expert(x) + routed.view(T, self.top_k, C).sum(1)

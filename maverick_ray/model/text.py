@@ -1,0 +1,104 @@
+"""Llama 4 text decoder: embeddings, interleaved dense/MoE layers, final norm, lm_head.
+
+Shape legend: T new tokens (all sequences of a ForwardBatch flattened), B sequences,
+C hidden, V vocab. Parameter names equal the HF checkpoint names without the
+`language_model.` prefix, so a state dict from maverick_ray.checkpoint loads directly.
+
+    h   = x + attn(rmsnorm(x))
+    out = h + ffn(rmsnorm(h))        ffn = dense MLP or MoE block, per layer
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from .attention import Attention
+from .batch import ForwardBatch
+from .kv_cache import KVCache
+from .moe import MLP, Dispatcher, MoEBlock
+from .norm import RMSNorm
+from .rope import inverse_frequencies, rotation
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int, num_local_experts: int | None, dispatcher: Dispatcher | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe[layer]
+        if self.is_moe:
+            self.feed_forward = MoEBlock(cfg, layer, num_local_experts, dispatcher)
+        else:
+            self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+
+    def forward(self, x, batch, rot, cache, routed_counts):
+        h = x + self.self_attn(self.input_layernorm(x), batch, rot, cache)
+        y = self.post_attention_layernorm(h)
+        y = self.feed_forward(y, routed_counts) if self.is_moe else self.feed_forward(y)
+        return h + y
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig, num_local_experts: int | None, dispatcher: Dispatcher | None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, num_local_experts, dispatcher) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TextModel(nn.Module):
+    """The Llama 4 language model over a ForwardBatch of sequences.
+
+    `expert_ids` names the routed experts this process holds (default: all); the dispatcher
+    moves each routed row to whichever process holds its expert (default: all local).
+    """
+
+    def __init__(self, cfg: TextConfig, expert_ids: Iterable[int] | None = None,
+                 dispatcher: Dispatcher | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.expert_ids = sorted(expert_ids) if expert_ids is not None else list(range(cfg.num_local_experts))
+        self.model = _Decoder(cfg, len(self.expert_ids), dispatcher)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.feed_forward for layer in self.model.layers if layer.is_moe]
+
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        for block in self.moe_blocks:
+            block.dispatcher = dispatcher
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids -> (T, C) embeddings."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None = None, batch: ForwardBatch | None = None,
+                cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                all_logits: bool = False, routed_counts: list | None = None) -> torch.Tensor:
+        """Runs the new tokens of `batch` and returns logits.
+
+        input_ids (T,) or inputs_embeds (T, C). Without a batch, the tokens are one sequence
+        starting at position 0. Returns (T, V) logits when all_logits, else (B, V) for each
+        sequence's last new token. routed_counts, when a list, receives one (E,) count of
+        tokens per expert for each MoE layer.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (T, C)
+        if batch is None:
+            batch = ForwardBatch.single(x.shape[0], device=x.device)
+        if x.shape[0] != batch.num_tokens:
+            raise ValueError(f"got {x.shape[0]} tokens for a batch of {batch.num_tokens}")
+        rot = rotation(batch.positions, self.inv_freq)  # (T, D/2) complex
+        for layer in self.model.layers:
+            x = layer(x, batch, rot, cache, routed_counts)
+        if not all_logits:
+            x = x[batch.last_token_index()]  # (B, C)
+        return self.lm_head(self.model.norm(x))

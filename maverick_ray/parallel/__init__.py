@@ -1,0 +1,1 @@
+"""Expert placement and dispatchers that move routed rows between expert-parallel ranks."""

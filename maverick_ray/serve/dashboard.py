@@ -1,0 +1,66 @@
+"""The live expert-utilization page served at /dashboard: self-contained (no external resources).
+
+It polls `v1/expert-load` (relative, so it works under any route prefix) every 2 s and draws a
+layer x expert heatmap, balancedness per layer and per-rank load.
+"""
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>maverick-ray expert load</title>
+<style>
+ body { font-family: system-ui, sans-serif; margin: 16px; background: #fafafa; color: #222; }
+ h1 { font-size: 20px; margin: 0 0 8px; } h2 { font-size: 15px; margin: 16px 0 6px; }
+ .row { display: flex; gap: 24px; flex-wrap: wrap; } .card { background: #fff; border: 1px solid #ddd;
+ border-radius: 6px; padding: 10px; } #status { color: #666; font-size: 13px; }
+ table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: right; }
+</style></head>
+<body>
+<h1>maverick-ray: expert routing load</h1>
+<div id="status">loading...</div>
+<div class="row">
+ <div class="card"><h2>Tokens per expert (rows: MoE layers, window)</h2>
+  <canvas id="heatmap" width="768" height="200"></canvas></div>
+ <div class="card"><h2>Balancedness per layer (1 = even)</h2><canvas id="balance" width="360" height="200"></canvas>
+  <table id="layers"></table></div>
+ <div class="card"><h2>Tokens per EP rank (all MoE layers)</h2><canvas id="ranks" width="360" height="200"></canvas></div>
+</div>
+<script>
+function color(v) {  // 0..1 -> white..deep blue
+  const r = Math.round(255 - 215 * v), g = Math.round(255 - 175 * v), b = Math.round(255 - 55 * v);
+  return `rgb(${r},${g},${b})`;
+}
+function bars(canvas, values, max, labels, fmt) {
+  const c = canvas.getContext('2d'); c.clearRect(0, 0, canvas.width, canvas.height);
+  const w = canvas.width / Math.max(values.length, 1);
+  values.forEach((v, i) => {
+    const h = max > 0 ? (v / max) * (canvas.height - 20) : 0;
+    c.fillStyle = '#3b6fd8'; c.fillRect(i * w + 4, canvas.height - 16 - h, w - 8, h);
+    c.fillStyle = '#222'; c.font = '11px sans-serif';
+    c.fillText(labels[i], i * w + 4, canvas.height - 4); c.fillText(fmt(v), i * w + 4, canvas.height - 20 - h);
+  });
+}
+async function refresh() {
+  let d;
+  try { d = await (await fetch('v1/expert-load')).json(); }
+  catch (e) { document.getElementById('status').textContent = 'cannot reach the server: ' + e; return; }
+  const hm = document.getElementById('heatmap'), c = hm.getContext('2d');
+  c.clearRect(0, 0, hm.width, hm.height);
+  let nonzero = 0;
+  const rows = d.expert_load.length, cols = rows ? d.expert_load[0].length : 0;
+  const cw = hm.width / Math.max(cols, 1), ch = hm.height / Math.max(rows, 1);
+  d.expert_load.forEach((row, y) => {
+    const max = Math.max(...row, 1);
+    row.forEach((v, x) => { if (v > 0) nonzero++; c.fillStyle = color(v / max); c.fillRect(x * cw, y * ch, cw - 1, ch - 1); });
+  });
+  hm.dataset.nonzeroCells = nonzero;
+  bars(document.getElementById('balance'), d.balancedness, 1, d.moe_layers.map(l => 'L' + l), v => v.toFixed(2));
+  const rankTotals = d.rank_load.length ? d.rank_load[0].map((_, r) => d.rank_load.reduce((s, l) => s + l[r], 0)) : [];
+  bars(document.getElementById('ranks'), rankTotals, Math.max(...rankTotals, 1), rankTotals.map((_, r) => 'rank ' + r), v => String(v));
+  document.getElementById('layers').innerHTML = '<tr><th>layer</th><th>balancedness</th><th>imbalance</th><th>idle experts</th></tr>' +
+    d.moe_layers.map((l, i) => `<tr><td>${l}</td><td>${d.balancedness[i].toFixed(3)}</td><td>${d.imbalance[i].toFixed(2)}</td><td>${(100 * d.idle_fraction[i]).toFixed(0)}%</td></tr>`).join('');
+  document.getElementById('status').textContent =
+    `EP=${d.ep_size}, ${d.num_experts} experts, window of ${d.window_steps} steps; running ${d.stats.running}, waiting ${d.stats.waiting}`;
+  document.body.dataset.nonzeroCells = nonzero;
+}
+refresh(); setInterval(refresh, 2000);
+</script></body></html>
+"""

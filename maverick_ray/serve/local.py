@@ -1,0 +1,59 @@
+"""`maverick-ray serve`: start (or join) Ray, deploy the app, print how to call it, wait."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def deploy(args, blocking_ready: bool = True) -> str:
+    """Starts Ray/Serve as asked by the CLI args and deploys; returns the base URL."""
+    from ray import serve
+
+    from ..checkpoint.writer import ensure_tiny_checkpoint
+    from ..ray_runtime import init_ray
+    from .app import build_app
+
+    model = str(Path(args.model)) if args.model else str(ensure_tiny_checkpoint())
+    init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep * args.replicas + 2),
+             metrics_port=args.metrics_port)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app_args = {"model": model, "ep_size": args.ep, "num_replicas": args.replicas,
+                "placement_strategy": args.placement_strategy, "num_gpus_per_worker": args.gpus_per_worker,
+                "dtype": args.dtype, "max_model_len": args.max_model_len}
+    if args.served_model_name:
+        app_args["served_model_name"] = args.served_model_name
+    if args.api_key:
+        app_args["api_key"] = args.api_key
+    serve.run(build_app(app_args), name="maverick", route_prefix="/", blocking=False)
+    return f"http://{args.host}:{args.port}"
+
+
+def serve_forever(args) -> int:
+    print("maverick-ray: starting Ray and deploying (first start loads the checkpoint)...", file=sys.stderr, flush=True)
+    url = deploy(args)
+    name = args.served_model_name or (Path(args.model).name if args.model else "tiny")
+    auth = ' -H "Authorization: Bearer $MAVERICK_RAY_API_KEY"' if args.api_key else ""
+    print(f"maverick-ray ready: {url}/v1 (model '{name}', EP={args.ep}, replicas={args.replicas})", flush=True)
+    print(f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+          f"\"max_tokens\": 16}}'", flush=True)
+    if not args.address:
+        print(f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics   dashboard: {url}/dashboard", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+    import ray
+
+    print("maverick-ray: shutting down", file=sys.stderr, flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

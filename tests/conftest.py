@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny checkpoints written by the project's own writer (no model hub)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (hf_reference, serve_fixtures, ...)
+# Ray rewrites "127.0.0.1:port" cluster addresses to the machine's external IP unless this is off;
+# tests keep every Ray process on loopback. Must be set before ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keeps the default tiny checkpoint (created on first use) inside the test session."""
+    os.environ["MAVERICK_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from maverick_ray.checkpoint.writer import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_split_ckpt(tmp_path_factory) -> Path:
+    """Same weights as tiny_ckpt, experts stored split and the weights spread over several shards."""
+    from maverick_ray.checkpoint.writer import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_split"), "tiny", progress=False,
+                            experts_layout="split", max_shard_bytes=200_000)

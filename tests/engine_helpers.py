@@ -1,0 +1,47 @@
+"""Greedy references for engine tests: our single-process model, or transformers."""
+
+from __future__ import annotations
+
+import torch
+
+from maverick_ray.config import ModelConfig
+
+
+def prompts_for(ckpt) -> list[list[int]]:
+    vocab = ModelConfig.from_pretrained(ckpt).text.vocab_size
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(10, vocab - 50, (n,), generator=g).tolist() for n in (5, 17, 40)]
+
+
+@torch.no_grad()
+def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[int]]:
+    if use_hf:
+        from transformers import Llama4ForConditionalGeneration
+
+        model = Llama4ForConditionalGeneration.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+        outs = []
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+            outs.append(gen[0, len(p):].tolist())
+        return outs
+    from maverick_ray.checkpoint.loader import load_state_dict
+    from maverick_ray.model.batch import ForwardBatch
+    from maverick_ray.model.kv_cache import KVCache
+    from maverick_ray.model.text import TextModel
+
+    cfg = ModelConfig.from_pretrained(ckpt)
+    model = TextModel(cfg.text).eval()
+    model.load_state_dict(load_state_dict(ckpt, cfg, include_vision=False, progress=False))
+    outs = []
+    for p in prompts:
+        t = cfg.text
+        cache = KVCache(t.num_hidden_layers, 1, len(p) + max_tokens, t.num_key_value_heads, t.head_dim)
+        logits = model(torch.tensor(p), ForwardBatch.single(len(p)), cache)
+        out = []
+        for i in range(max_tokens):
+            out.append(int(logits[0].argmax()))
+            logits = model(torch.tensor(out[-1:]), ForwardBatch.single(1, start=len(p) + i), cache)
+        outs.append(out)
+    return outs

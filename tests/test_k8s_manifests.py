@@ -1,0 +1,226 @@
+"""k8s/ manifests validate against KubeRay's CRD schema, Kubernetes' API models and Ray Serve's schema."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+# KubeRay's RayService CRD (ray-project/kuberay, ray-operator/config/crd/bases, commit feeaf72,
+# Apache-2.0), kept with the tests so a clone validates on its own; the team's reference copy
+# lives in ../shared/schemas (compared below when present).
+SCHEMAS = ROOT / "tests" / "schemas"
+SHARED_SCHEMAS = ROOT.parent / "shared" / "schemas"
+RAYSERVICES = [K8S / "rayservice-maverick-gpu.yaml", K8S / "tiny" / "rayservice-tiny-cpu.yaml"]
+# Labels KubeRay puts on every Ray pod (ray-operator utils: RayNodeLabelKey, RayNodeTypeLabelKey, ...).
+KUBERAY_POD_LABELS = [{"ray.io/is-ray-node": "yes", "ray.io/node-type": t, "ray.io/cluster": "maverick",
+                       "ray.io/group": g} for t, g in (("head", "headgroup"), ("worker", "gpu-8x"))]
+
+
+def crd_text(name: str) -> str:
+    import gzip
+
+    return gzip.decompress((SCHEMAS / (name + ".gz")).read_bytes()).decode()
+
+
+def crd_schema(name: str) -> dict:
+    crd = yaml.safe_load(crd_text(name))
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def test_kept_crd_is_the_shared_reference():
+    shared = SHARED_SCHEMAS / "ray.io_rayservices.yaml"
+    if shared.exists():  # beside the team's checkout; a bare clone has only the kept copy
+        assert crd_text("ray.io_rayservices.yaml") == shared.read_text()
+    crd = yaml.safe_load(crd_text("ray.io_rayservices.yaml"))
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "RayService"
+
+
+def strict_unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Field names the schema does not define (jsonschema alone allows them in CRD schemas)."""
+    errors = []
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        if props is not None and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            errors += [f"{path}.{k}" for k in obj if k not in props]
+        for k, v in obj.items():
+            sub = (props or {}).get(k) or (schema.get("additionalProperties")
+                                           if isinstance(schema.get("additionalProperties"), dict) else None)
+            if sub:
+                errors += strict_unknown_fields(v, sub, f"{path}.{k}")
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(obj):
+            errors += strict_unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return errors
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_rayservice_validates_against_kuberay_crd(path):
+    import jsonschema
+
+    doc = yaml.safe_load(path.read_text())
+    schema = crd_schema("ray.io_rayservices.yaml")
+    jsonschema.Draft7Validator(schema).validate(doc)
+    assert strict_unknown_fields(doc, schema) == []
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+
+
+SERVE_CONFIGS = RAYSERVICES + sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config_v2_is_a_valid_serve_deploy_config(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from maverick_ray.serve.settings import ServeSettings
+
+    doc = yaml.safe_load(path.read_text())
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+    parsed = ServeDeploySchema.model_validate(serve_cfg)
+    for app in parsed.applications:
+        module, attr = app.import_path.split(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        settings = ServeSettings.from_args(app.args)
+        bundles = settings.placement_group_bundles()
+        deployment = app.deployments[0].model_dump(exclude_unset=True)
+        assert deployment["placement_group_bundles"] == bundles, "bundles must be the replica + one per EP rank"
+
+
+def test_gpu_rayservice_fits_its_worker_pods():
+    doc = yaml.safe_load(RAYSERVICES[0].read_text())
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ep = serve_cfg["applications"][0]["args"]["ep_size"]
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+               for g in workers)
+    assert gpus >= ep, f"EP={ep} needs {ep} GPUs; the worker groups have {gpus}"
+    head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+
+
+def pod_templates(doc) -> list[dict]:
+    rc = doc["spec"]["rayClusterConfig"]
+    return [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]]
+
+
+def k8s_model_errors(obj, model: str) -> list[str]:
+    """Strict check of a core object against the kubernetes client's API models: unknown fields and
+    wrong primitive types are errors (the client's own deserializer silently drops unknown fields)."""
+    import kubernetes.client.models as m
+
+    cls = getattr(m, model)
+    attrs = {v: (k, t) for k, (t) in ((k, cls.openapi_types[k]) for k in cls.openapi_types)
+             for v in [cls.attribute_map[k]]}
+    errors = []
+    for key, value in obj.items():
+        if key not in attrs:
+            errors.append(f"{model}.{key}: unknown field")
+            continue
+        _, typ = attrs[key]
+        if typ.startswith("list["):
+            inner = typ[5:-1]
+            if not isinstance(value, list):
+                errors.append(f"{model}.{key}: expected a list")
+            elif hasattr(m, inner):
+                for v in value:
+                    errors += k8s_model_errors(v, inner)
+        elif typ.startswith("dict("):
+            if not isinstance(value, dict):
+                errors.append(f"{model}.{key}: expected a map")
+        elif hasattr(m, typ):
+            if not isinstance(value, dict):
+                errors.append(f"{model}.{key}: expected an object")
+            else:
+                errors += k8s_model_errors(value, typ)
+        elif typ == "str" and not isinstance(value, str):
+            errors.append(f"{model}.{key}: expected a string")
+        elif typ == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            errors.append(f"{model}.{key}: expected an integer")
+        elif typ == "bool" and not isinstance(value, bool):
+            errors.append(f"{model}.{key}: expected a boolean")
+    return errors
+
+
+CORE = {"PersistentVolumeClaim": "V1PersistentVolumeClaim", "ConfigMap": "V1ConfigMap"}
+
+
+def test_core_objects_and_pod_templates_match_kubernetes_models():
+    files = [K8S / "checkpoint-pvc.yaml", K8S / "monitoring" / "grafana-dashboard-configmap.yaml"]
+    for f in files:
+        doc = yaml.safe_load(f.read_text())
+        assert k8s_model_errors(doc, CORE[doc["kind"]]) == [], f
+    for path in RAYSERVICES:
+        for template in pod_templates(yaml.safe_load(path.read_text())):
+            assert k8s_model_errors(template, "V1PodTemplateSpec") == [], path
+    assert k8s_model_errors({"spec": {"containerz": []}}, "V1PodTemplateSpec"), "the checker must catch typos"
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    for k, v in selector.get("matchLabels", {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        op = expr["operator"]
+        if op == "In" and value not in expr["values"]:
+            return False
+        if op == "NotIn" and value in expr["values"]:
+            return False
+        if op == "Exists" and expr["key"] not in labels:
+            return False
+    return True
+
+
+def test_podmonitor_selects_ray_pods_and_their_metrics_port():
+    pm = yaml.safe_load((K8S / "monitoring" / "podmonitor.yaml").read_text())
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
+    for labels in KUBERAY_POD_LABELS:
+        assert selector_matches(pm["spec"]["selector"], labels), labels
+    assert not selector_matches(pm["spec"]["selector"], {"app": "something-else"})
+    port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+    for path in RAYSERVICES:
+        doc = yaml.safe_load(path.read_text())
+        for template in pod_templates(doc):
+            names = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+            assert names.get(port) == 8080, f"{path.name}: no container port named {port!r} on 8080"
+        rc = doc["spec"]["rayClusterConfig"]
+        for params in [rc["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in rc["workerGroupSpecs"]]:
+            assert params.get("metrics-export-port") == "8080"
+
+
+def kustomization_files(root: Path) -> list[Path]:
+    """The manifests a kustomization pulls in, under kustomize's default load restrictor: a
+    resource is a file inside the kustomization's directory or another kustomization directory."""
+    out = []
+    for res in yaml.safe_load((root / "kustomization.yaml").read_text())["resources"]:
+        target = (root / res).resolve()
+        if target.is_dir():
+            out += kustomization_files(target)
+        else:
+            assert target.is_file(), f"{root}: resource {res} does not exist"
+            assert target.parent == root.resolve(), f"{root}: {res} is outside the kustomization (kustomize refuses it)"
+            out.append(target)
+    return out
+
+
+KUSTOMIZATIONS = {"gpu": (K8S, {"RayService", "PodMonitor", "ConfigMap", "PersistentVolumeClaim"}),
+                  "tiny": (K8S / "tiny", {"RayService", "PodMonitor", "ConfigMap"})}
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_kustomization_builds_the_whole_deployment(name):
+    import shutil
+    import subprocess
+
+    root, kinds = KUSTOMIZATIONS[name]
+    files = kustomization_files(root)
+    assert {yaml.safe_load(f.read_text())["kind"] for f in files} == kinds
+    kubectl = shutil.which("kubectl")
+    if kubectl:  # the real kustomize, as `kubectl apply -k` runs it
+        out = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert {d["kind"] for d in yaml.safe_load_all(out.stdout)} == kinds

@@ -1,0 +1,172 @@
+"""Routing-balance and serving metrics, scraped by a real Prometheus server, plus the live dashboard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from prom_helpers import prometheus, query, wait_for
+from serve_fixtures import free_port, start_serve, stop_serve
+
+EP = 2
+SERIES = ["expert_tokens_total", "rank_tokens_total", "balancedness_ratio", "imbalance_ratio",
+          "idle_experts_ratio", "all_to_all_seconds_bucket", "all_to_all_bytes_total", "step_seconds_bucket",
+          "requests_total", "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
+          "request_latency_seconds_bucket", "prompt_tokens_total", "generation_tokens_total",
+          "running_sequences", "waiting_sequences", "kv_cache_usage_ratio"]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_ckpt, tmp_path_factory):
+    metrics_port = free_port()
+    url = start_serve({"/": {"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": EP,
+                             "enable_test_hooks": True, "max_model_len": 256}}, num_cpus=4, metrics_port=metrics_port)
+    work = tmp_path_factory.mktemp("prom")
+    try:
+        with prometheus([f"127.0.0.1:{metrics_port}"], work) as prom_url:
+            yield {"url": url, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "prom": prom_url, "work": work}
+    finally:
+        stop_serve()
+
+
+def load(url: str, n: int = 6) -> int:
+    """n greedy requests; returns the tokens that went through every MoE layer."""
+    fed = 0
+    for i in range(n):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"Request number {i}: go"}],
+                "max_tokens": 6 + i, "temperature": 0}
+        r = requests.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        u, reason = r["usage"], r["choices"][0]["finish_reason"]
+        # Every prompt token and every sampled token but the last is fed back; an eos is not counted
+        # in completion_tokens but its predecessor was fed.
+        fed += u["prompt_tokens"] + u["completion_tokens"] - (1 if reason == "length" else 0)
+    return fed
+
+
+def test_prometheus_scrapes_every_series_with_consistent_values(stack, tiny_ckpt):
+    from maverick_ray.config import ModelConfig
+
+    fed = load(stack["url"])
+    moe_layers = ModelConfig.from_pretrained(tiny_ckpt).text.moe_layers
+
+    def counts_match():
+        per_layer = {r["metric"]["layer"]: float(r["value"][1])
+                     for r in query(stack["prom"], "sum by (layer) (ray_maverick_expert_tokens_total)")}
+        return per_layer if per_layer == {str(layer): float(fed) for layer in moe_layers} else None
+
+    per_layer = wait_for(counts_match)
+    assert sum(per_layer.values()) == fed * len(moe_layers)
+    for name in SERIES:
+        assert query(stack["prom"], f"ray_maverick_{name}"), f"ray_maverick_{name} missing in Prometheus"
+    ranks = query(stack["prom"], "sum by (layer) (ray_maverick_rank_tokens_total)")
+    assert {r["metric"]["layer"]: float(r["value"][1]) for r in ranks} == per_layer
+    for r in query(stack["prom"], "ray_maverick_balancedness_ratio"):
+        assert 0 < float(r["value"][1]) <= 1
+    done = wait_for(lambda: query(stack["prom"], 'sum(ray_maverick_requests_total{status=~"length|stop"})'))
+    assert float(done[0]["value"][1]) >= 6
+
+
+def test_promtool_accepts_the_exposition(stack):
+    text = requests.get(stack["metrics"], timeout=10).text
+    assert "ray_maverick_balancedness_ratio" in text
+    out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    # Ray stamps every exported series with its own CamelCase labels (SessionName, NodeAddress, ...), which
+    # promtool's style lint flags; anything else it reports about our series is a real problem.
+    ray_labels = {"SessionName", "NodeAddress", "WorkerId", "Component", "Version", "JobId", "ActorId"}
+    import re
+
+    ours = [line for line in text.splitlines() if line.startswith("ray_maverick_")]
+    camel = {name for line in ours for name in re.findall(r'[{,]([A-Za-z_]+)="', line) if name != name.lower()}
+    assert camel <= ray_labels, camel - ray_labels
+    problems = [line for line in (out.stdout + out.stderr).splitlines()
+                if "maverick" in line and "should be written in 'snake_case'" not in line]
+    assert not problems, problems
+
+
+def test_dashboard_promql_returns_data(stack):
+    dash = json.loads((Path(__file__).resolve().parents[1] / "k8s" / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 8
+    load(stack["url"], 2)
+    for expr in exprs:
+        expr = expr.replace("$__rate_interval", "30s").replace("$replica", ".*")
+        wait_for(lambda: query(stack["prom"], expr), timeout=60)
+
+
+def test_forced_single_expert_drops_balancedness_to_one_over_ep(stack):
+    url = stack["url"]
+    assert requests.post(url + "/v1/debug/force-expert", json={"expert": 3}).status_code == 200
+    try:
+        load(url, 3)
+        data = requests.get(url + "/v1/expert-load").json()
+        assert data["balancedness"] and all(abs(b - 1 / EP) < 1e-9 for b in data["balancedness"])
+        assert all(sum(1 for c in row if c) == 1 and row[3] > 0 for row in data["expert_load"])
+
+        def gauge_low():
+            vals = [float(r["value"][1]) for r in query(stack["prom"], "ray_maverick_balancedness_ratio")]
+            return vals if vals and all(abs(v - 1 / EP) < 1e-6 for v in vals) else None
+        wait_for(gauge_low)
+        shot = dashboard_screenshot(url, stack["work"], "forced")
+        assert shot["nonzero_cells"] == len(data["expert_load"])
+    finally:
+        requests.post(url + "/v1/debug/force-expert", json={"expert": None})
+
+
+def dashboard_screenshot(url: str, work: Path, name: str) -> dict:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium package is required (make test installs it)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={work / ('chrome-' + name)}", "--virtual-time-budget=5000", "--window-size=1300,700"]
+    artifacts = Path(__file__).resolve().parents[1] / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    png = artifacts / f"dashboard-{name}.png"
+    subprocess.run([chromium, *flags, f"--screenshot={png}", url + "/dashboard"], capture_output=True, timeout=120)
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url + "/dashboard"], capture_output=True, text=True,
+                         timeout=120).stdout
+    import re
+
+    m = re.search(r'<body data-nonzero-cells="(\d+)"', dom)
+    return {"png": png, "nonzero_cells": int(m.group(1)) if m else 0, "dom": dom}
+
+
+def test_dashboard_draws_heatmap_under_load(stack):
+    import threading
+
+    stop = threading.Event()
+
+    def background():
+        for _ in range(10):  # bounded load while the page renders
+            if stop.is_set():
+                return
+            load(stack["url"], 1)
+
+    t = threading.Thread(target=background)
+    t.start()
+    try:
+        shot = dashboard_screenshot(stack["url"], stack["work"], "load")
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert shot["png"].exists() and shot["png"].stat().st_size > 5000
+    assert shot["nonzero_cells"] > 1, "the heatmap drew no routed tokens"
+    assert "balancedness" in shot["dom"] and "EP=2" in shot["dom"]
+
+
+def test_top_shows_the_same_view_in_the_terminal(stack):
+    import sys
+
+    load(stack["url"], 1)
+    out = subprocess.run([sys.executable, "-m", "maverick_ray.cli", "top", "--url", stack["url"], "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "EP=2" in out.stdout and "balanced" in out.stdout and "rank load: r0=" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "maverick_ray.cli", "top", "--url", "http://127.0.0.1:9", "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "cannot reach" in bad.stderr

@@ -1,0 +1,68 @@
+"""`serve deploy` of the shipped tiny config onto a `ray start --head` cluster (KubeRay's path, minus Kubernetes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from serve_fixtures import free_port, wait_healthy
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+SERVE = str(Path(sys.executable).parent / "serve")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    import secrets
+
+    # Ray's token authentication: the cluster and the `serve deploy` client share one token.
+    env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path / "cache"), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(16))
+    gcs, dash = free_port(), free_port()
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stderr
+    yield env, f"http://127.0.0.1:{dash}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def load_config(source: str) -> dict:
+    if source == "configs/tiny-cpu.yaml":
+        return yaml.safe_load((ROOT / source).read_text())
+    rayservice = yaml.safe_load((ROOT / source).read_text())  # the tiny RayService's serveConfigV2
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("source", ["configs/tiny-cpu.yaml", "k8s/tiny/rayservice-tiny-cpu.yaml"])
+def test_serve_deploy_tiny_config_serves_a_chat_request(ray_head, tmp_path, source):
+    env, dashboard = ray_head
+    config = load_config(source)
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}  # loopback only in tests
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    deadline = time.monotonic() + 60
+    while True:  # the dashboard's REST API takes a moment after `ray start`
+        out = subprocess.run([SERVE, "deploy", str(cfg_file), "-a", dashboard], capture_output=True, text=True,
+                             env=env, timeout=120)
+        if out.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stderr
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, timeout=240)
+    r = requests.post(url + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["usage"]["completion_tokens"] >= 1
