@@ -29,10 +29,11 @@ def reference(ex, x, ids):
     return out
 
 
+@pytest.mark.parametrize("rows", [80, 6])  # prefill-sized, and decode-sized (about a row per expert)
 @pytest.mark.parametrize("parallel", [False, True])
-def test_expert_paths_agree_with_row_by_row_reference(monkeypatch, parallel):
+def test_expert_paths_agree_with_row_by_row_reference(monkeypatch, parallel, rows):
     ex = make_experts()
-    x, ids = torch.randn(80, 32), torch.randint(0, 12, (80,))  # >= MIN_ROWS_FOR_THREADS
+    x, ids = torch.randn(rows, 32), torch.randint(0, 12, (rows,))
     monkeypatch.setattr(Experts, "parallel_cpu", parallel)
     with torch.no_grad():
         got = ex(x, ids)
@@ -67,3 +68,13 @@ def test_kv_cache_reads_views_or_gathers_the_same_values(slots):
     idx = torch.tensor(slots)
     assert torch.equal(k, cache.k[0][idx, :6]) and torch.equal(v, cache.v[0][idx, :6])
 
+
+
+def test_experts_keep_autograd_outside_inference():
+    ex = make_experts()
+    x, ids = torch.randn(6, 32, requires_grad=True), torch.randint(0, 12, (6,))
+    out = ex(x, ids)  # grad mode: the serial path without out= writes
+    out.sum().backward()
+    assert x.grad is not None and ex.down_proj.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(out, reference(ex, x, ids), atol=1e-5)

@@ -17,6 +17,7 @@ import torch
 
 from ..config import EngineConfig, ModelConfig
 from ..model.batch import ForwardBatch
+from ..model.fused import fuse_projections
 from ..model.kv_cache import KVCache
 from ..model.moe import LocalDispatcher
 from ..model.rope import inverse_frequencies
@@ -87,7 +88,7 @@ class RankWorker:
         model.load_state_dict(state, strict=True, assign=True)
         text = self.config.text
         model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta, text.rope_scaling)  # was on meta
-        return model.to(self.device).eval()
+        return fuse_projections(model.to(self.device).eval())  # after .to(): fused weights share storage
 
     # ---- introspection -------------------------------------------------------------------
     def routed_expert_bytes(self) -> int:

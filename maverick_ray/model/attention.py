@@ -48,13 +48,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+        self.qkv: torch.Tensor | None = None  # (C, (H + 2 KV) D) once fused (model/fused.py)
+
+    def fuse_projections(self) -> None:
+        """One matmul for q, k and v at inference (model/fused.py); idempotent."""
+        if self.qkv is None:
+            from .fused import fuse_columns
+
+            self.qkv = fuse_columns([self.q_proj, self.k_proj, self.v_proj])
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, C) -> q (T, H, D), k (T, KV, D), v (T, KV, D)."""
+        T = x.shape[0]
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv = self.n_kv * self.head_dim
+            q, k, v = (x @ self.qkv).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        return (q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim),
+                v.view(T, self.n_kv, self.head_dim))
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, H, D)
-        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)     # (T, KV, D)
-        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)     # (T, KV, D)
+        q, k, v = self._project(x)  # (T, H, D), (T, KV, D), (T, KV, D)
         if self.use_rope:
             q, k = apply_rope(q, rot), apply_rope(k, rot)
         if self.qk_norm:

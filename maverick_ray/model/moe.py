@@ -60,9 +60,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # (C, 2 * inter) once fused (model/fused.py)
+
+    def fuse_projections(self) -> None:
+        """One matmul for gate and up at inference (model/fused.py); idempotent."""
+        if self.gate_up is None:
+            from .fused import fuse_columns
+
+            self.gate_up = fuse_columns([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, C) -> (T, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = (x @ self.gate_up).chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 _POOL = None  # threads that run expert groups side by side on CPU (created on first use)
@@ -97,8 +108,7 @@ class Experts(nn.Module):
     """
 
     parallel_cpu = True  # class-wide switch (benchmarks compare both)
-    MIN_GROUPS_FOR_THREADS = 4
-    MIN_ROWS_FOR_THREADS = 64  # below this (decode batches) the thread hand-off costs more than it saves
+    MIN_GROUPS_FOR_THREADS = 4  # fewer groups than this run in the calling thread
 
     def __init__(self, num_local: int, hidden: int, inter: int):
         super().__init__()
@@ -111,10 +121,14 @@ class Experts(nn.Module):
 
     def _run_groups(self, xs: torch.Tensor, out: torch.Tensor, groups: list[tuple[int, int, int]]) -> None:
         """groups: (local expert, first row, rows) over xs (rows sorted by expert) -> out."""
+        in_place = not torch.is_grad_enabled()  # out= writes have no autograd
         for e, start, n in groups:
             rows = xs[start:start + n]                                 # (n, C)
             gate, up = (rows @ self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
-            out[start:start + n] = (F.silu(gate) * up) @ self.down_proj[e]
+            if in_place:
+                torch.mm(F.silu(gate) * up, self.down_proj[e], out=out[start:start + n])
+            else:
+                out[start:start + n] = (F.silu(gate) * up) @ self.down_proj[e]
 
     def _run_groups_no_grad(self, xs, out, groups, inference: bool) -> None:
         with torch.inference_mode(inference), torch.no_grad():
@@ -135,11 +149,14 @@ class Experts(nn.Module):
         out = torch.empty_like(xs)
         workers = torch.get_num_threads()
         if (self.parallel_cpu and x.device.type == "cpu" and workers > 1
-                and len(groups) >= self.MIN_GROUPS_FOR_THREADS and x.shape[0] >= self.MIN_ROWS_FOR_THREADS
+                and len(groups) >= self.MIN_GROUPS_FOR_THREADS
                 and not torch.is_grad_enabled()):
             shares = _balanced(groups, workers)
             inference = torch.is_inference_mode_enabled()  # grad modes are per thread: carry them over
-            for f in [_cpu_pool().submit(self._run_groups_no_grad, xs, out, share, inference) for share in shares]:
+            futures = [_cpu_pool().submit(self._run_groups_no_grad, xs, out, share, inference)
+                       for share in shares[1:]]
+            self._run_groups(xs, out, shares[0])  # the calling thread takes one share itself
+            for f in futures:
                 f.result()
         else:
             self._run_groups(xs, out, groups)

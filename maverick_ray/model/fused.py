@@ -1,0 +1,54 @@
+"""Inference weight layout: fused projections over column-major weights.
+
+Shape legend: T tokens, C input width, N output width (Nq + Nk + Nv, or 2 * I).
+
+An nn.Linear stores W as (N, C) and computes x @ W.T. For the few-row matmuls of a decode step
+(T <= a few dozen), BLAS runs x @ Wt with Wt (C, N) contiguous markedly faster than the
+transposed form (BENCHMARKS.md), and one matmul over concatenated weights replaces several
+calls. `fuse_projections` rewrites a loaded model in place:
+
+    q_proj, k_proj, v_proj  -> one (C, Nq + Nk + Nv) matrix, split after the matmul
+    gate_proj, up_proj      -> one (C, 2I) matrix (dense MLPs and the shared expert)
+    every other nn.Linear   -> its weight stored transposed (same values, same shape)
+
+The modules' `weight` parameters become views into the fused storage, so names, shapes and
+values of the state dict are unchanged and no weight is held twice. The math is the same
+matmul per output column; results agree with the unfused model to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """(N, C) weight -> the same values as a (N, C) view of a contiguous (C, N) tensor."""
+    return w.detach().t().contiguous().t()
+
+
+def fuse_columns(linears: list[nn.Linear]) -> torch.Tensor:
+    """Concatenates bias-free linears' outputs into one contiguous (C, sum N) matrix and makes
+    each module's weight a view into it. Returns the fused matrix (use as x @ fused)."""
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError("only bias-free projections are fused")
+    fused = torch.cat([lin.weight.detach().t() for lin in linears], dim=1).contiguous()  # (C, sum N)
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[:, start:start + n].t(), requires_grad=False)  # (N, C) view
+        start += n
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuses q/k/v and gate/up projections and stores the remaining linear weights column-major,
+    in place (see module docstring). Idempotent; returns the model."""
+    for module in model.modules():
+        fuse = getattr(module, "fuse_projections", None)
+        if fuse is not None:
+            fuse()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
+            module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)
+    return model

@@ -1,0 +1,43 @@
+"""model/fused.py: fused q/k/v and gate/up projections over column-major weights compute what
+transformers' Llama 4 computes, keep the state dict's names/shapes/values, and hold no weight twice."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_reference import hf_text_model, ours_from_hf
+from maverick_ray.model.batch import ForwardBatch
+from maverick_ray.model.fused import fuse_projections
+from maverick_ray.model.kv_cache import KVCache
+
+
+def test_fused_model_matches_transformers_prefill_and_decode():
+    hf, d = hf_text_model(dict(use_qk_norm=True))
+    ours = fuse_projections(ours_from_hf(hf, d))
+    ids = torch.randint(3, d["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[0]  # (T, V)
+        cache = KVCache(d["num_hidden_layers"], 1, 32, d["num_key_value_heads"], d["head_dim"])
+        prefill = ours(ids[0, :11], batch=ForwardBatch.single(11), cache=cache, all_logits=True)
+        step = ours(ids[0, 11:], batch=ForwardBatch.single(1, start=11), cache=cache)
+    assert torch.allclose(prefill, want[:11], atol=1e-4)
+    assert torch.allclose(step[0], want[11], atol=1e-4)
+
+
+def test_fusion_keeps_the_state_dict_and_shares_storage():
+    hf, d = hf_text_model({})
+    ours = ours_from_hf(hf, d)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    fuse_projections(ours)
+    fuse_projections(ours)  # idempotent
+    after = ours.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    attn = ours.model.layers[0].self_attn
+    qkv = attn.qkv  # (C, Nq + Nk + Nv), contiguous: one matmul
+    assert qkv.is_contiguous() and qkv.shape == (d["hidden_size"], (4 + 2 + 2) * d["head_dim"])
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):  # views into the fused matrix, not copies
+        assert proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    mlp = ours.model.layers[0].feed_forward  # a dense layer
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.gate_up.untyped_storage().data_ptr()
+    assert ours.lm_head.weight.t().is_contiguous()  # other linears stored column-major
