@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line, matmul_rate, memory_bandwidth, write_section  # noqa: E402
+from common import in_subprocess, machine_line, write_section  # noqa: E402
 
 
 class EngineRun:
@@ -69,27 +69,26 @@ class EngineRun:
                 "touched": statistics.median(r["touched"] for r in self.runs), "outs": self.runs[-1]["outs"]}
 
 
-class TransformersRun:
-    def __init__(self, ckpt):
-        from transformers import Llama4ForConditionalGeneration
+def transformers_generate(ckpt: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """transformers' batched greedy generate, timed after a warm-up (run through in_subprocess)."""
+    from transformers import Llama4ForConditionalGeneration
 
-        self.model = Llama4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-        self.runs: list[dict] = []
-
-    @torch.no_grad()
-    def generate(self, prompts, new_tokens) -> dict:
-        ids = torch.tensor(prompts)
-        if not self.runs:  # warm-up
-            self.model.generate(input_ids=ids[:2], max_new_tokens=2, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)
+    model = Llama4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:2], max_new_tokens=2, **kw)
         t0 = time.perf_counter()
-        out = self.model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)
+        out = model.generate(input_ids=ids, max_new_tokens=new_tokens, **kw)
         wall = time.perf_counter() - t0
-        new = out[:, ids.shape[1]:]
-        run = {"tok_s": new.numel() / wall, "outs": new.tolist()}
-        self.runs.append(run)
-        return run
+    new = out[:, ids.shape[1]:]
+    return {"tok_s": new.numel() / wall, "outs": new.tolist()}
+
+
+def write_mini(out: str) -> str:
+    from maverick_ray.checkpoint.writer import write_checkpoint
+
+    return str(write_checkpoint(out, "mini", progress=False))
 
 
 def decode_floor(ckpt, seqs, touched_experts, ctx, flops_rate, bandwidth):
@@ -120,10 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="default: write the mini preset to a temp dir")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    from maverick_ray.checkpoint.writer import write_checkpoint
-
-    ckpt = Path(args.checkpoint) if args.checkpoint else write_checkpoint(
-        Path(tempfile.mkdtemp()) / "mini", "mini", progress=True)
+    if not args.checkpoint:
+        print("writing the mini checkpoint ...", flush=True)
+    # Checkpoint writing, machine rates and transformers run in subprocesses: this process's
+    # main thread stays free of torch compute (common.in_subprocess says why).
+    ckpt = Path(args.checkpoint) if args.checkpoint else Path(
+        in_subprocess("bench_engine", "write_mini", str(Path(tempfile.mkdtemp()) / "mini")))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 600, (args.seqs, args.prompt_len), generator=g).tolist()
     if any(ep > 1 for ep in args.ep):
@@ -134,22 +135,24 @@ def main(argv=None) -> int:
     for ep in args.ep:
         print(f"starting engine EP={ep} ...", flush=True)
         engines[ep] = EngineRun(ckpt, ep, args.seqs)
-    hf_run = TransformersRun(ckpt)
+    hf_runs = []
     rates, paired = [], {ep: [] for ep in args.ep}
     try:
         for rnd in range(args.rounds):  # every configuration once per round: they share the machine's drift
             print(f"round {rnd + 1}/{args.rounds}: machine rates, " + ", ".join(f"EP={ep}" for ep in args.ep)
                   + ", transformers ...", flush=True)
-            rates.append((matmul_rate(), memory_bandwidth()))
+            rates.append(in_subprocess("common", "machine_rates"))
             got = {ep: eng.generate(prompts, args.new_tokens) for ep, eng in engines.items()}
-            hf_tok_s = hf_run.generate(prompts, args.new_tokens)["tok_s"]
+            hf_runs.append(in_subprocess("bench_engine", "transformers_generate", str(ckpt), prompts,
+                                         args.new_tokens))
+            hf_tok_s = hf_runs[-1]["tok_s"]
             for ep in args.ep:
                 paired[ep].append(got[ep]["tok_s"] / hf_tok_s)
     finally:
         for eng in engines.values():
             eng.engine.shutdown()
     results = {ep: eng.summary() for ep, eng in engines.items()}
-    hf = {"tok_s": statistics.median(r["tok_s"] for r in hf_run.runs), "outs": hf_run.runs[-1]["outs"]}
+    hf = {"tok_s": statistics.median(r["tok_s"] for r in hf_runs), "outs": hf_runs[-1]["outs"]}
     vs_hf = {ep: statistics.median(v) for ep, v in paired.items()}
     flops_rate = statistics.median(r[0] for r in rates)
     bandwidth = statistics.median(r[1] for r in rates)

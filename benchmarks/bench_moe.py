@@ -66,30 +66,23 @@ def main(argv=None) -> int:
     with torch.no_grad():
         diff = (hf(x)[0] - ours(x)).abs().max().item()
     print(f"max abs diff vs transformers: {diff:.2e}", flush=True)
-    from maverick_ray.model.moe import Experts
-
-    per_round = []  # (flops_rate, bandwidth, ours, serial, hf): the machine's drift hits all of a round alike
+    per_round = []  # (flops_rate, bandwidth, ours, hf): the machine's drift hits all of a round alike
     with torch.no_grad():
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds}: machine rates, ours, transformers ...", flush=True)
             rates = matmul_rate(), memory_bandwidth()
             t_ours = median_time(lambda: ours(x), args.repeats, warmup=2)
-            Experts.parallel_cpu = False  # the same block with expert groups one after another
-            t_serial = median_time(lambda: ours(x), args.repeats, warmup=1)
-            Experts.parallel_cpu = True
             t_hf = median_time(lambda: hf(x), max(3, args.repeats // 3), warmup=1)
-            per_round.append((*rates, t_ours, t_serial, t_hf))
-    med = [statistics.median(r[i] for r in per_round) for i in range(5)]
-    flops_rate, bandwidth, t_ours, t_serial, t_hf = med
+            per_round.append((*rates, t_ours, t_hf))
+    flops_rate, bandwidth, t_ours, t_hf = [statistics.median(r[i] for r in per_round) for i in range(4)]
     floor, flops, wbytes, touched = floor_seconds(ours, x, flops_rate, bandwidth)
-    speedup = statistics.median(r[4] / r[2] for r in per_round)
+    speedup = statistics.median(r[3] / r[2] for r in per_round)
     vs_floor = statistics.median(r[2] / floor_seconds(ours, x, r[0], r[1])[0] for r in per_round)
     rows = [
         ("matmul rate (fp32)", f"{flops_rate / 1e9:.1f} GFLOP/s"),
         ("memory bandwidth", f"{bandwidth / 1e9:.1f} GB/s"),
         ("experts that received tokens", f"{touched} / {args.experts}"),
         ("ours (median)", f"{t_ours * 1e3:.2f} ms"),
-        ("ours, expert groups on one thread (median)", f"{t_serial * 1e3:.2f} ms"),
         ("transformers Llama4TextMoe (median)", f"{t_hf * 1e3:.2f} ms"),
         ("floor: max(FLOPs/rate, bytes/bandwidth)",
          f"{floor * 1e3:.2f} ms ({flops / 1e9:.2f} GFLOP, {wbytes / 2**20:.0f} MiB of weights)"),

@@ -37,6 +37,34 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / median_time(lambda: x.sum(), repeats)
 
 
+def in_subprocess(module: str, function: str, *args):
+    """Runs benchmarks/<module>.<function>(*args) in a fresh Python and returns its JSON result.
+
+    Benchmarks that drive an engine keep torch compute off their own main thread: on CPU each
+    thread that computes gets its own OpenMP team, and once a process holds more OpenMP threads
+    than cores, libgomp sleeps between parallel regions instead of spinning, which slowed the
+    engine's decode step about 3x (BENCHMARKS.md). Reference runs and machine rates go here.
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from {module} import {function} as f; "
+            f"print('RESULT ' + json.dumps(f(*json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) if isinstance(a, Path) else a for a in args])],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module}.{function} failed in a subprocess:\n{out.stderr[-3000:]}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def machine_rates() -> tuple[float, float]:
+    """(matmul FLOP/s, memory bytes/s), for use through in_subprocess."""
+    return matmul_rate(), memory_bandwidth()
+
+
 def machine_line() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")

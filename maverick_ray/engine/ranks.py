@@ -23,29 +23,56 @@ from .worker import RankWorker
 log = logging.getLogger(__name__)
 
 
+class ComputeThread:
+    """Runs every call on one dedicated thread.
+
+    A rank's model is built, stepped and called on one thread. On CPU every thread that runs
+    torch compute gets its own OpenMP team, and once a process holds more OpenMP threads than
+    cores, libgomp sleeps between parallel regions instead of spinning: a decode step built on
+    one thread and stepped on another (or beside another computing thread) ran about 3x slower
+    (BENCHMARKS.md). One thread per rank keeps one team.
+    """
+
+    def __init__(self, name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def run(self, fn, *args):
+        return self._pool.submit(fn, *args).result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
 class LocalRanks:
-    """A single in-process rank (EP = 1, no Ray)."""
+    """A single in-process rank (EP = 1, no Ray), computing on its own ComputeThread."""
 
     def __init__(self, checkpoint: Path, engine: EngineConfig, progress: bool = False):
         self.placement = None
         self.worker = None
         self.infos: list[dict] = []
         self._args = (checkpoint, engine, progress)
+        self._compute: ComputeThread | None = None
 
     def start(self, num_experts: int) -> None:
         checkpoint, engine, progress = self._args
         self.placement = ExpertPlacement.contiguous(num_experts, 1)
-        self.worker = RankWorker(checkpoint, 0, self.placement, engine, progress=progress)
-        self.infos = [self.worker.info()]
+        self._compute = ComputeThread("maverick-rank0")
+        self.worker = self._compute.run(RankWorker, checkpoint, 0, self.placement, engine, None, progress)
+        self.infos = [self._compute.run(self.worker.info)]
 
     def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
-        return [self.worker.step(plans[0])]
+        return [self._compute.run(self.worker.step, plans[0])]
 
     def call(self, method: str, *args) -> list:
-        return [getattr(self.worker, method)(*args)]
+        return [self._compute.run(getattr(self.worker, method), *args)]
 
     def shutdown(self) -> None:
         self.worker = None
+        if self._compute is not None:
+            self._compute.shutdown()
+            self._compute = None
 
 
 def check_worker_bundles(bundles: list[dict], needed: dict) -> None:
@@ -81,14 +108,18 @@ class _RankActor:
         import ray
 
         pin_collective_interface(ray.util.get_node_ip_address())
-        self.worker = RankWorker(checkpoint, rank, placement, engine, dist_address=address, progress=progress)
-        return self.worker.info()
+        # Ray runs the methods of this threaded actor (max_concurrency=2) on a pool of threads:
+        # the rank's compute goes to one thread of its own instead.
+        self.compute = ComputeThread(f"maverick-rank{rank}")
+        self.worker = self.compute.run(lambda: RankWorker(checkpoint, rank, placement, engine, dist_address=address,
+                                                          progress=progress))
+        return self.compute.run(self.worker.info)
 
     def step(self, plan):
-        return self.worker.step(plan)
+        return self.compute.run(self.worker.step, plan)
 
     def call(self, method, *args):
-        return getattr(self.worker, method)(*args)
+        return self.compute.run(getattr(self.worker, method), *args)
 
 
 class RayRanks:

@@ -76,39 +76,14 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-_POOL = None  # threads that run expert groups side by side on CPU (created on first use)
-
-
-def _cpu_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max(torch.get_num_threads(), 2), thread_name_prefix="experts")
-    return _POOL
-
-
-def _balanced(groups: list[tuple[int, int, int]], k: int) -> list[list[tuple[int, int, int]]]:
-    """Splits (expert, start, rows) groups into k shares of similar cost (largest first, each to
-    the lightest share); a group costs its weight read plus its rows."""
-    shares, load = [[] for _ in range(k)], [0] * k
-    for g in sorted(groups, key=lambda g: -g[2]):
-        i = load.index(min(load))
-        shares[i].append(g)
-        load[i] += 8 + g[2]
-    return shares
-
-
 class Experts(nn.Module):
     """The routed experts held by this process, fused as in HF checkpoints (used as x @ W).
 
-    On CPU, expert groups run on several threads at once: each group is a few rows against one
-    expert's weights, a matmul too small for the BLAS library's own threading, so one group at a
-    time leaves cores idle while weights stream from memory. Results equal the serial order's.
+    Expert groups run one after another in the calling thread. (Running them on a Python
+    thread pool was tried and removed: on CPU every thread that calls into BLAS gets its own
+    OpenMP team, and once a process has more OpenMP threads than cores libgomp stops spinning
+    and sleeps between parallel regions, which cost more than the overlap gained; BENCHMARKS.md.)
     """
-
-    parallel_cpu = True  # class-wide switch (benchmarks compare both)
-    MIN_GROUPS_FOR_THREADS = 4  # fewer groups than this run in the calling thread
 
     def __init__(self, num_local: int, hidden: int, inter: int):
         super().__init__()
@@ -130,10 +105,6 @@ class Experts(nn.Module):
             else:
                 out[start:start + n] = (F.silu(gate) * up) @ self.down_proj[e]
 
-    def _run_groups_no_grad(self, xs, out, groups, inference: bool) -> None:
-        with torch.inference_mode(inference), torch.no_grad():
-            self._run_groups(xs, out, groups)
-
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x (Rl, C), local_ids (Rl,) -> (Rl, C); each row through its own expert only."""
         if x.shape[0] == 0:
@@ -147,19 +118,7 @@ class Experts(nn.Module):
                 start += n
         xs = x[order]
         out = torch.empty_like(xs)
-        workers = torch.get_num_threads()
-        if (self.parallel_cpu and x.device.type == "cpu" and workers > 1
-                and len(groups) >= self.MIN_GROUPS_FOR_THREADS
-                and not torch.is_grad_enabled()):
-            shares = _balanced(groups, workers)
-            inference = torch.is_inference_mode_enabled()  # grad modes are per thread: carry them over
-            futures = [_cpu_pool().submit(self._run_groups_no_grad, xs, out, share, inference)
-                       for share in shares[1:]]
-            self._run_groups(xs, out, shares[0])  # the calling thread takes one share itself
-            for f in futures:
-                f.result()
-        else:
-            self._run_groups(xs, out, groups)
+        self._run_groups(xs, out, groups)
         result = torch.empty_like(out)
         result[order] = out
         return result

@@ -1,0 +1,42 @@
+"""An in-process rank builds, steps and answers calls on one dedicated thread (engine/ranks.py
+ComputeThread): on CPU a second computing thread costs a second OpenMP team."""
+
+from __future__ import annotations
+
+import threading
+
+from maverick_ray.config import EngineConfig, ParallelConfig
+from maverick_ray.engine.engine import Engine
+from maverick_ray.engine.ranks import ComputeThread
+from maverick_ray.engine.sampling import SamplingParams
+
+
+def test_compute_thread_runs_every_call_on_the_same_thread():
+    ct = ComputeThread("t")
+    try:
+        idents = {ct.run(threading.get_ident) for _ in range(5)}
+        assert len(idents) == 1 and threading.get_ident() not in idents
+        assert ct.run(lambda a, b: a + b, 2, 3) == 5
+    finally:
+        ct.shutdown()
+
+
+def test_local_rank_builds_steps_and_calls_on_one_thread(tiny_ckpt, monkeypatch):
+    import maverick_ray.engine.ranks as ranks
+
+    built_on = []
+
+    class Recording(ranks.RankWorker):
+        def __init__(self, *args, **kw):
+            built_on.append(threading.current_thread())
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(ranks, "RankWorker", Recording)
+    with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=64)) as eng:
+        stepped_on = set()
+        eng.ranks.worker.model.register_forward_pre_hook(lambda m, a: stepped_on.add(threading.current_thread()))
+        out = eng.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        called_on = eng.ranks.call("info") and eng.ranks._compute.run(threading.current_thread)
+    assert len(out["token_ids"]) == 3
+    assert stepped_on == {built_on[0]} == {called_on}
+    assert built_on[0] is not threading.main_thread() and built_on[0].name.startswith("maverick-rank0")
