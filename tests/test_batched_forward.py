@@ -56,3 +56,20 @@ def test_mixed_prefill_and_batched_decode_match_single_sequences():
         n = len(ref[i])
         diff = (torch.stack(got[i][:n]) - ref[i]).abs().max()
         assert diff <= 1e-4, f"sequence {i}: max abs diff {diff}"
+
+
+@torch.no_grad()
+def test_tokens_past_the_kv_cache_length_are_refused_before_any_write():
+    hf, d = hf_text_model({})
+    model = ours_from_hf(hf, d)
+    cfg = model.cfg
+    cache = KVCache(cfg.num_hidden_layers, 2, 8, cfg.num_key_value_heads, cfg.head_dim)
+    model(torch.arange(3, 10), ForwardBatch.build([0, 1], [0, 0], [7, 0]), cache)  # fits: positions 0..6
+    before = [k.clone() for k in cache.k]
+    try:
+        model(torch.arange(3, 5), ForwardBatch.build([1, 0], [0, 7], [0, 2]), cache)  # slot 0 positions 7, 8
+    except IndexError as e:
+        assert "position 8 is beyond the KV cache length 8" in str(e)
+    else:
+        raise AssertionError("a write past the cache length was not refused")
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k))

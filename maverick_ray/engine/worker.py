@@ -134,9 +134,7 @@ class RankWorker:
         counts: list[torch.Tensor] = []
         self._phase.clear()
         logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_counts=counts)
-        tokens = {}
-        for i, w in enumerate(plan.work):
-            tokens[w.seq_id] = sample_token(logits[i], self.params[w.seq_id], self.generators[w.seq_id])
+        tokens = self._sample(plan, logits)
         if isinstance(self.dispatcher, LocalDispatcher):
             received = [int(c.sum()) for c in counts]
             a2a_s, a2a_b = 0.0, 0
@@ -148,6 +146,16 @@ class RankWorker:
                           received=received, a2a_seconds=a2a_s, a2a_bytes=a2a_b,
                           step_seconds=time.perf_counter() - t0, phase_seconds=dict(self._phase),
                           num_tokens=int(ids.numel()))
+
+    def _sample(self, plan: RankPlan, logits: torch.Tensor) -> dict[str, int]:
+        """(B, V) logits -> the next token of each sequence. Greedy rows take one batched argmax
+        (one op and, on GPU, one device sync for all of them); the others sample one by one with
+        their own generators."""
+        greedy = [i for i, w in enumerate(plan.work) if self.params[w.seq_id].greedy]
+        picked = dict(zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist())) if greedy else {}
+        return {w.seq_id: picked[i] if i in picked else
+                sample_token(logits[i], self.params[w.seq_id], self.generators[w.seq_id])
+                for i, w in enumerate(plan.work)}
 
     def _embed(self, ids: torch.Tensor, plan: RankPlan) -> torch.Tensor:
         """(T,) ids -> (T, C) embeddings, with image features fused at patch positions (vision path)."""

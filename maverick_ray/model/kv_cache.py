@@ -24,11 +24,16 @@ class KVCache:
 
     def write(self, layer: int, token_slots: torch.Tensor, positions: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores k, v (T, KV, D) at (slot, position) of each token."""
-        if positions.numel() and int(positions.max()) >= self.max_len:
-            raise IndexError(f"position {int(positions.max())} is beyond the KV cache length {self.max_len}")
+        """Stores k, v (T, KV, D) at (slot, position) of each token (positions checked by check_fits)."""
         self.k[layer].index_put_((token_slots, positions), k)
         self.v[layer].index_put_((token_slots, positions), v)
+
+    def check_fits(self, starts: list[int], lengths: list[int]) -> None:
+        """Raises IndexError when a sequence's new tokens would run past max_len. Checked once per
+        forward from host-side lengths (a check on the position tensor would sync the device per layer)."""
+        end = max((s + n for s, n in zip(starts, lengths) if n), default=0)
+        if end > self.max_len:
+            raise IndexError(f"position {end - 1} is beyond the KV cache length {self.max_len}")
 
     def read(self, layer: int, slots: list[int] | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns k, v of the given slots' first `length` positions: (B, length, KV, D) each.

@@ -96,6 +96,8 @@ class TextModel(nn.Module):
             batch = ForwardBatch.single(x.shape[0], device=x.device)
         if x.shape[0] != batch.num_tokens:
             raise ValueError(f"got {x.shape[0]} tokens for a batch of {batch.num_tokens}")
+        if cache is not None:
+            cache.check_fits(batch.starts, batch.lengths)
         rot = rotation(batch.positions, self.inv_freq)  # (T, D/2) complex
         for layer in self.model.layers:
             x = layer(x, batch, rot, cache, routed_counts)
