@@ -1,8 +1,10 @@
-"""Expert-parallel layout options: worker bundles with custom resources, collective interface."""
+"""Expert-parallel layout options: worker bundles with custom resources, collective interface,
+the dispatch message layout."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from maverick_ray.config import ConfigError, ParallelConfig
 from maverick_ray.parallel.network import interface_for_ip, pin_collective_interface
@@ -47,3 +49,15 @@ def test_replica_bundles_that_cannot_hold_a_worker_fail_with_the_fix():
     check_worker_bundles([{"CPU": 1.0, "GPU": 1.0, "expert_host": 1.0}] * 2, need)  # fits
     with pytest.raises(ValueError, match=r"placement_group_bundles\[2\].*GPU"):
         check_worker_bundles([{"CPU": 1.0, "GPU": 1.0, "expert_host": 1.0}, {"CPU": 1.0}], need)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [5, 1, 0])
+def test_dispatch_packs_rows_and_expert_ids_into_one_message(dtype, rows):
+    from maverick_ray.parallel.all_to_all import _pack, _unpack
+
+    x, ids = torch.randn(rows, 7).to(dtype), torch.randint(0, 128, (rows,))
+    packed = _pack(x, ids)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, 7 * x.element_size() + 8)
+    got_x, got_ids = _unpack(packed, dtype, 7)
+    assert torch.equal(got_x, x) and torch.equal(got_ids, ids)

@@ -28,6 +28,21 @@ class DispatchStats:
         self.received_per_layer = {}
 
 
+def _pack(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (R, C) any dtype, ids (R,) int64 -> (R, C * itemsize + 8) uint8, row r = x[r] bytes + ids[r] bytes."""
+    xb = x.contiguous().view(torch.uint8).reshape(x.shape[0], x.shape[1] * x.element_size())
+    ib = ids.to(torch.int64).contiguous().view(torch.uint8).reshape(ids.shape[0], 8)
+    return torch.cat([xb, ib], dim=1)
+
+
+def _unpack(packed: torch.Tensor, dtype: torch.dtype, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of _pack: (R, C * itemsize + 8) uint8 -> x (R, C) of dtype, ids (R,) int64."""
+    nbytes = packed.shape[1] - 8
+    x = packed[:, :nbytes].contiguous().view(dtype).reshape(packed.shape[0], width)
+    ids = packed[:, nbytes:].clone(memory_format=torch.contiguous_format).view(torch.int64).reshape(-1)  # own storage
+    return x, ids
+
+
 class AllToAllDispatcher:
     def __init__(self, placement: ExpertPlacement, rank: int, group=None):
         import deepspeed.comm as dist  # deferred: importing deepspeed is slow and logs
@@ -53,10 +68,11 @@ class AllToAllDispatcher:
         recv_counts = torch.empty_like(send_counts)
         self._a2a(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        rows = torch.empty(sum(recv), x.shape[1], dtype=x.dtype, device=x.device)
-        self._a2a(rows, x[order].contiguous(), recv, send)
-        ids = torch.empty(sum(recv), dtype=expert_ids.dtype, device=expert_ids.device)
-        self._a2a(ids, expert_ids[order].contiguous(), recv, send)
+        # Rows and their expert ids travel in one collective: each row's bytes followed by its id's.
+        packed = _pack(x[order], expert_ids[order])                       # (R, C*bytes + 8) uint8
+        got = torch.empty(sum(recv), packed.shape[1], dtype=torch.uint8, device=x.device)
+        self._a2a(got, packed, recv, send)
+        rows, ids = _unpack(got, x.dtype, x.shape[1])
         self.stats.received_per_layer[layer] = sum(recv)
         return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
 
