@@ -24,19 +24,23 @@ def test_compute_thread_runs_every_call_on_the_same_thread():
 def test_local_rank_builds_steps_and_calls_on_one_thread(tiny_ckpt, monkeypatch):
     import maverick_ray.engine.ranks as ranks
 
-    built_on = []
+    built_on, called_on = [], set()
 
     class Recording(ranks.RankWorker):
         def __init__(self, *args, **kw):
             built_on.append(threading.current_thread())
             super().__init__(*args, **kw)
 
+        def info(self):  # reached through LocalRanks.start and LocalRanks.call
+            called_on.add(threading.current_thread())
+            return super().info()
+
     monkeypatch.setattr(ranks, "RankWorker", Recording)
     with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=64)) as eng:
         stepped_on = set()
         eng.ranks.worker.model.register_forward_pre_hook(lambda m, a: stepped_on.add(threading.current_thread()))
         out = eng.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-        called_on = eng.ranks.call("info") and eng.ranks._compute.run(threading.current_thread)
+        assert eng.ranks.call("info")[0]["rank"] == 0
     assert len(out["token_ids"]) == 3
-    assert stepped_on == {built_on[0]} == {called_on}
+    assert stepped_on == {built_on[0]} == called_on
     assert built_on[0] is not threading.main_thread() and built_on[0].name.startswith("maverick-rank0")
