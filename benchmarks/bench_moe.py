@@ -22,6 +22,7 @@ def build(args):
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
     from maverick_ray.config import TextConfig
+    from maverick_ray.model.fused import fuse_projections
     from maverick_ray.model.moe import MoEBlock
 
     d = dict(hidden_size=args.hidden, intermediate_size=args.inter, intermediate_size_mlp=args.inter,
@@ -34,7 +35,7 @@ def build(args):
             p.copy_(torch.randn_like(p) / p.shape[-2 if p.dim() == 3 else -1] ** 0.5)
     ours = MoEBlock(TextConfig.from_dict(d), layer=0).eval()
     ours.load_state_dict(hf.state_dict())
-    return hf, ours
+    return hf, fuse_projections(ours)  # the inference weight layout the engine's ranks use
 
 
 def floor_seconds(ours, x, flops_rate, bandwidth):

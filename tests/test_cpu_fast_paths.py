@@ -37,6 +37,22 @@ def test_grouped_experts_agree_with_row_by_row_reference(rows):
     assert torch.allclose(got, reference(ex, x, ids), atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [80, 6])
+def test_output_major_experts_keep_values_and_results(rows):
+    ex = make_experts()
+    x, ids = torch.randn(rows, 32), torch.randint(0, 12, (rows,))
+    before = {k: v.clone() for k, v in ex.state_dict().items()}
+    with torch.no_grad():
+        want = ex(x, ids)
+        ex.fuse_projections()
+        ex.fuse_projections()  # idempotent
+        got = ex(x, ids)
+    after = ex.state_dict()
+    assert all(torch.equal(after[k], before[k]) and after[k].shape == before[k].shape for k in before)
+    assert ex.gate_up_proj.transpose(1, 2).is_contiguous() and ex.down_proj.transpose(1, 2).is_contiguous()
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("slots", [[0, 1, 2], [2, 3], [3, 0, 2], [1]])
 def test_kv_cache_reads_views_or_gathers_the_same_values(slots):
     cache = KVCache(1, 4, 10, 2, 3)

@@ -41,3 +41,5 @@ def test_fusion_keeps_the_state_dict_and_shares_storage():
     mlp = ours.model.layers[0].feed_forward  # a dense layer
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.gate_up.untyped_storage().data_ptr()
     assert ours.lm_head.weight.t().is_contiguous()  # other linears stored column-major
+    experts = ours.moe_blocks[0].experts  # routed experts stored output-major
+    assert experts.gate_up_proj.transpose(1, 2).is_contiguous()

@@ -86,6 +86,7 @@ class RankWorker:
         with torch.device("meta"):
             model = TextModel(self.config.text, expert_ids=experts, dispatcher=self.dispatcher)
         model.load_state_dict(state, strict=True, assign=True)
+        del state  # the model holds the tensors now; the re-layout below then frees each original
         text = self.config.text
         model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta, text.rope_scaling)  # was on meta
         return fuse_projections(model.to(self.device).eval())  # after .to(): fused weights share storage

@@ -10,6 +10,7 @@ calls. `fuse_projections` rewrites a loaded model in place:
     q_proj, k_proj, v_proj  -> one (C, Nq + Nk + Nv) matrix, split after the matmul
     gate_proj, up_proj      -> one (C, 2I) matrix (dense MLPs and the shared expert)
     every other nn.Linear   -> its weight stored transposed (same values, same shape)
+    routed experts          -> each (C, N) matrix stored output-major (Experts.fuse_projections)
 
 The modules' `weight` parameters become views into the fused storage, so names, shapes and
 values of the state dict are unchanged and no weight is held twice. The math is the same
@@ -25,6 +26,11 @@ from torch import nn
 def column_major(w: torch.Tensor) -> torch.Tensor:
     """(N, C) weight -> the same values as a (N, C) view of a contiguous (C, N) tensor."""
     return w.detach().t().contiguous().t()
+
+
+def output_major(w: torch.Tensor) -> torch.Tensor:
+    """(E, C, N) stack of x @ W matrices -> the same values as a view of contiguous (E, N, C)."""
+    return w.detach().transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def fuse_columns(linears: list[nn.Linear]) -> torch.Tensor:

@@ -77,7 +77,8 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts held by this process, fused as in HF checkpoints (used as x @ W).
+    """The routed experts held by this process, fused as in HF checkpoints (used as x @ W;
+    stored output-major once `fuse_projections` has run).
 
     Expert groups run one after another in the calling thread. (Running them on a Python
     thread pool was tried and removed: on CPU every thread that calls into BLAS gets its own
@@ -94,16 +95,35 @@ class Experts(nn.Module):
     def num_local(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    def fuse_projections(self) -> None:
+        """Inference layout (model/fused.py): each expert matrix stored output-major, i.e. the
+        (C, 2I) and (I, C) parameters become views of contiguous (2I, C) and (C, I) storage.
+        Shapes, values and state-dict names are unchanged. MKL runs the few-row matmuls of routed
+        groups (1-4 rows each) faster over this layout (BENCHMARKS.md); on GPU the checkpoint's
+        layout is kept. Idempotent."""
+        from .fused import output_major
+
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            if w.device.type == "cpu" and w.is_contiguous() and w.shape[1] > 1:
+                setattr(self, name, nn.Parameter(output_major(w), requires_grad=False))
+
     def _run_groups(self, xs: torch.Tensor, out: torch.Tensor, groups: list[tuple[int, int, int]]) -> None:
         """groups: (local expert, first row, rows) over xs (rows sorted by expert) -> out."""
-        in_place = not torch.is_grad_enabled()  # out= writes have no autograd
-        for e, start, n in groups:
-            rows = xs[start:start + n]                                 # (n, C)
-            gate, up = (rows @ self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
-            if in_place:
-                torch.mm(F.silu(gate) * up, self.down_proj[e], out=out[start:start + n])
-            else:
+        if torch.is_grad_enabled():  # out= writes have no autograd
+            for e, start, n in groups:
+                gate, up = (xs[start:start + n] @ self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
                 out[start:start + n] = (F.silu(gate) * up) @ self.down_proj[e]
+            return
+        # Inference: every group's gate/up first, one SwiGLU over all rows, then every group's
+        # down projection (fewer ops per group than a per-group pipeline).
+        two_i = self.gate_up_proj.shape[-1]
+        h = xs.new_empty(xs.shape[0], two_i)  # (Rl, 2I)
+        for e, start, n in groups:
+            torch.mm(xs[start:start + n], self.gate_up_proj[e], out=h[start:start + n])
+        act = F.silu(h[:, :two_i // 2]).mul_(h[:, two_i // 2:])  # (Rl, I)
+        for e, start, n in groups:
+            torch.mm(act[start:start + n], self.down_proj[e], out=out[start:start + n])
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x (Rl, C), local_ids (Rl,) -> (Rl, C); each row through its own expert only."""
