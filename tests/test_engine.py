@@ -140,3 +140,32 @@ def test_dead_worker_fails_requests_and_marks_engine_unhealthy(tiny_ckpt, ray_lo
             eng.add_request([1, 2, 3], SamplingParams(max_tokens=2))
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_raising_worker_fails_requests_with_its_error_and_marks_engine_unhealthy(tiny_ckpt, ray_local, ep):
+    import ray
+
+    eng = Engine(tiny_ckpt, ParallelConfig(ep_size=ep),
+                 EngineConfig(max_num_seqs=4, max_model_len=512, step_timeout_s=20), use_ray=ep > 1).start()
+    try:
+        streams = [eng.add_request(list(range(10, 20)), SamplingParams(max_tokens=400, temperature=0,
+                                                                       ignore_eos=True)) for _ in range(3)]
+        assert next(iter(streams[0])).token_id is not None
+        if ep == 1:
+            eng.ranks.call("fail_after", 2, "injected fault")
+        else:  # one rank raises; its peer is left waiting in the collective it never joins
+            ray.get(eng.ranks.actors[1].call.remote("fail_after", 2, "injected fault"))
+        t0 = time.monotonic()
+        finals = [list(s)[-1] for s in streams]
+        assert time.monotonic() - t0 < 15  # at once, not after the step timeout
+        rank = 0 if ep == 1 else 1
+        for f in finals:
+            assert f.finish_reason == "error" and "engine failed" in f.error and "injected fault" in f.error, f.error
+            assert ep == 1 or f"rank {rank} failed" in f.error
+        assert not eng.healthy
+        with pytest.raises(EngineError, match="unhealthy"):
+            eng.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    finally:
+        eng.shutdown()
+

@@ -92,6 +92,17 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+class RankFailed(RuntimeError):
+    """A rank's step raised or its process died; names the rank and the rank's own error."""
+
+    def __init__(self, rank: int, error: Exception):
+        cause = getattr(error, "cause", None)  # a RayTaskError carries the exception the rank raised
+        cause = cause if isinstance(cause, BaseException) else error
+        detail = str(cause).strip().splitlines()
+        super().__init__(f"rank {rank} failed: {type(cause).__name__}: {detail[0] if detail else ''}")
+        self.rank = rank
+
+
 class _RankActor:
     """Ray actor body: builds a RankWorker once the group's address is known."""
 
@@ -186,7 +197,10 @@ class RayRanks:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise TimeoutError(f"{len(pending)} of {len(refs)} ranks did not finish a step within {timeout:.0f}s")
-            ray.get(ready[0])
+            try:
+                ray.get(ready[0])
+            except Exception as e:
+                raise RankFailed(refs.index(ready[0]), e) from e
         return ray.get(refs)
 
     def call(self, method: str, *args) -> list:

@@ -63,6 +63,7 @@ class RankWorker:
         self.slots: dict[str, int] = {}
         self.vision = None  # built lazily by the vision path when a prompt carries images
         self._phase = defaultdict(float)
+        self._fail_in: tuple[int, str] | None = None  # test hook: (steps left, message)
         self._profile_hooks = []
 
     def _init_distributed(self, address: str | None):
@@ -117,6 +118,11 @@ class RankWorker:
     @torch.no_grad()
     def step(self, plan: RankPlan) -> RankResult:
         t0 = time.perf_counter()
+        if self._fail_in is not None:
+            left, message = self._fail_in
+            self._fail_in = (left - 1, message) if left else None
+            if not left:
+                raise RuntimeError(message)
         for seq_id in plan.release:
             self.params.pop(seq_id, None)
             self.generators.pop(seq_id, None)
@@ -168,6 +174,10 @@ class RankWorker:
         return embeds
 
     # ---- test hooks / profiling -----------------------------------------------------------
+    def fail_after(self, steps: int, message: str) -> None:
+        """Test hook: this rank raises RuntimeError(message) in its step after `steps` more steps."""
+        self._fail_in = (steps, message)
+
     def force_expert(self, expert: int | None) -> None:
         """Test hook: route every token to one expert (None restores the router)."""
         for block in self.model.moe_blocks:
