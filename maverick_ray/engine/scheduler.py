@@ -62,4 +62,7 @@ class Scheduler:
             plans[rank].work.append(SeqWork(req.request_id, req.slot, 0, list(req.prompt_ids), req.params,
                                             req.mm_inputs))
             admitted += 1
+        most = max(sum(len(w.token_ids) for w in p.work) for p in plans)
+        for p in plans:
+            p.max_rank_tokens = most
         return plans, admitted

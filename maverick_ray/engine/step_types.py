@@ -24,6 +24,7 @@ class SeqWork:
 class RankPlan:
     work: list[SeqWork] = field(default_factory=list)
     release: list[str] = field(default_factory=list)  # sequences finished/aborted: drop rank state
+    max_rank_tokens: int = 0  # most new tokens any rank runs this step (sizes a padded all-to-all)
 
 
 @dataclass

@@ -138,6 +138,7 @@ class RankWorker:
         embeds = self._embed(ids, plan)
         if not isinstance(self.dispatcher, LocalDispatcher):
             self.dispatcher.stats.reset()
+            self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
         counts: list[torch.Tensor] = []
         self._phase.clear()
         logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_counts=counts)

@@ -1,8 +1,15 @@
 """Expert-parallel dispatch over DeepSpeed's all-to-all (deepspeed.comm.all_to_all_single).
 
-Shape legend: R routed rows this rank sends, C hidden, W ranks, Rl rows this rank receives.
-Dropless: no capacity factor; per-destination counts are exchanged first so every rank
-knows how many rows it will receive from each peer.
+Shape legend: R routed rows this rank sends, C hidden, W ranks, Rl rows this rank receives,
+B bytes of one packed row (C * itemsize + 8), K rows per destination in a padded exchange.
+Dropless: no capacity factor, no row is ever dropped. Two ways to dispatch, chosen per step
+and the same on every rank:
+- padded (small steps, e.g. decode): every rank knows the most rows any rank routes this step
+  (the engine sends it with each plan), so each rank sends K = that many row slots to every
+  peer in ONE all-to-all; unused slots carry expert id -1 and are dropped on arrival.
+- counted (large steps, e.g. long prefills): per-destination counts are exchanged first, then
+  exactly the rows (two all-to-alls), so no padding crosses the wire.
+Either way the results come back in one all-to-all with exact split sizes.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ def _unpack(packed: torch.Tensor, dtype: torch.dtype, width: int) -> tuple[torch
 
 
 class AllToAllDispatcher:
-    def __init__(self, placement: ExpertPlacement, rank: int, group=None):
+    def __init__(self, placement: ExpertPlacement, rank: int, group=None, padded_max_rows: int = 512):
+        """padded_max_rows: the padded exchange is used while W * K stays at or below this many
+        row slots per rank (one collective instead of two, at the cost of sending padding)."""
         import deepspeed.comm as dist  # deferred: importing deepspeed is slow and logs
 
         self.dist, self.group, self.rank = dist, group, rank
@@ -52,6 +61,14 @@ class AllToAllDispatcher:
         self.owner = placement.owner_tensor()
         self.local_index = placement.local_index_tensor()
         self.stats = DispatchStats()
+        self.padded_max_rows = padded_max_rows
+        self.slots_per_peer: int | None = None  # K of this step's padded exchange; None: counted
+
+    def begin_step(self, max_rows_any_rank: int | None) -> None:
+        """Sets this step's exchange from the most routed rows any rank sends in one MoE layer
+        (the same number on every rank; None when unknown). Every rank must call it alike."""
+        k = max_rows_any_rank
+        self.slots_per_peer = k if k and k * self.world <= self.padded_max_rows else None
 
     def _a2a(self, out, inp, out_splits=None, in_splits=None):
         t0 = time.perf_counter()
@@ -65,16 +82,39 @@ class AllToAllDispatcher:
         dest = self.owner.to(expert_ids.device)[expert_ids]                # (R,)
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.world)          # (W,)
-        recv_counts = torch.empty_like(send_counts)
-        self._a2a(recv_counts, send_counts)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        # Rows and their expert ids travel in one collective: each row's bytes followed by its id's.
-        packed = _pack(x[order], expert_ids[order])                       # (R, C*bytes + 8) uint8
-        got = torch.empty(sum(recv), packed.shape[1], dtype=torch.uint8, device=x.device)
-        self._a2a(got, packed, recv, send)
+        # Rows and their expert ids travel in one message: each row's bytes followed by its id's.
+        packed = _pack(x[order], expert_ids[order])                       # (R, B) uint8
+        if self.slots_per_peer is None:
+            got, send, recv = self._exchange_counted(packed, send_counts)
+        else:
+            got, send, recv = self._exchange_padded(packed, dest[order], send_counts)
         rows, ids = _unpack(got, x.dtype, x.shape[1])
         self.stats.received_per_layer[layer] = sum(recv)
         return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
+
+    def _exchange_counted(self, packed, send_counts):
+        recv_counts = torch.empty_like(send_counts)
+        self._a2a(recv_counts, send_counts)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        got = torch.empty(sum(recv), packed.shape[1], dtype=torch.uint8, device=packed.device)
+        self._a2a(got, packed, recv, send)
+        return got, send, recv
+
+    def _exchange_padded(self, packed, dest_sorted, send_counts):
+        """packed (R, B) sorted by destination -> (Rl, B) received, in source-rank order."""
+        K, W, B = self.slots_per_peer, self.world, packed.shape[1]
+        if packed.shape[0] > K:
+            raise RuntimeError(f"rank {self.rank} routes {packed.shape[0]} rows, more than the step's "
+                               f"{K} slots per peer")
+        # Padding is all 0xFF bytes: its expert id reads as -1.
+        buf = torch.full((W, K, B), 255, dtype=torch.uint8, device=packed.device)  # (W, K, B)
+        first = torch.cumsum(send_counts, 0) - send_counts                       # (W,)
+        slot = torch.arange(packed.shape[0], device=packed.device) - first[dest_sorted]
+        buf[dest_sorted, slot] = packed
+        got = torch.empty_like(buf)
+        self._a2a(got.view(W * K, B), buf.view(W * K, B))
+        valid = got[:, :, B - 8:].contiguous().view(torch.int64)[..., 0] >= 0   # (W, K)
+        return got[valid], send_counts.tolist(), valid.sum(1).tolist()
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         """y (Rl, C) in received order -> (R, C) in this rank's original row order."""
