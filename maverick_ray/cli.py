@@ -128,7 +128,7 @@ def cmd_generate(args) -> int:
         except ValueError:
             print(f"error: --token-ids must be comma-separated integers, got {args.token_ids!r}", file=sys.stderr)
             return 2
-        mm = None
+        mm, build_with_images = None, None
         if args.image:
             print("error: --image needs --prompt (images are placed by the chat template)", file=sys.stderr)
             return 2
@@ -136,11 +136,13 @@ def cmd_generate(args) -> int:
         from .checkpoint.chat import Llama4Tokenizer
 
         tokenizer = Llama4Tokenizer.from_pretrained(ckpt)
-        prompt_ids, mm = _chat_prompt(args, ckpt, tokenizer)
+        prompt_ids, mm, build_with_images = _chat_prompt(args, ckpt, tokenizer)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     engine, _ = make_engine(args, tokenizer, progress=not args.json)
     with engine:
+        if build_with_images is not None:  # images decode and resize where the engine says, not here
+            prompt_ids, mm = engine.submit_preprocessing(build_with_images).result()
         try:
             out = engine.generate(prompt_ids, params, mm_inputs=mm)
         except InvalidRequest as e:
@@ -157,13 +159,18 @@ def cmd_generate(args) -> int:
 
 
 def _chat_prompt(args, ckpt: Path, tokenizer):
-    """Applies the chat template to --prompt (and --image files); returns (ids, multimodal inputs)."""
+    """Applies the chat template to --prompt: returns (ids, None, None), or with --image files
+    (read now, so a bad path fails before the model loads) (None, None, a function that builds
+    (ids, image inputs))."""
     text = args.prompt if args.prompt is not None else "Hello!"
     if not args.image:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}]), None
-    from .engine.multimodal import prepare_images_from_files
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}]), None, None
+    from functools import partial
 
-    return prepare_images_from_files(ckpt, tokenizer, args.image, text, args.max_images)
+    from .engine.multimodal import prompt_with_images, read_image_files
+
+    images = read_image_files(args.image)
+    return None, None, partial(prompt_with_images, ckpt, tokenizer, images, text, args.max_images)
 
 
 def cmd_make_checkpoint(args) -> int:

@@ -126,3 +126,26 @@ def test_readme_examples_run(command, tmp_path):
         return
     r = subprocess.run(exe + argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_generate_with_an_image_matches_the_engine_and_names_a_missing_file(tmp_path, tiny_ckpt):
+    from image_helpers import image_bytes
+    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.config import EngineConfig, ParallelConfig
+    from maverick_ray.engine.engine import Engine
+    from maverick_ray.engine.multimodal import prepare_images_from_files
+    from maverick_ray.engine.sampling import SamplingParams
+
+    path = tmp_path / "cat.png"
+    path.write_bytes(image_bytes(90, 60, seed=3))
+    r = run("generate", "--model", str(tiny_ckpt), "--prompt", "Describe.", "--image", str(path),
+            "--max-tokens", "6", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
+    ids, mm = prepare_images_from_files(tiny_ckpt, Llama4Tokenizer.from_pretrained(tiny_ckpt), [str(path)],
+                                        "Describe.", 8)
+    with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=512)) as eng:
+        want = eng.generate(ids, SamplingParams(max_tokens=6, temperature=0), mm_inputs=mm)["token_ids"]
+    assert got == want and len(got) > 0
+    missing = run("generate", "--model", str(tiny_ckpt), "--prompt", "Describe.", "--image", str(tmp_path / "no.png"))
+    assert missing.returncode != 0 and "no.png" in missing.stderr and "Traceback" not in missing.stderr

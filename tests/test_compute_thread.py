@@ -44,3 +44,16 @@ def test_local_rank_builds_steps_and_calls_on_one_thread(tiny_ckpt, monkeypatch)
     assert len(out["token_ids"]) == 3
     assert stepped_on == {built_on[0]} == called_on
     assert built_on[0] is not threading.main_thread() and built_on[0].name.startswith("maverick-rank0")
+
+
+def test_preprocessing_runs_on_the_in_process_rank_thread(tiny_ckpt):
+    """Image preprocessing computes with torch; on another thread of the process it would start a
+    second OpenMP team and slow every later step, so an EP=1 engine runs it on the rank's thread."""
+    with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=64)) as eng:
+        stepped_on = set()
+        eng.ranks.worker.model.register_forward_pre_hook(lambda m, a: stepped_on.add(threading.current_thread()))
+        eng.generate([5, 6, 7], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        ran_on = eng.submit_preprocessing(lambda x: (threading.current_thread(), x * 2), 21).result(timeout=30)
+    assert ran_on[1] == 42
+    assert stepped_on == {ran_on[0]} and ran_on[0] is not threading.main_thread()
+

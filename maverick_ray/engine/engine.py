@@ -110,6 +110,14 @@ class Engine:
         """fn(request, finish reason, monotonic time) when a request ends."""
         self._finish_listeners.append(fn)
 
+    def submit_preprocessing(self, fn: Callable, *args):
+        """Runs request preprocessing that computes with torch (images) where it does not slow
+        the ranks: on the in-process rank's own thread, between steps, or on a helper thread
+        when the ranks are Ray actors. Returns a concurrent.futures.Future of fn(*args)."""
+        if self.ranks is None:
+            raise EngineError("the engine is not started")
+        return self.ranks.submit_host_work(fn, *args)
+
     def force_expert(self, expert: int | None) -> None:
         """Test hook: every rank routes every token to `expert` (None restores the router)."""
         self.ranks.call("force_expert", expert)

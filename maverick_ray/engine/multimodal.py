@@ -63,11 +63,8 @@ def fuse_images(worker, embeds: torch.Tensor, ids: torch.Tensor, plan) -> torch.
     return embeds
 
 
-def prepare_images_from_files(ckpt: Path, tokenizer, paths: list[str], text: str, max_images: int):
-    """CLI: image files + text -> (prompt ids, mm inputs); images come before the text."""
-    from ..config import ModelConfig
-    from ..multimodal.prompt import chat_prompt_with_images
-
+def read_image_files(paths: list[str]) -> list[bytes]:
+    """CLI: the image files' bytes (no decoding yet), with an ImageError naming an unreadable one."""
     data = []
     for p in paths:
         try:
@@ -76,6 +73,20 @@ def prepare_images_from_files(ckpt: Path, tokenizer, paths: list[str], text: str
             from ..multimodal.images import ImageError
 
             raise ImageError(f"image {len(data)}: cannot read {p} ({e.strerror})") from None
-    content = [{"type": "image"} for _ in data] + [{"type": "text", "text": text}]
+    return data
+
+
+def prompt_with_images(ckpt: Path, tokenizer, images: list[bytes], text: str, max_images: int):
+    """CLI: image bytes + text -> (prompt ids, mm inputs); images come before the text. Decodes
+    and resizes with torch: run it through Engine.submit_preprocessing."""
+    from ..config import ModelConfig
+    from ..multimodal.prompt import chat_prompt_with_images
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     return chat_prompt_with_images([{"role": "user", "content": content}], tokenizer,
-                                   ModelConfig.from_pretrained(ckpt), ckpt, max_images=max_images, images=data)
+                                   ModelConfig.from_pretrained(ckpt), ckpt, max_images=max_images, images=images)
+
+
+def prepare_images_from_files(ckpt: Path, tokenizer, paths: list[str], text: str, max_images: int):
+    """image files + text -> (prompt ids, mm inputs) on the calling thread (tests, scripts)."""
+    return prompt_with_images(ckpt, tokenizer, read_image_files(paths), text, max_images)

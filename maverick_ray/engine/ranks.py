@@ -38,8 +38,12 @@ class ComputeThread:
 
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
 
+    def submit(self, fn, *args):
+        """Queues fn(*args) on the thread; returns its concurrent.futures.Future."""
+        return self._pool.submit(fn, *args)
+
     def run(self, fn, *args):
-        return self._pool.submit(fn, *args).result()
+        return self.submit(fn, *args).result()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False)
@@ -67,6 +71,12 @@ class LocalRanks:
 
     def call(self, method: str, *args) -> list:
         return [self._compute.run(getattr(self.worker, method), *args)]
+
+    def submit_host_work(self, fn, *args):
+        """Host-side torch work (image preprocessing) runs on the rank's thread, between steps:
+        on another thread of this process it would start a second OpenMP team and slow every
+        later step (a single image resize elsewhere doubled the decode step; BENCHMARKS.md)."""
+        return self._compute.submit(fn, *args)
 
     def shutdown(self) -> None:
         self.worker = None
@@ -143,6 +153,7 @@ class RayRanks:
         self.own_pg = False
         self.placement = None
         self.infos: list[dict] = []   # what each rank reported at setup (node, experts, bytes)
+        self._host: ComputeThread | None = None  # host-side work; the ranks compute in other processes
 
     def _bundles(self):
         return [self.parallel.worker_bundle()] * self.parallel.ep_size
@@ -208,6 +219,13 @@ class RayRanks:
 
         return ray.get([a.call.remote(method, *args) for a in self.actors], timeout=120)
 
+    def submit_host_work(self, fn, *args):
+        """Host-side torch work (image preprocessing) on one helper thread of this process, off
+        the caller's event loop; the ranks compute in their own processes."""
+        if self._host is None:
+            self._host = ComputeThread("maverick-host")
+        return self._host.submit(fn, *args)
+
     def shutdown(self) -> None:
         import ray
 
@@ -217,6 +235,9 @@ class RayRanks:
             except Exception:  # already dead
                 pass
         self.actors = []
+        if self._host is not None:
+            self._host.shutdown()
+            self._host = None
         if self.own_pg and self.pg is not None:
             try:
                 ray.util.remove_placement_group(self.pg)

@@ -6,6 +6,8 @@ Kept free of Ray Serve so it can run over any engine implementing the engine pro
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 import time
@@ -75,7 +77,10 @@ class OpenAIService:
             if self.prompt_builder is None:
                 raise bad_request("this model has no vision tower; image inputs are not supported", "messages",
                                   "images_not_supported")
-            prompt_ids, mm = self.prompt_builder(req.messages)
+            # Decoding and resizing images computes with torch: on the engine's preprocessing
+            # thread, not this event loop (engine.submit_preprocessing says why).
+            prompt_ids, mm = await asyncio.wrap_future(self.engine.submit_preprocessing(self.prompt_builder,
+                                                                                       req.messages))
         else:
             prompt_ids, mm = self._chat_ids(req.messages), None
         return await self._run(req, prompt_ids, mm, chat=True)
