@@ -73,3 +73,34 @@ def test_tokens_past_the_kv_cache_length_are_refused_before_any_write():
     else:
         raise AssertionError("a write past the cache length was not refused")
     assert all(torch.equal(a, b) for a, b in zip(before, cache.k))
+
+
+@torch.no_grad()
+def test_one_step_mixing_decodes_fresh_prompts_and_a_continued_prompt_matches_each_alone():
+    """One forward with two decode rows, two fresh prompts (one padded SDPA) and a prompt that
+    continues over its cached prefix (own SDPA) gives each sequence's logits as when run alone."""
+    hf, d = hf_text_model(dict(attention_chunk_size=8, floor_scale=4))
+    model = ours_from_hf(hf, d)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (6, 4, 6, 7, 9)]
+    done = [5, 3, 0, 0, 5]  # tokens already cached before the mixed step
+
+    def cache_for(slots):
+        return KVCache(cfg.num_hidden_layers, slots, 32, cfg.num_key_value_heads, cfg.head_dim)
+
+    want = []
+    for s, c in zip(seqs, done):
+        cache = cache_for(1)
+        if c:
+            model(s[:c], ForwardBatch.single(c), cache)
+        want.append(model(s[c:], ForwardBatch.single(s.numel() - c, start=c), cache)[0])
+    cache = cache_for(5)
+    slots = [4, 0, 2, 1, 3]
+    for i, (s, c) in enumerate(zip(seqs, done)):
+        if c:
+            model(s[:c], ForwardBatch.build([slots[i]], [0], [c]), cache)
+    ids = torch.cat([s[c:] for s, c in zip(seqs, done)])
+    got = model(ids, ForwardBatch.build(slots, done, [s.numel() - c for s, c in zip(seqs, done)]), cache)
+    for i in range(5):
+        assert (got[i] - want[i]).abs().max() <= 1e-4, f"sequence {i}"

@@ -28,6 +28,11 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     return allowed
 
 
+def _padding_is_cheap(lengths: list[int]) -> bool:
+    """Several prompts padded to the longest cost at most twice their exact attention work."""
+    return len(lengths) > 1 and len(lengths) * max(lengths) ** 2 <= 2 * sum(n * n for n in lengths)
+
+
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
     """(T,) multiplier for NoPE-layer queries: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
     return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
@@ -84,8 +89,58 @@ class Attention(nn.Module):
         if cache is not None and batch.is_decode:
             out = self._decode(q, batch, cache)  # (B, H, D) with B == T
         else:
-            out = self._per_sequence(q, k, v, batch, cache)
+            out = self._mixed(q, k, v, batch, cache)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+
+    def _mixed(self, q, k, v, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+        """Prefill or mixed batches -> (T, H, D). Sequences adding one token over a cache go
+        through one batched decode; fresh prompts (start 0) through one padded SDPA when padding
+        costs little; the rest (and everything when neither applies) one sequence at a time."""
+        offsets, total = [], 0
+        for n in batch.lengths:
+            offsets.append(total)
+            total += n
+        live = [i for i, n in enumerate(batch.lengths) if n]
+        single = [i for i in live if batch.lengths[i] == 1 and cache is not None] if len(live) > 1 else []
+        fresh = [i for i in live if batch.lengths[i] > 1 and batch.starts[i] == 0]
+        if not (len(single) > 1 or _padding_is_cheap([batch.lengths[i] for i in fresh])):
+            return self._per_sequence(q, k, v, batch, cache)
+        out = q.new_empty(q.shape)  # (T, H, D)
+        done = set()
+        if len(single) > 1:
+            rows = torch.tensor([offsets[i] for i in single], device=q.device)
+            sub = ForwardBatch([batch.slots[i] for i in single], [batch.starts[i] for i in single], [1] * len(single),
+                               batch.positions[rows], batch.token_slots[rows])
+            out[rows] = self._decode(q[rows], sub, cache)
+            done.update(single)
+        if _padding_is_cheap([batch.lengths[i] for i in fresh]):
+            rows, o = self._fresh_padded(q, k, v, [offsets[i] for i in fresh], [batch.lengths[i] for i in fresh])
+            out[rows] = o
+            done.update(fresh)
+        rest = [i for i in live if i not in done]
+        if rest:
+            rows = torch.cat([torch.arange(offsets[i], offsets[i] + batch.lengths[i], device=q.device) for i in rest])
+            sub = ForwardBatch([batch.slots[i] for i in rest], [batch.starts[i] for i in rest],
+                               [batch.lengths[i] for i in rest], batch.positions[rows], batch.token_slots[rows])
+            out[rows] = self._per_sequence(q[rows], k[rows], v[rows], sub, cache)
+        return out
+
+    def _fresh_padded(self, q, k, v, offsets: list[int], lengths: list[int]):
+        """F fresh prompts (positions 0..n-1) in one SDPA over (F, H, N, D), N the longest prompt.
+        Returns (row indices into T, their outputs (rows, H, D))."""
+        N, dev = max(lengths), q.device
+        j = torch.arange(N, device=dev)
+        starts = torch.tensor(offsets, device=dev)[:, None]                  # (F, 1)
+        n = torch.tensor(lengths, device=dev)[:, None]                        # (F, 1)
+        idx = starts + torch.minimum(j[None, :], n - 1)                       # (F, N) padding repeats a row
+        valid = j[None, :] < n                                                # (F, N)
+        # Fresh prompts sit at positions 0..n-1 and padding comes after every real key, so the
+        # causal mask alone keeps real queries off it (padded queries are dropped).
+        mask = attention_mask(j, j, self.chunk)                               # (N, N)
+        o = F.scaled_dot_product_attention(
+            q[idx].transpose(1, 2), k[idx].transpose(1, 2), v[idx].transpose(1, 2),  # (F, H|KV, N, D)
+            attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        return idx[valid], o.transpose(1, 2)[valid]                           # (rows,), (rows, H, D)
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """One new token per sequence: one batched SDPA over the slots' cached keys."""
