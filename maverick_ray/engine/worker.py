@@ -137,7 +137,6 @@ class RankWorker:
         ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
         embeds = self._embed(ids, plan)
         if not isinstance(self.dispatcher, LocalDispatcher):
-            self.dispatcher.stats.reset()
             self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
         counts: list[torch.Tensor] = []
         self._phase.clear()

@@ -96,51 +96,43 @@ class Attention(nn.Module):
         """Prefill or mixed batches -> (T, H, D). Sequences adding one token over a cache go
         through one batched decode; fresh prompts (start 0) through one padded SDPA when padding
         costs little; the rest (and everything when neither applies) one sequence at a time."""
-        offsets, total = [], 0
-        for n in batch.lengths:
-            offsets.append(total)
-            total += n
         live = [i for i, n in enumerate(batch.lengths) if n]
         single = [i for i in live if batch.lengths[i] == 1 and cache is not None] if len(live) > 1 else []
         fresh = [i for i in live if batch.lengths[i] > 1 and batch.starts[i] == 0]
-        if not (len(single) > 1 or _padding_is_cheap([batch.lengths[i] for i in fresh])):
+        pad_fresh = _padding_is_cheap([batch.lengths[i] for i in fresh])
+        if not (len(single) > 1 or pad_fresh):
             return self._per_sequence(q, k, v, batch, cache)
         out = q.new_empty(q.shape)  # (T, H, D)
         done = set()
         if len(single) > 1:
-            rows = torch.tensor([offsets[i] for i in single], device=q.device)
-            sub = ForwardBatch([batch.slots[i] for i in single], [batch.starts[i] for i in single], [1] * len(single),
-                               batch.positions[rows], batch.token_slots[rows])
+            sub, rows = batch.subset(single)
             out[rows] = self._decode(q[rows], sub, cache)
             done.update(single)
-        if _padding_is_cheap([batch.lengths[i] for i in fresh]):
-            rows, o = self._fresh_padded(q, k, v, [offsets[i] for i in fresh], [batch.lengths[i] for i in fresh])
-            out[rows] = o
+        if pad_fresh:
+            sub, rows = batch.subset(fresh)
+            out[rows] = self._fresh_padded(q, k, v, rows, sub.lengths)
             done.update(fresh)
         rest = [i for i in live if i not in done]
         if rest:
-            rows = torch.cat([torch.arange(offsets[i], offsets[i] + batch.lengths[i], device=q.device) for i in rest])
-            sub = ForwardBatch([batch.slots[i] for i in rest], [batch.starts[i] for i in rest],
-                               [batch.lengths[i] for i in rest], batch.positions[rows], batch.token_slots[rows])
+            sub, rows = batch.subset(rest)
             out[rows] = self._per_sequence(q[rows], k[rows], v[rows], sub, cache)
         return out
 
-    def _fresh_padded(self, q, k, v, offsets: list[int], lengths: list[int]):
-        """F fresh prompts (positions 0..n-1) in one SDPA over (F, H, N, D), N the longest prompt.
-        Returns (row indices into T, their outputs (rows, H, D))."""
+    def _fresh_padded(self, q, k, v, rows: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """F fresh prompts (positions 0..n-1) whose rows of q, k, v are `rows` (back to back, in
+        order) in one SDPA over (F, H, N, D), N the longest prompt -> (len(rows), H, D)."""
         N, dev = max(lengths), q.device
         j = torch.arange(N, device=dev)
-        starts = torch.tensor(offsets, device=dev)[:, None]                  # (F, 1)
         n = torch.tensor(lengths, device=dev)[:, None]                        # (F, 1)
-        idx = starts + torch.minimum(j[None, :], n - 1)                       # (F, N) padding repeats a row
-        valid = j[None, :] < n                                                # (F, N)
+        first = torch.cumsum(n, 0) - n                                        # (F, 1)
+        idx = rows[first + torch.minimum(j[None, :], n - 1)]                  # (F, N) padding repeats a row
         # Fresh prompts sit at positions 0..n-1 and padding comes after every real key, so the
         # causal mask alone keeps real queries off it (padded queries are dropped).
         mask = attention_mask(j, j, self.chunk)                               # (N, N)
         o = F.scaled_dot_product_attention(
             q[idx].transpose(1, 2), k[idx].transpose(1, 2), v[idx].transpose(1, 2),  # (F, H|KV, N, D)
             attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
-        return idx[valid], o.transpose(1, 2)[valid]                           # (rows,), (rows, H, D)
+        return o.transpose(1, 2)[j[None, :] < n]                              # (rows, H, D), in order
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """One new token per sequence: one batched SDPA over the slots' cached keys."""

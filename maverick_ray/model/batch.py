@@ -38,6 +38,18 @@ class ForwardBatch:
                device: torch.device | str = "cpu") -> "ForwardBatch":
         return cls.build([slot], [start], [length], device)
 
+    def subset(self, seqs: list[int]) -> tuple["ForwardBatch", torch.Tensor]:
+        """Sequences `seqs` (indices, in order) as a batch of their own, and their rows among
+        this batch's T new tokens."""
+        firsts, total = [], 0
+        for n in self.lengths:
+            firsts.append(total)
+            total += n
+        rows = torch.tensor([r for i in seqs for r in range(firsts[i], firsts[i] + self.lengths[i])],
+                            dtype=torch.long, device=self.positions.device)
+        return ForwardBatch([self.slots[i] for i in seqs], [self.starts[i] for i in seqs],
+                            [self.lengths[i] for i in seqs], self.positions[rows], self.token_slots[rows]), rows
+
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)

@@ -24,7 +24,7 @@ from .placement import ExpertPlacement
 
 @dataclass
 class DispatchStats:
-    """Accumulated over one engine step; reset by the worker each step."""
+    """Accumulated over one engine step; reset by AllToAllDispatcher.begin_step."""
 
     seconds: float = 0.0
     bytes_sent: int = 0
@@ -65,8 +65,10 @@ class AllToAllDispatcher:
         self.slots_per_peer: int | None = None  # K of this step's padded exchange; None: counted
 
     def begin_step(self, max_rows_any_rank: int | None) -> None:
-        """Sets this step's exchange from the most routed rows any rank sends in one MoE layer
-        (the same number on every rank; None when unknown). Every rank must call it alike."""
+        """Starts a step: resets the step's stats and sets its exchange from the most routed rows
+        any rank sends in one MoE layer (the same number on every rank; None when unknown).
+        Every rank must call it alike."""
+        self.stats.reset()
         k = max_rows_any_rank
         self.slots_per_peer = k if k and k * self.world <= self.padded_max_rows else None
 

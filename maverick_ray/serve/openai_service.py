@@ -7,7 +7,6 @@ Kept free of Ray Serve so it can run over any engine implementing the engine pro
 from __future__ import annotations
 
 import asyncio
-
 import json
 import logging
 import time
