@@ -4,19 +4,20 @@ Ray actors live in a placement group whose bundles and strategy come from Parall
 (SPREAD/STRICT_SPREAD across nodes, PACK on one). Inside a Serve replica that was given
 `placement_group_bundles`, the workers take the replica's bundles 1..EP instead. Rank 0
 picks the rendezvous address (its node IP and a free port); all ranks then form the
-torch.distributed group through deepspeed.init_distributed.
+torch.distributed group through deepspeed.init_distributed. Each step's plans and results go
+over a direct socket to every rank (engine/step_channel.py); Ray carries everything else.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import time
 from pathlib import Path
 
 from ..config import EngineConfig, ParallelConfig
 from ..parallel.network import pin_collective_interface
 from ..parallel.placement import ExpertPlacement
+from .step_channel import RankFailed, StepClient, StepServer, new_token  # noqa: F401 (RankFailed: what step raises)
 from .step_types import RankPlan, RankResult
 from .worker import RankWorker
 
@@ -102,17 +103,6 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class RankFailed(RuntimeError):
-    """A rank's step raised or its process died; names the rank and the rank's own error."""
-
-    def __init__(self, rank: int, error: Exception):
-        cause = getattr(error, "cause", None)  # a RayTaskError carries the exception the rank raised
-        cause = cause if isinstance(cause, BaseException) else error
-        detail = str(cause).strip().splitlines()
-        super().__init__(f"rank {rank} failed: {type(cause).__name__}: {detail[0] if detail else ''}")
-        self.rank = rank
-
-
 class _RankActor:
     """Ray actor body: builds a RankWorker once the group's address is known."""
 
@@ -125,19 +115,20 @@ class _RankActor:
         ip = ray.util.get_node_ip_address()
         return f"tcp://{ip}:{_free_port(ip)}"
 
-    def setup(self, checkpoint, rank, placement, engine, address, progress=False):
+    def setup(self, checkpoint, rank, placement, engine, address, token, progress=False):
+        """Builds the rank and opens its step channel; returns the rank's info with the
+        channel's address under "step_address"."""
         import ray
 
-        pin_collective_interface(ray.util.get_node_ip_address())
+        ip = ray.util.get_node_ip_address()
+        pin_collective_interface(ip)
         # Ray runs the methods of this threaded actor (max_concurrency=2) on a pool of threads:
         # the rank's compute goes to one thread of its own instead.
         self.compute = ComputeThread(f"maverick-rank{rank}")
         self.worker = self.compute.run(lambda: RankWorker(checkpoint, rank, placement, engine, dist_address=address,
                                                           progress=progress))
-        return self.compute.run(self.worker.info)
-
-    def step(self, plan):
-        return self.compute.run(self.worker.step, plan)
+        self.channel = StepServer(ip, token, lambda plan: self.compute.run(self.worker.step, plan))
+        return {**self.compute.run(self.worker.info), "step_address": self.channel.address}
 
     def call(self, method, *args):
         return self.compute.run(getattr(self.worker, method), *args)
@@ -154,6 +145,7 @@ class RayRanks:
         self.placement = None
         self.infos: list[dict] = []   # what each rank reported at setup (node, experts, bytes)
         self._host: ComputeThread | None = None  # host-side work; the ranks compute in other processes
+        self._channel: StepClient | None = None  # the per-step plans and results
 
     def _bundles(self):
         return [self.parallel.worker_bundle()] * self.parallel.ep_size
@@ -190,29 +182,20 @@ class RayRanks:
                 num_cpus=p.num_cpus_per_worker, num_gpus=p.num_gpus_per_worker,
                 scheduling_strategy=strategy, max_concurrency=2).remote())
         address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=ready_timeout)
-        infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address,
+        token = new_token()
+        infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
                                         self.progress and r == 0)
                          for r, a in enumerate(self.actors)], timeout=ready_timeout)
         self.infos = infos
+        self._channel = StepClient([tuple(info["step_address"]) for info in infos], token)
         for info in infos:
             log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
 
     def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
-        import ray
-
-        refs = [a.step.remote(plan) for a, plan in zip(self.actors, plans)]
-        # Wait for any result at a time so a failed rank surfaces at once, even while its peers
-        # are still blocked in the collective it never joined.
-        pending, deadline = list(refs), time.monotonic() + timeout
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError(f"{len(pending)} of {len(refs)} ranks did not finish a step within {timeout:.0f}s")
-            try:
-                ray.get(ready[0])
-            except Exception as e:
-                raise RankFailed(refs.index(ready[0]), e) from e
-        return ray.get(refs)
+        """One lockstep step over the ranks' step channels (engine/step_channel.py). A rank that
+        raises or dies surfaces at once as RankFailed, even while its peers are still blocked in
+        the collective it never joined; a hung rank as TimeoutError after `timeout` s."""
+        return self._channel.exchange(plans, timeout)
 
     def call(self, method: str, *args) -> list:
         import ray
@@ -229,6 +212,9 @@ class RayRanks:
     def shutdown(self) -> None:
         import ray
 
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         for a in self.actors:
             try:
                 ray.kill(a)
