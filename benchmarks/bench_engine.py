@@ -3,6 +3,11 @@
 Reports output tokens/s at N concurrent sequences, the per-step split (attention, router,
 experts, shared expert, dense MLP, all-to-all), and the decode step against the machine's floor
 (weight bytes the step touches / measured bandwidth, FLOPs / measured matmul rate), all in one run.
+
+EP = 1 runs as `maverick-ray generate --ep 1` does, with no Ray cluster on the machine: an idle
+local Ray cluster's daemons wake often enough (about 7% of a core) to slow a 2-thread decode
+step on a 2-core host by 15-25%. EP > 1 needs Ray: every round starts a local cluster and those
+engines in a subprocess, runs them, and stops it again before the next round's EP = 1 run.
 Usage: .venv/bin/python benchmarks/bench_engine.py [--seqs 32 --prompt-len 32 --new-tokens 32 --ep 1 2 4]
 """
 
@@ -33,9 +38,12 @@ class EngineRun:
                              use_ray=ep > 1).start()
         self.engine.ranks.call("enable_phase_timing")
         self.engine.generate([11, 12, 13], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-        self.runs: list[dict] = []
         self.steps: list = []
         self.engine.add_step_listener(self.steps.append)
+
+    def warm(self, prompts) -> None:
+        """One short untimed pass over the whole prompt set (allocations, first large prefill)."""
+        self.generate(prompts, 4)
 
     def generate(self, prompts, new_tokens) -> dict:
         from maverick_ray.engine.sampling import SamplingParams
@@ -57,16 +65,39 @@ class EngineRun:
                "step": statistics.median(s.seconds for s in decode) if decode else float("nan"),
                "split": {k: statistics.median(v) for k, v in split.items()},
                "touched": statistics.median(sum(1 for layer in s.expert_counts for c in layer if c) for s in decode)}
-        self.runs.append(run)
         return run
 
-    def summary(self) -> dict:
-        """Medians over rounds."""
-        keys = {k for r in self.runs for k in r["split"]}
-        return {"tok_s": statistics.median(r["tok_s"] for r in self.runs),
-                "step": statistics.median(r["step"] for r in self.runs),
-                "split": {k: statistics.median(r["split"].get(k, 0.0) for r in self.runs) for k in keys},
-                "touched": statistics.median(r["touched"] for r in self.runs), "outs": self.runs[-1]["outs"]}
+
+
+def medians_over_rounds(runs: list[dict]) -> dict:
+    """Medians over rounds."""
+    keys = {k for r in runs for k in r["split"]}
+    return {"tok_s": statistics.median(r["tok_s"] for r in runs),
+            "step": statistics.median(r["step"] for r in runs),
+            "split": {k: statistics.median(r["split"].get(k, 0.0) for r in runs) for k in keys},
+            "touched": statistics.median(r["touched"] for r in runs), "outs": runs[-1]["outs"]}
+
+
+def ray_round(ckpt: str, eps: list[int], seqs: int, prompts: list[list[int]], new_tokens: int) -> dict:
+    """One round of the EP > 1 engines on a local Ray cluster that lives only for this round
+    (run through in_subprocess). Returns {ep: run}."""
+    import ray
+
+    from maverick_ray.ray_runtime import init_ray
+
+    init_ray("local", num_cpus=max(eps) + 1)
+    try:
+        runs = {}
+        for ep in eps:
+            eng = EngineRun(ckpt, ep, seqs)
+            try:
+                eng.warm(prompts)
+                runs[ep] = eng.generate(prompts, new_tokens)
+            finally:
+                eng.engine.shutdown()
+        return runs
+    finally:
+        ray.shutdown()
 
 
 def transformers_generate(ckpt: str, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -127,14 +158,13 @@ def main(argv=None) -> int:
         in_subprocess("bench_engine", "write_mini", str(Path(tempfile.mkdtemp()) / "mini")))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 600, (args.seqs, args.prompt_len), generator=g).tolist()
-    if any(ep > 1 for ep in args.ep):
-        from maverick_ray.ray_runtime import init_ray
-
-        init_ray("local", num_cpus=sum(ep for ep in args.ep if ep > 1) + 1)
-    engines = {}
-    for ep in args.ep:
-        print(f"starting engine EP={ep} ...", flush=True)
-        engines[ep] = EngineRun(ckpt, ep, args.seqs)
+    ray_eps = [ep for ep in args.ep if ep > 1]
+    runs: dict[int, list[dict]] = {ep: [] for ep in args.ep}
+    local = None
+    if 1 in args.ep:
+        print("starting engine EP=1 ...", flush=True)
+        local = EngineRun(ckpt, 1, args.seqs)
+        local.warm(prompts)
     hf_runs = []
     rates, paired = [], {ep: [] for ep in args.ep}
     try:
@@ -142,16 +172,22 @@ def main(argv=None) -> int:
             print(f"round {rnd + 1}/{args.rounds}: machine rates, " + ", ".join(f"EP={ep}" for ep in args.ep)
                   + ", transformers ...", flush=True)
             rates.append(in_subprocess("common", "machine_rates"))
-            got = {ep: eng.generate(prompts, args.new_tokens) for ep, eng in engines.items()}
+            if local is not None:
+                runs[1].append(local.generate(prompts, args.new_tokens))
+            if ray_eps:
+                got = in_subprocess("bench_engine", "ray_round", str(ckpt), ray_eps, args.seqs, prompts,
+                                    args.new_tokens)
+                for ep in ray_eps:
+                    runs[ep].append(got[str(ep)])
             hf_runs.append(in_subprocess("bench_engine", "transformers_generate", str(ckpt), prompts,
                                          args.new_tokens))
             hf_tok_s = hf_runs[-1]["tok_s"]
             for ep in args.ep:
-                paired[ep].append(got[ep]["tok_s"] / hf_tok_s)
+                paired[ep].append(runs[ep][-1]["tok_s"] / hf_tok_s)
     finally:
-        for eng in engines.values():
-            eng.engine.shutdown()
-    results = {ep: eng.summary() for ep, eng in engines.items()}
+        if local is not None:
+            local.engine.shutdown()
+    results = {ep: medians_over_rounds(r) for ep, r in runs.items()}
     hf = {"tok_s": statistics.median(r["tok_s"] for r in hf_runs), "outs": hf_runs[-1]["outs"]}
     vs_hf = {ep: statistics.median(v) for ep, v in paired.items()}
     flops_rate = statistics.median(r[0] for r in rates)
@@ -176,7 +212,7 @@ def main(argv=None) -> int:
                f"{floor * 1e3:.1f} ms; EP={args.ep[0]} step / floor = {base['step'] / floor:.2f}x (goal <= 2x)",
                f"- greedy outputs identical across all EP sizes and transformers: {same}"]
     if 1 in results and 2 in results:
-        kept = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(engines[2].runs, engines[1].runs))
+        kept = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(runs[2], runs[1]))
         summary.append(f"- EP=2 keeps {kept * 100:.0f}% of EP=1 throughput on the same cores (goal >= 70%)")
     if 1 in results:
         summary.append(f"- EP=1 vs transformers: {vs_hf[1]:.1f}x (goal >= 10x; median over rounds of the "
@@ -186,8 +222,10 @@ def main(argv=None) -> int:
     if not args.no_write:
         write_section("bench_engine", f"## Engine decode (issue: expert-parallel engine)\n\n`mini` checkpoint "
                       f"(hidden 512, 128 experts, 4 layers), {args.seqs} concurrent sequences, prompt "
-                      f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy, fp32. All engines stay up "
-                      f"and every configuration runs once per round, {args.rounds} rounds; figures are medians over "
+                      f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy, fp32. Every configuration "
+                      f"runs once per round, {args.rounds} rounds: EP=1 in this process with no Ray cluster on the "
+                      f"machine (as `generate --ep 1` runs), EP>1 on a local Ray cluster started for each round in a "
+                      f"subprocess, transformers in a subprocess; figures are medians over "
                       f"rounds, ratios are taken within a round. Per-step split columns are medians over full decode "
                       f"steps (max over ranks).\n\n{text}\n\nCommand: "
                       f"`.venv/bin/python benchmarks/bench_engine.py`\n")
