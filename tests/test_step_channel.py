@@ -43,6 +43,21 @@ def test_a_large_reply_arrives_whole():
         client.close()
 
 
+def test_an_ipv6_node_address_works():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    token = new_token()
+    try:
+        server = StepServer("::1", token, lambda m: m * 2, accept_timeout=30)
+    except OSError as e:  # IPv6 disabled on loopback
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    client = StepClient([server.address], token)
+    try:
+        assert client.exchange([21], timeout=5) == [42]
+    finally:
+        client.close()
+
+
 def test_a_connection_without_the_token_is_refused_and_the_engine_still_connects():
     token = new_token()
     (server,) = _servers([lambda m: m + 1], token)

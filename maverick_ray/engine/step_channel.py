@@ -64,7 +64,8 @@ class StepServer:
 
     def __init__(self, host: str, token: bytes, handler: Callable[[Any], Any], accept_timeout: float = 600.0):
         self._token, self._handler = token, handler
-        self._listener = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # Ray node IPs may be IPv6
+        self._listener = socket.create_server((host, 0), family=family)
         self.address = (host, self._listener.getsockname()[1])
         self._accept_deadline = time.monotonic() + accept_timeout
         self._thread = threading.Thread(target=self._run, name="maverick-step-channel", daemon=True)
