@@ -1,7 +1,8 @@
 """A direct socket from the engine to each Ray rank, for the per-step plan and result.
 
-A Ray actor call costs about 1.5 ms per step for the two ranks of EP = 2 on a small host
-(scheduling, the object store, the reply), a tenth of a decode step (BENCHMARKS.md). Ray still
+Stepping the ranks through Ray actor calls cost the engine 3.8 ms per EP = 2 decode step beyond
+the ranks' own compute on a 2-core host (scheduling, the object store, the replies); over this
+channel it is 0.9 ms (BENCHMARKS.md). Ray still
 creates, places, sets up and kills the ranks, and carries every other call; only the step,
 which runs many times a second, goes over this channel. A compiled Ray graph was tried for the
 same purpose and dropped: its channel readers busy-wait a core per actor.
