@@ -2,10 +2,10 @@
 
 Stepping the ranks through Ray actor calls cost the engine 3.8 ms per EP = 2 decode step beyond
 the ranks' own compute on a 2-core host (scheduling, the object store, the replies); over this
-channel it is 0.9 ms (BENCHMARKS.md). Ray still
-creates, places, sets up and kills the ranks, and carries every other call; only the step,
-which runs many times a second, goes over this channel. A compiled Ray graph was tried for the
-same purpose and dropped: its channel readers busy-wait a core per actor.
+channel it is 0.9 ms (BENCHMARKS.md). Ray still creates, places, sets up and kills the ranks,
+and carries every other call; only the step, which runs many times a second, goes over this
+channel. A compiled Ray graph was tried for the same purpose and dropped: its channel readers
+busy-wait a core per actor.
 
 Each rank listens on its Ray node IP (the address its peers and the engine already reach it
 on) and accepts one connection that presents the engine's secret token (sent through Ray's
