@@ -32,6 +32,32 @@ def test_replies_come_back_in_rank_order_over_many_steps():
         client.close()
 
 
+def test_works_when_the_engine_process_holds_more_than_1024_file_descriptors():
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"the hard open-file limit {hard} is below {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # like a busy Ray driver
+    try:
+        token = new_token()
+        servers = _servers([lambda m, r=r: (r, m) for r in range(2)], token)
+        client = StepClient([s.address for s in servers], token)
+        try:
+            assert min(s.fileno() for s in client.socks) > 1024
+            assert client.exchange(["a", "b"], timeout=5) == [(0, "a"), (1, "b")]
+        finally:
+            client.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_large_reply_arrives_whole():
     token = new_token()
     blob = bytes(range(256)) * 40000  # ~10 MB: many recv calls

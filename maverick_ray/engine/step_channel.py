@@ -148,9 +148,12 @@ class StepClient:
         replies: list[Any] = [None] * len(self.socks)
         buffers = [bytearray() for _ in self.socks]
         pending = {sock.fileno(): rank for rank, sock in enumerate(self.socks)}
+        poller = select.poll()  # poll, not select: a Ray process may hold file descriptors past 1024
+        for fd in pending:
+            poller.register(fd, select.POLLIN)
         while pending:
             left = deadline - time.monotonic()
-            ready = select.select(list(pending), [], [], max(0.0, left))[0] if left > 0 else []
+            ready = [fd for fd, _ in poller.poll(left * 1000)] if left > 0 else []
             if not ready:
                 raise TimeoutError(f"{len(pending)} of {len(self.socks)} ranks did not finish a step "
                                    f"within {timeout:.0f}s")
@@ -167,6 +170,7 @@ class StepClient:
                 if len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[0]:
                     reply = pickle.loads(memoryview(buf)[_HEADER.size:])
                     del pending[fd]
+                    poller.unregister(fd)
                     if not reply[0]:
                         raise RankFailed(rank, reply[1], reply[2])
                     replies[rank] = reply[1]
