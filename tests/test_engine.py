@@ -135,6 +135,9 @@ def test_dead_worker_fails_requests_and_marks_engine_unhealthy(tiny_ckpt, ray_lo
             finals.append(last)
         assert time.monotonic() - t0 < 30
         assert all(f.finish_reason == "error" and "engine failed" in f.error for f in finals)
+        print("error seen by requests:", finals[0].error)
+        # The error names the rank and carries Ray's own account of the death.
+        assert "rank 1 failed" in finals[0].error and "ray.kill" in finals[0].error
         assert not eng.healthy
         with pytest.raises(EngineError, match="unhealthy"):
             eng.add_request([1, 2, 3], SamplingParams(max_tokens=2))

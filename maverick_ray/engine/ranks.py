@@ -195,7 +195,27 @@ class RayRanks:
         """One lockstep step over the ranks' step channels (engine/step_channel.py). A rank that
         raises or dies surfaces at once as RankFailed, even while its peers are still blocked in
         the collective it never joined; a hung rank as TimeoutError after `timeout` s."""
-        return self._channel.exchange(plans, timeout)
+        try:
+            return self._channel.exchange(plans, timeout)
+        except RankFailed as e:
+            if e.kind == "ConnectionError":
+                raise RankFailed(e.rank, e.kind, f"{e.detail}; {self._death_cause(e.rank)}") from e
+            raise
+
+    def _death_cause(self, rank: int, wait: float = 5.0) -> str:
+        """What Ray knows of why a rank's process went away (OOM kill, ray.kill, a node lost)."""
+        import ray
+
+        try:
+            ray.get(self.actors[rank].__ray_ready__.remote(), timeout=wait)
+        except ray.exceptions.RayActorError as e:
+            # Ray's text: a headline, tab-indented actor fields, then "The actor is dead because ...".
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("\t")]
+            why = [ln for ln in lines if ln.startswith("The actor is dead")] or lines
+            return f"Ray: {why[0][:300]}" if why else "Ray reports the actor dead"
+        except Exception as e:  # Ray itself unreachable or slow: say so rather than wait longer
+            return f"Ray did not say why ({type(e).__name__})"
+        return "Ray still reports the actor alive"
 
     def call(self, method: str, *args) -> list:
         import ray

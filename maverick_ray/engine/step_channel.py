@@ -191,5 +191,5 @@ class RankFailed(RuntimeError):
 
     def __init__(self, rank: int, kind: str, detail: str):
         lines = str(detail).strip().splitlines()
-        super().__init__(f"rank {rank} failed: {kind}: {lines[0] if lines else ''}")
-        self.rank, self.kind = rank, kind
+        self.rank, self.kind, self.detail = rank, kind, lines[0] if lines else ""
+        super().__init__(f"rank {rank} failed: {kind}: {self.detail}")
