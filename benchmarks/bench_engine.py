@@ -4,10 +4,10 @@ Reports output tokens/s at N concurrent sequences, the per-step split (attention
 experts, shared expert, dense MLP, all-to-all), and the decode step against the machine's floor
 (weight bytes the step touches / measured bandwidth, FLOPs / measured matmul rate), all in one run.
 
-EP = 1 runs as `maverick-ray generate --ep 1` does, with no Ray cluster on the machine: an idle
-local Ray cluster's daemons wake often enough (about 7% of a core) to slow a 2-thread decode
-step on a 2-core host by 15-25%. EP > 1 needs Ray: every round starts a local cluster and those
-engines in a subprocess, runs them, and stops it again before the next round's EP = 1 run.
+EP = 1 runs as `maverick-ray generate --ep 1` does, with no Ray cluster on the machine (an idle
+local Ray cluster's daemons take about 7% of a core in wake-ups, which a 2-thread decode step on
+a 2-core host can feel; BENCHMARKS.md). EP > 1 needs Ray: every round starts a local cluster and
+those engines in a subprocess, runs them, and stops it again before the next round's EP = 1 run.
 Usage: .venv/bin/python benchmarks/bench_engine.py [--seqs 32 --prompt-len 32 --new-tokens 32 --ep 1 2 4]
 """
 
