@@ -21,15 +21,12 @@ def _servers(handlers, token):
 def test_replies_come_back_in_rank_order_over_many_steps():
     token = new_token()
     servers = _servers([lambda m, r=r: {"rank": r, "echo": m} for r in range(3)], token)
-    client = StepClient([s.address for s in servers], token)
-    try:
+    with StepClient([s.address for s in servers], token) as client:
         for step in range(50):
             msgs = [{"step": step, "payload": list(range(r * 1000))} for r in range(3)]
             got = client.exchange(msgs, timeout=10)
             assert [g["rank"] for g in got] == [0, 1, 2]
             assert [g["echo"] for g in got] == msgs
-    finally:
-        client.close()
 
 
 def test_works_when_the_engine_process_holds_more_than_1024_file_descriptors():
@@ -46,12 +43,9 @@ def test_works_when_the_engine_process_holds_more_than_1024_file_descriptors():
     try:
         token = new_token()
         servers = _servers([lambda m, r=r: (r, m) for r in range(2)], token)
-        client = StepClient([s.address for s in servers], token)
-        try:
+        with StepClient([s.address for s in servers], token) as client:
             assert min(s.fileno() for s in client.socks) > 1024
             assert client.exchange(["a", "b"], timeout=5) == [(0, "a"), (1, "b")]
-        finally:
-            client.close()
     finally:
         for fd in filler:
             os.close(fd)
@@ -62,11 +56,8 @@ def test_a_large_reply_arrives_whole():
     token = new_token()
     blob = bytes(range(256)) * 40000  # ~10 MB: many recv calls
     (server,) = _servers([lambda m: blob], token)
-    client = StepClient([server.address], token)
-    try:
+    with StepClient([server.address], token) as client:
         assert client.exchange([None], timeout=30) == [blob]
-    finally:
-        client.close()
 
 
 def test_an_ipv6_node_address_works():
@@ -77,11 +68,8 @@ def test_an_ipv6_node_address_works():
         server = StepServer("::1", token, lambda m: m * 2, accept_timeout=30)
     except OSError as e:  # IPv6 disabled on loopback
         pytest.skip(f"no IPv6 loopback here: {e}")
-    client = StepClient([server.address], token)
-    try:
+    with StepClient([server.address], token) as client:
         assert client.exchange([21], timeout=5) == [42]
-    finally:
-        client.close()
 
 
 def test_a_connection_without_the_token_is_refused_and_the_engine_still_connects():
@@ -91,11 +79,8 @@ def test_a_connection_without_the_token_is_refused_and_the_engine_still_connects
         intruder.sendall(b"x" * 32)
         intruder.settimeout(5)
         assert intruder.recv(1) == b""  # closed unread
-    client = StepClient([server.address], token)
-    try:
+    with StepClient([server.address], token) as client:
         assert client.exchange([41], timeout=5) == [42]
-    finally:
-        client.close()
 
 
 def test_a_raising_rank_fails_at_once_while_its_peer_is_still_busy():

@@ -44,12 +44,16 @@ def _send(sock: socket.socket, obj: Any) -> None:
     sock.sendall(_HEADER.pack(len(payload)) + payload)
 
 
+class ChannelClosed(ConnectionError):
+    """The peer closed its end: an engine that went away, or a rank whose process died."""
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     chunks, left = [], n
     while left:
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
-            raise ConnectionError("the peer closed the step channel")
+            raise ChannelClosed("the peer closed the step channel")
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
@@ -146,7 +150,6 @@ class StepClient:
             except OSError as e:
                 raise RankFailed(rank, "ConnectionError", f"could not send the step: {e}") from e
         replies: list[Any] = [None] * len(self.socks)
-        buffers = [bytearray() for _ in self.socks]
         pending = {sock.fileno(): rank for rank, sock in enumerate(self.socks)}
         poller = select.poll()  # poll, not select: a Ray process may hold file descriptors past 1024
         for fd in pending:
@@ -158,23 +161,29 @@ class StepClient:
                 raise TimeoutError(f"{len(pending)} of {len(self.socks)} ranks did not finish a step "
                                    f"within {timeout:.0f}s")
             for fd in ready:
-                rank = pending[fd]
+                rank = pending.pop(fd)
+                poller.unregister(fd)
+                sock = self.socks[rank]
+                # A rank sends its reply whole once it starts; reading it to the end stays within the deadline.
+                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                 try:
-                    chunk = self.socks[rank].recv(1 << 20)
+                    reply = _recv(sock)
+                except socket.timeout:
+                    raise TimeoutError(f"rank {rank} did not finish sending its step within {timeout:.0f}s") from None
+                except ChannelClosed:
+                    raise RankFailed(rank, "ConnectionError", "its process exited (the step channel closed)") from None
                 except OSError as e:
                     raise RankFailed(rank, "ConnectionError", f"step channel failed: {e}") from e
-                if not chunk:
-                    raise RankFailed(rank, "ConnectionError", "its process exited (the step channel closed)")
-                buf = buffers[rank]
-                buf += chunk
-                if len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[0]:
-                    reply = pickle.loads(memoryview(buf)[_HEADER.size:])
-                    del pending[fd]
-                    poller.unregister(fd)
-                    if not reply[0]:
-                        raise RankFailed(rank, reply[1], reply[2])
-                    replies[rank] = reply[1]
+                if not reply[0]:
+                    raise RankFailed(rank, reply[1], reply[2])
+                replies[rank] = reply[1]
         return replies
+
+    def __enter__(self) -> "StepClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         for s in self.socks:
