@@ -27,7 +27,8 @@ from common import in_subprocess, machine_line, write_section  # noqa: E402
 
 
 class EngineRun:
-    """One engine kept up across rounds; `generate` runs the whole prompt set once and times it."""
+    """One engine (EP=1: kept up across rounds; EP>1: one round); `generate` runs the whole
+    prompt set once and times it."""
 
     def __init__(self, ckpt, ep, num_seqs):
         from maverick_ray.config import EngineConfig, ParallelConfig
@@ -61,12 +62,10 @@ class EngineRun:
             for k, v in s.phase_seconds.items():
                 split.setdefault(k, []).append(v)
             split.setdefault("all-to-all", []).append(max(s.a2a_seconds))
-        run = {"tok_s": sum(map(len, outs)) / wall, "outs": outs,
-               "step": statistics.median(s.seconds for s in decode) if decode else float("nan"),
-               "split": {k: statistics.median(v) for k, v in split.items()},
-               "touched": statistics.median(sum(1 for layer in s.expert_counts for c in layer if c) for s in decode)}
-        return run
-
+        return {"tok_s": sum(map(len, outs)) / wall, "outs": outs,
+                "step": statistics.median(s.seconds for s in decode) if decode else float("nan"),
+                "split": {k: statistics.median(v) for k, v in split.items()},
+                "touched": statistics.median(sum(1 for layer in s.expert_counts for c in layer if c) for s in decode)}
 
 
 def medians_over_rounds(runs: list[dict]) -> dict:

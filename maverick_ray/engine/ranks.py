@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import EngineConfig, ParallelConfig
 from ..parallel.network import pin_collective_interface
 from ..parallel.placement import ExpertPlacement
-from .step_channel import RankFailed, StepClient, StepServer, new_token  # noqa: F401 (RankFailed: what step raises)
+from .step_channel import RankFailed, StepClient, StepServer, new_token
 from .step_types import RankPlan, RankResult
 from .worker import RankWorker
 
