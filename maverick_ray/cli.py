@@ -29,6 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
     p.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences per EP rank")
+    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"],
+                   help="auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernel for "
+                        "the routed experts of decode steps, falling back to torch when it cannot; off: torch only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per EP worker (1 on GPU clusters)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
+    s.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"],
+                   help="auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernel for "
+                        "the routed experts of decode steps, falling back to torch when it cannot; off: torch only")
     s.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set MAVERICK_RAY_API_KEY)")
@@ -110,7 +116,8 @@ def make_engine(args, tokenizer=None, progress: bool = True):
     ckpt = _checkpoint(args.model)
     parallel = ParallelConfig(ep_size=args.ep, placement_strategy=args.placement_strategy,
                               num_gpus_per_worker=args.gpus_per_worker)
-    engine_cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype)
+    engine_cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
+                              cpu_kernels=args.cpu_kernels)
     if args.ep > 1:
         init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep + 1))
     return Engine(ckpt, parallel, engine_cfg, progress=progress, tokenizer=tokenizer), ckpt

@@ -358,6 +358,7 @@ class EngineConfig:
     dtype: str = "auto"             # auto = float32 on CPU, bfloat16 on GPU
     device: str = "auto"            # auto = cuda when the worker has a GPU, else cpu
     step_timeout_s: float = 120.0   # a step slower than this marks the engine unhealthy
+    cpu_kernels: str = "auto"       # auto = compile and use native CPU kernels (needs a C compiler), off = torch only
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):
@@ -367,3 +368,4 @@ class EngineConfig:
                  f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         _require(self.step_timeout_s > 0, "step_timeout_s", "must be positive")
+        _require(self.cpu_kernels in ("auto", "off"), "cpu_kernels", f"must be auto or off, got {self.cpu_kernels!r}")

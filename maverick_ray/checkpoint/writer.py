@@ -148,10 +148,9 @@ def _write_processor_configs(out: Path, cfg: ModelConfig, max_tiles: int = 16) -
 
 def default_checkpoint_dir() -> Path:
     """Where the tiny checkpoint lives: $MAVERICK_RAY_CACHE, else $XDG_CACHE_HOME/maverick-ray, else ~/.cache."""
-    base = os.environ.get("MAVERICK_RAY_CACHE")
-    if not base:
-        base = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maverick-ray")
-    return Path(base) / "tiny"
+    from ..cache_dir import cache_root
+
+    return cache_root() / "tiny"
 
 
 def ensure_tiny_checkpoint(path: str | Path | None = None) -> Path:

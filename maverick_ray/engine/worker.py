@@ -54,6 +54,7 @@ class RankWorker:
         if self.world > 1:
             dispatcher = self._init_distributed(dist_address)
         self.dispatcher = dispatcher
+        self.native_experts = False  # routed experts run in the native CPU kernel (set by _load)
         self.model = self._load(Path(checkpoint), progress)
         text = self.config.text
         self.cache = KVCache(text.num_hidden_layers, engine.max_num_seqs, engine.max_model_len,
@@ -90,7 +91,17 @@ class RankWorker:
         del state  # the model holds the tensors now; the re-layout below then frees each original
         text = self.config.text
         model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta, text.rope_scaling)  # was on meta
-        return fuse_projections(model.to(self.device).eval())  # after .to(): fused weights share storage
+        model = fuse_projections(model.to(self.device).eval())  # after .to(): fused weights share storage
+        if self.engine.cpu_kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
+            self._attach_cpu_kernels(model)
+        return model
+
+    def _attach_cpu_kernels(self, model: TextModel) -> None:
+        """Native fp32 CPU kernels (maverick_ray/native) for the routed experts of decode steps."""
+        from ..native.grouped_experts import grouped_experts_kernel
+
+        experts = grouped_experts_kernel()
+        self.native_experts = all([b.experts.use_kernel(experts) for b in model.moe_blocks])
 
     # ---- introspection -------------------------------------------------------------------
     def routed_expert_bytes(self) -> int:
@@ -112,7 +123,8 @@ class RankWorker:
         return {"rank": self.rank, "experts": self.placement.experts_of(self.rank), "node_id": node_id,
                 "node_ip": node_ip,
                 "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
-                "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes}
+                "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
+                "native_experts": self.native_experts}
 
     # ---- one lockstep step ---------------------------------------------------------------
     @torch.no_grad()

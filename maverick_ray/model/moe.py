@@ -80,16 +80,24 @@ class Experts(nn.Module):
     """The routed experts held by this process, fused as in HF checkpoints (used as x @ W;
     stored output-major once `fuse_projections` has run).
 
-    Expert groups run one after another in the calling thread. (Running them on a Python
+    Few-row inference batches (decode) run in the native grouped kernel when one is attached
+    (`use_kernel`): one OpenMP region over all touched experts, each thread streaming whole runs
+    of expert matrices. Otherwise expert groups run one BLAS call after another in the calling
+    thread. (Running them on a Python
     thread pool was tried and removed: on CPU every thread that calls into BLAS gets its own
     OpenMP team, and once a process has more OpenMP threads than cores libgomp stops spinning
     and sleeps between parallel regions, which cost more than the overlap gained; BENCHMARKS.md.)
     """
 
+    # The native kernel runs batches of up to this many rows per local expert (on average); more
+    # rows per expert (prefill) go to BLAS, which is faster there (BENCHMARKS.md).
+    KERNEL_MAX_ROWS_PER_EXPERT = 2
+
     def __init__(self, num_local: int, hidden: int, inter: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, hidden, 2 * inter))  # (El, C, 2I)
         self.down_proj = nn.Parameter(torch.empty(num_local, inter, hidden))         # (El, I, C)
+        self.kernel = None  # native grouped-experts kernel (native/grouped_experts.py), see use_kernel
 
     @property
     def num_local(self) -> int:
@@ -107,6 +115,12 @@ class Experts(nn.Module):
             w = getattr(self, name)
             if w.device.type == "cpu" and w.is_contiguous() and w.shape[1] > 1:
                 setattr(self, name, nn.Parameter(output_major(w), requires_grad=False))
+
+    def use_kernel(self, kernel) -> bool:
+        """Runs few-row inference batches through `kernel` (a native.grouped_experts.GroupedExperts)
+        when it supports these weights (fp32, CPU, fused layout); returns whether it does."""
+        self.kernel = kernel if kernel is not None and kernel.supports(self.gate_up_proj, self.down_proj) else None
+        return self.kernel is not None
 
     def _run_groups(self, xs: torch.Tensor, out: torch.Tensor, groups: list[tuple[int, int, int]]) -> None:
         """groups: (local expert, first row, rows) over xs (rows sorted by expert) -> out."""
@@ -129,6 +143,9 @@ class Experts(nn.Module):
         """x (Rl, C), local_ids (Rl,) -> (Rl, C); each row through its own expert only."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.down_proj.shape[-1])
+        if (self.kernel is not None and x.shape[0] <= self.KERNEL_MAX_ROWS_PER_EXPERT * self.num_local
+                and not torch.is_grad_enabled()):
+            return self.kernel(x, local_ids, self.gate_up_proj, self.down_proj)
         order = torch.argsort(local_ids, stable=True)
         counts = torch.bincount(local_ids, minlength=self.num_local).tolist()
         groups, start = [], 0

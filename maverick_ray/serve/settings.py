@@ -21,6 +21,7 @@ class ServeSettings:
     num_cpus_per_worker: float = 1
     worker_resources: dict | None = None   # custom Ray resources per EP worker bundle
     dtype: str = "auto"
+    cpu_kernels: str = "auto"             # native CPU kernel for routed experts: auto | off
     max_model_len: int = 2048
     max_num_seqs: int = 32
     default_max_tokens: int = 256
@@ -60,7 +61,8 @@ class ServeSettings:
                               worker_resources=self.worker_resources)
 
     def engine(self) -> EngineConfig:
-        return EngineConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, dtype=self.dtype)
+        return EngineConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, dtype=self.dtype,
+                            cpu_kernels=self.cpu_kernels)
 
     def placement_group_bundles(self) -> list[dict] | None:
         """The replica's own bundle plus one per EP worker (EP > 1 runs the workers as actors)."""

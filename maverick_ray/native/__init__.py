@@ -1,0 +1,1 @@
+"""Optional native CPU kernels, compiled from C on first use (see build.py)."""

@@ -1,0 +1,105 @@
+/* Routed experts of one MoE layer for few-row (decode) batches, fp32 on CPU.
+ *
+ * Shape legend: R rows routed to this process, C hidden, I expert width, E local experts.
+ *   x     (R, C)        rows, any expert order       ids   (R,)   local expert of each row
+ *   wgu   (E, 2I, C)    gate rows 0..I-1, up rows I..2I-1, each output row contiguous over C
+ *   wd    (E, C, I)     down projection, each output row contiguous over I
+ *   out   (R, C)        out[r] = (silu(x[r] Wg^T) * (x[r] Wu^T)) Wd^T for the expert of row r
+ *
+ * Why: a decode step routes 1-4 rows to each of dozens of experts, so the work is streaming
+ * dozens of 0.5-1 MiB matrices from memory. One BLAS call per matrix splits every matrix across
+ * the threads and pays a fork/join per call; here one parallel region gives each thread a
+ * contiguous run of (expert, output block) units over all the layer's touched experts.
+ * Threads come from the OpenMP runtime torch already loaded (same libgomp soname).
+ *
+ * Scratch (caller-allocated): xs (R, C), act (R, I), order (R,), starts (2 * (E + 1),),
+ * units (2 * E * (ceil(I / block) + ceil(C / block)),).
+ * Returns 0, or -1 when an id is outside [0, E) (nothing is written to out then).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define ROWS_PER_PASS 64
+
+#if defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void row_dots(const float *w, const float *xs, int64_t rows, int64_t n, float *res) {
+    /* res[r] = w . xs[r] for `rows` contiguous rows of length n (w stays in L1 across rows) */
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = xs + r * n;
+        float s = 0.f;
+#pragma omp simd reduction(+:s)
+        for (int64_t k = 0; k < n; k++) s += w[k] * x[k];
+        res[r] = s;
+    }
+}
+
+static int64_t make_units(const int64_t *starts, int64_t E, int64_t width, int64_t block, int64_t *units) {
+    int64_t u = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (starts[e + 1] > starts[e])
+            for (int64_t o = 0; o < width; o += block) { units[2 * u] = e; units[2 * u + 1] = o; u++; }
+    return u;
+}
+
+int grouped_swiglu_f32(const float *x, const int64_t *ids, int64_t R, int64_t E, int64_t C, int64_t I,
+                       const float *wgu, const float *wd, float *out,
+                       float *xs, float *act, int64_t *order, int64_t *starts, int64_t *units,
+                       int64_t block, int nthreads) {
+    /* Stable counting sort of rows by expert: rows of expert e sit at [starts[e], starts[e + 1]). */
+    int64_t *cursor = starts + E + 1;
+    for (int64_t e = 0; e <= E; e++) starts[e] = 0;
+    for (int64_t r = 0; r < R; r++) {
+        if (ids[r] < 0 || ids[r] >= E) return -1;
+        starts[ids[r] + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) starts[e + 1] += starts[e];
+    for (int64_t e = 0; e < E; e++) cursor[e] = starts[e];
+    for (int64_t r = 0; r < R; r++) order[cursor[ids[r]]++] = r;
+    int64_t n1 = make_units(starts, E, I, block, units);
+    int64_t *units2 = units + 2 * n1;
+    int64_t n2 = make_units(starts, E, C, block, units2);
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        float g[ROWS_PER_PASS], u[ROWS_PER_PASS];
+        /* gather rows into expert order */
+        for (int64_t j = R * t / nt; j < R * (t + 1) / nt; j++) {
+            const float *src = x + order[j] * C;
+            float *dst = xs + j * C;
+            for (int64_t k = 0; k < C; k++) dst[k] = src[k];
+        }
+#pragma omp barrier
+        /* act[j, o] = silu(gate_o . xs[j]) * (up_o . xs[j]), units = (expert, first o) */
+        for (int64_t q = n1 * t / nt; q < n1 * (t + 1) / nt; q++) {
+            int64_t e = units[2 * q], o0 = units[2 * q + 1];
+            int64_t o1 = o0 + block < I ? o0 + block : I;
+            for (int64_t j0 = starts[e]; j0 < starts[e + 1]; j0 += ROWS_PER_PASS) {
+                int64_t m = starts[e + 1] - j0 < ROWS_PER_PASS ? starts[e + 1] - j0 : ROWS_PER_PASS;
+                for (int64_t o = o0; o < o1; o++) {
+                    row_dots(wgu + (e * 2 * I + o) * C, xs + j0 * C, m, C, g);
+                    row_dots(wgu + (e * 2 * I + I + o) * C, xs + j0 * C, m, C, u);
+                    for (int64_t i = 0; i < m; i++)
+                        act[(j0 + i) * I + o] = g[i] / (1.f + expf(-g[i])) * u[i];
+                }
+            }
+        }
+#pragma omp barrier
+        /* out[order[j], c] = down_c . act[j], units = (expert, first c) */
+        for (int64_t q = n2 * t / nt; q < n2 * (t + 1) / nt; q++) {
+            int64_t e = units2[2 * q], c0 = units2[2 * q + 1];
+            int64_t c1 = c0 + block < C ? c0 + block : C;
+            for (int64_t j0 = starts[e]; j0 < starts[e + 1]; j0 += ROWS_PER_PASS) {
+                int64_t m = starts[e + 1] - j0 < ROWS_PER_PASS ? starts[e + 1] - j0 : ROWS_PER_PASS;
+                for (int64_t c = c0; c < c1; c++) {
+                    row_dots(wd + (e * C + c) * I, act + j0 * I, m, I, g);
+                    for (int64_t i = 0; i < m; i++) out[order[j0 + i] * C + c] = g[i];
+                }
+            }
+        }
+    }
+    return 0;
+}
