@@ -72,3 +72,40 @@ def test_experts_keep_autograd_outside_inference():
     assert x.grad is not None and ex.down_proj.grad is not None
     with torch.no_grad():
         assert torch.allclose(out, reference(ex, x, ids), atol=1e-5)
+
+
+def test_worker_orders_sequences_by_slot_so_decode_reads_cache_views(tiny_ckpt, monkeypatch):
+    """A plan listing sequences out of slot order gives the same tokens as one in slot order, and
+    decode attention reads the (consecutive) slots as views of the cache, never gathers them."""
+    from maverick_ray.config import EngineConfig
+    from maverick_ray.engine.sampling import SamplingParams
+    from maverick_ray.engine.step_types import RankPlan, SeqWork
+    from maverick_ray.engine.worker import RankWorker
+    from maverick_ray.parallel.placement import ExpertPlacement
+
+    gathered = []
+    plain_read = KVCache.read
+
+    def spy_read(self, layer, slots, length):
+        k, v = plain_read(self, layer, slots, length)
+        gathered.append(k.untyped_storage().data_ptr() != self.k[layer].untyped_storage().data_ptr())
+        return k, v
+
+    monkeypatch.setattr(KVCache, "read", spy_read)
+    prompts = {"a": [5, 6, 7], "b": [8, 9], "c": [10, 11, 12, 13], "d": [14]}
+    slot_of = {"a": 2, "b": 0, "c": 3, "d": 1}
+    runs = {}
+    for order in (["a", "b", "c", "d"], sorted(prompts, key=slot_of.get)):
+        w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64))
+        params = SamplingParams(max_tokens=6, temperature=0)
+        work = [SeqWork(s, slot_of[s], 0, prompts[s], params) for s in order]
+        got = {s: [] for s in order}
+        for _ in range(6):
+            tokens = w.step(RankPlan(work=work)).tokens
+            for s in order:
+                got[s].append(tokens[s])
+            work = [SeqWork(s, slot_of[s], len(prompts[s]) + len(got[s]) - 1, [got[s][-1]]) for s in order]
+        runs[tuple(order)] = got
+    first, second = runs.values()
+    assert first == second
+    assert gathered and not any(gathered)

@@ -8,6 +8,7 @@ return the tokens with the step's routing statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -135,6 +136,10 @@ class RankWorker:
             self._fail_in = (left - 1, message) if left else None
             if not left:
                 raise RuntimeError(message)
+        # Sequences in slot order: when the running slots are consecutive (the usual case), decode
+        # attention then reads every sequence's keys as one view of the cache instead of gathering
+        # them (KVCache.read). Outputs are per sequence id, so the order is otherwise immaterial.
+        plan = dataclasses.replace(plan, work=sorted(plan.work, key=lambda w: w.slot))
         for seq_id in plan.release:
             self.params.pop(seq_id, None)
             self.generators.pop(seq_id, None)
