@@ -13,6 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+CPU_KERNELS_HELP = ("auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernel for the routed "
+                    "experts of decode steps, falling back to torch when it cannot; off: torch only")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
@@ -29,9 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
     p.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences per EP rank")
-    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"],
-                   help="auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernel for "
-                        "the routed experts of decode steps, falling back to torch when it cannot; off: torch only")
+    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"], help=CPU_KERNELS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per EP worker (1 on GPU clusters)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
-    s.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"],
-                   help="auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernel for "
-                        "the routed experts of decode steps, falling back to torch when it cannot; off: torch only")
+    s.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"], help=CPU_KERNELS_HELP)
     s.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set MAVERICK_RAY_API_KEY)")

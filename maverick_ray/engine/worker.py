@@ -103,6 +103,8 @@ class RankWorker:
 
         experts = grouped_experts_kernel()
         self.native_experts = all([b.experts.use_kernel(experts) for b in model.moe_blocks])
+        if self.native_experts:
+            log.info("rank %d: routed experts of decode steps run in the native CPU kernel", self.rank)
 
     # ---- introspection -------------------------------------------------------------------
     def routed_expert_bytes(self) -> int:
