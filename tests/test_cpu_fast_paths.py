@@ -109,3 +109,30 @@ def test_worker_orders_sequences_by_slot_so_decode_reads_cache_views(tiny_ckpt, 
     first, second = runs.values()
     assert first == second
     assert gathered and not any(gathered)
+
+
+def test_nope_layers_share_one_temperature_scale_per_forward_and_decode_keeps_row_order(monkeypatch):
+    """Eight layers (two NoPE layers, floor_scale small enough that the scale varies with the
+    position): the per-position temperature scale is made once per forward and shared; logits
+    equal transformers' for a prefill and a decode step (whose rows are already one per sequence)."""
+    from hf_reference import hf_text_model, ours_from_hf
+
+    from maverick_ray.model import attention
+    from maverick_ray.model.batch import ForwardBatch
+
+    hf, d = hf_text_model({"num_hidden_layers": 8, "floor_scale": 2})
+    ours = ours_from_hf(hf, d)
+    calls = []
+    plain = attention.temperature_scale
+    monkeypatch.setattr(attention, "temperature_scale", lambda *a: calls.append(1) or plain(*a))
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        want = hf(ids).logits                                             # (2, 9, V)
+        cache = KVCache(8, 2, 16, d["num_key_value_heads"], d["head_dim"])
+        prefill = ForwardBatch.build([0, 1], [0, 0], [8, 8])
+        got_prefill = ours(ids[:, :8].reshape(-1), batch=prefill, cache=cache)  # (2, V) last tokens
+        assert len(calls) == 1
+        got_decode = ours(ids[:, 8], batch=ForwardBatch.build([0, 1], [8, 8], [1, 1]), cache=cache)
+        assert len(calls) == 2
+    assert torch.allclose(got_prefill, want[:, 7], atol=1e-4)
+    assert torch.allclose(got_decode, want[:, 8], atol=1e-4)

@@ -62,28 +62,31 @@ class Attention(nn.Module):
 
             self.qkv = fuse_columns([self.q_proj, self.k_proj, self.v_proj])
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, C) -> q (T, H, D), k (T, KV, D), v (T, KV, D)."""
-        T = x.shape[0]
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, C) -> qk (T, H + KV, D) (query heads, then key heads), v (T, KV, D).
+
+        Queries and keys stay side by side so RoPE and the QK norm run once over both."""
+        T, H, KV, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         if self.qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
+            v = self.v_proj(x)
         else:
-            kv = self.n_kv * self.head_dim
-            q, k, v = (x @ self.qkv).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
-        return (q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim),
-                v.view(T, self.n_kv, self.head_dim))
+            qk, v = (x @ self.qkv).split([(H + KV) * D, KV * D], dim=-1)
+        return qk.view(T, H + KV, D), v.view(T, KV, D)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self._project(x)  # (T, H, D), (T, KV, D), (T, KV, D)
+        qk, v = self._project(x)  # (T, H + KV, D), (T, KV, D)
         if self.use_rope:
-            q, k = apply_rope(q, rot), apply_rope(k, rot)
+            qk = apply_rope(qk, rot)
         if self.qk_norm:
-            q, k = rms_normalize(q, self.eps), rms_normalize(k, self.eps)
+            qk = rms_normalize(qk, self.eps)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # (T, H, D), (T, KV, D)
         if self.temperature:
-            scale = temperature_scale(batch.positions, self.floor_scale, self.attn_scale)
-            q = (q * scale[:, None, None].to(q.device)).to(q.dtype)
+            scale = batch.memo(("temperature_scale", self.floor_scale, self.attn_scale), lambda: temperature_scale(
+                batch.positions, self.floor_scale, self.attn_scale)[:, None, None])  # (T, 1, 1) fp32, once per forward
+            q = (q * scale).to(q.dtype)
         if cache is not None:
             cache.write(self.layer, batch.token_slots, batch.positions, k, v)
         if cache is not None and batch.is_decode:

@@ -7,7 +7,8 @@ at positions start .. start+length-1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -19,6 +20,7 @@ class ForwardBatch:
     lengths: list[int]        # (B,) new tokens of each sequence
     positions: torch.Tensor   # (T,) absolute position of every new token
     token_slots: torch.Tensor  # (T,) cache slot of every new token
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], lengths: list[int],
@@ -49,6 +51,13 @@ class ForwardBatch:
                             dtype=torch.long, device=self.positions.device)
         return ForwardBatch([self.slots[i] for i in seqs], [self.starts[i] for i in seqs],
                             [self.lengths[i] for i in seqs], self.positions[rows], self.token_slots[rows]), rows
+
+    def memo(self, key, make: Callable[[], Any]) -> Any:
+        """A value derived from this batch alone, made on first use and shared by every layer of
+        one forward (e.g. the NoPE layers' per-position temperature scale)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @property
     def num_tokens(self) -> int:

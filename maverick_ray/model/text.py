@@ -101,6 +101,6 @@ class TextModel(nn.Module):
         rot = rotation(batch.positions, self.inv_freq)  # (T, D/2) complex
         for layer in self.model.layers:
             x = layer(x, batch, rot, cache, routed_counts)
-        if not all_logits:
+        if not all_logits and not batch.is_decode:  # decode: every row already is a last token
             x = x[batch.last_token_index()]  # (B, C)
         return self.lm_head(self.model.norm(x))
