@@ -5,7 +5,6 @@ rank that owns its expert and bring each result back to its row, in order, dropp
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from maverick_ray.parallel.placement import ExpertPlacement
 
 E, C, WORLD = 8, 6, 2
 ROWS = {0: [5, 0], 1: [3, 7], 2: [0, 0]}  # rows each rank routes, per case (a rank may have none)
-PEER_DELAY_S = 1.0
 
 
 def _rows(case: int, rank: int):
@@ -44,21 +42,6 @@ def _rank_main(rank: int, address: str, results):
             global_ids = torch.tensor(placement.experts_of(rank), dtype=torch.long)[local_ids]
             y = rows * (global_ids + 1).to(rows.dtype)[:, None]
             out[(mode, case)] = (d.combine(y, handle).tolist(), sorted(global_ids.tolist()), d.slots_per_peer)
-    # Overlap: rank 1 starts its dispatch late; rank 0's begin_dispatch returns at once (its rows
-    # are in flight), local work runs, and only wait() blocks until rank 1 has sent.
-    d = AllToAllDispatcher(placement, rank)
-    d.begin_step(max(ROWS[1]))
-    x, ids = _rows(1, rank)
-    if rank == 1:
-        time.sleep(PEER_DELAY_S)
-    t0 = time.perf_counter()
-    pending = d.begin_dispatch(x, ids, layer=0)
-    begun = time.perf_counter() - t0
-    local_work = torch.ones(3).sum().item()  # what the MoE block does here: its shared expert
-    rows, local_ids, handle = pending.wait()
-    waited = time.perf_counter() - t0
-    global_ids = torch.tensor(placement.experts_of(rank), dtype=torch.long)[local_ids]
-    out["overlap"] = (begun, waited, local_work, d.combine(rows * (global_ids + 1).to(rows.dtype)[:, None], handle).tolist())
     results.put((rank, out))  # plain lists: tensors would be shared with a process about to exit
 
 
@@ -69,8 +52,6 @@ def _free_port() -> int:
 
 
 def test_padded_and_counted_exchanges_return_every_row_from_its_owner():
-    """Also: a dispatch returns while its rows are in flight (begin_dispatch), so a rank computes
-    until wait(), which alone waits for a late peer."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     address = f"tcp://127.0.0.1:{_free_port()}"
@@ -93,7 +74,3 @@ def test_padded_and_counted_exchanges_return_every_row_from_its_owner():
                 mine = set(placement.experts_of(rank))
                 assert seen == sorted(int(i) for _, ids_r in routed for i in ids_r if int(i) in mine)
                 assert slots == (max(ROWS[case]) or None if mode == "padded" else None)
-    begun, waited, _, back = got[0]["overlap"]
-    x, ids = _rows(1, 0)
-    assert torch.allclose(torch.tensor(back).reshape(-1, C), x * (ids + 1).to(x.dtype)[:, None])
-    assert begun < PEER_DELAY_S / 2 < waited, (begun, waited)

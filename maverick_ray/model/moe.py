@@ -12,13 +12,11 @@ Rl rows that reach this process's experts.
 Experts run only on the rows routed to them (rows grouped by expert), never the dense
 all-experts product. Where the experts live is the dispatcher's business: the block hands it
 scaled rows with global expert ids and gets back one output row per routed row, in order.
-The shared expert runs while the dispatched rows are in flight (begin_dispatch ... wait), so
-across processes its time hides the all-to-all's latency and the wait for slower ranks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,28 +31,12 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.sigmoid(top_v.float()).to(logits.dtype), top_i
 
 
-class PendingDispatch:
-    """A dispatch in flight (Dispatcher.begin_dispatch): work that does not need the routed rows
-    (the shared expert) runs before `wait`, overlapping the exchange."""
-
-    def __init__(self, finish: Callable[[], tuple[torch.Tensor, torch.Tensor, Any]]):
-        self._finish = finish
-
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """-> (rows for my experts (Rl, C), LOCAL expert ids (Rl,), handle for combine)."""
-        return self._finish()
-
-
 class Dispatcher(Protocol):
     """Moves routed rows to the experts that own them and the results back."""
 
-    def begin_dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int) -> PendingDispatch:
-        """x (R, C), global expert_ids (R,): starts sending the rows; wait() on the result gives
-        (rows for my experts (Rl, C), LOCAL ids (Rl,), handle)."""
-
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """begin_dispatch(...).wait()."""
+        """x (R, C), global expert_ids (R,) -> (rows for my experts (Rl, C), LOCAL ids (Rl,), handle)."""
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         """y (Rl, C) outputs of my experts -> (R, C) outputs for the rows this process routed, in order."""
@@ -62,9 +44,6 @@ class Dispatcher(Protocol):
 
 class LocalDispatcher:
     """Every expert lives in this process: dispatch and combine are identities."""
-
-    def begin_dispatch(self, x, expert_ids, layer):
-        return PendingDispatch(lambda: (x, expert_ids, None))
 
     def dispatch(self, x, expert_ids, layer):
         return x, expert_ids, None
@@ -209,11 +188,9 @@ class MoEBlock(nn.Module):
             rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
         if routed_counts is not None:
             routed_counts.append(torch.bincount(ids, minlength=self.num_experts))
-        pending = self.dispatcher.begin_dispatch(rows, ids, self.layer)
-        shared = self.shared_expert(x)                           # (T, C), while the rows travel
-        local_rows, local_ids, handle = pending.wait()
+        local_rows, local_ids, handle = self.dispatcher.dispatch(rows, ids, self.layer)
         local_out = self.experts(local_rows, local_ids)          # (Rl, C)
         routed = self.dispatcher.combine(local_out, handle)       # (R, C)
         if self.top_k > 1:
             routed = routed.view(T, self.top_k, C).sum(1)         # (T, C)
-        return shared.add_(routed)
+        return self.shared_expert(x).add_(routed)

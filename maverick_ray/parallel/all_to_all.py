@@ -9,8 +9,7 @@ and the same on every rank:
   peer in ONE all-to-all; unused slots carry expert id -1 and are dropped on arrival.
 - counted (large steps, e.g. long prefills): per-destination counts are exchanged first, then
   exactly the rows (two all-to-alls), so no padding crosses the wire.
-Either way the rows go out asynchronously (begin_dispatch; the MoE block computes its shared
-expert before it waits) and the results come back in one all-to-all with exact split sizes.
+Either way the results come back in one all-to-all with exact split sizes.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.moe import PendingDispatch
 from .placement import ExpertPlacement
 
 
@@ -74,58 +72,38 @@ class AllToAllDispatcher:
         k = max_rows_any_rank
         self.slots_per_peer = k if k and k * self.world <= self.padded_max_rows else None
 
-    def _a2a(self, out, inp, out_splits=None, in_splits=None, async_op: bool = False):
-        """One all_to_all_single; with async_op returns its work handle (wait with _wait)."""
+    def _a2a(self, out, inp, out_splits=None, in_splits=None):
         t0 = time.perf_counter()
-        work = self.dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
-                                           group=self.group, async_op=async_op)
+        self.dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                    group=self.group)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.bytes_sent += inp.numel() * inp.element_size()
-        return work
 
-    def _wait(self, work) -> None:
-        """Blocks until an async exchange is done; the blocked time counts as all-to-all time."""
-        t0 = time.perf_counter()
-        work.wait()
-        self.stats.seconds += time.perf_counter() - t0
-
-    def begin_dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int) -> PendingDispatch:
-        """x (R, C), global expert_ids (R,): sends the rows (asynchronously: the caller can compute
-        until wait()); wait() -> (received rows (Rl, C), local expert ids (Rl,), handle)."""
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
+        """x (R, C), global expert_ids (R,) -> (received rows (Rl, C), local expert ids (Rl,), handle)."""
         dest = self.owner.to(expert_ids.device)[expert_ids]                # (R,)
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.world)          # (W,)
         # Rows and their expert ids travel in one message: each row's bytes followed by its id's.
         packed = _pack(x[order], expert_ids[order])                       # (R, B) uint8
         if self.slots_per_peer is None:
-            work, received = self._start_counted(packed, send_counts)
+            got, send, recv = self._exchange_counted(packed, send_counts)
         else:
-            work, received = self._start_padded(packed, dest[order], send_counts)
+            got, send, recv = self._exchange_padded(packed, dest[order], send_counts)
+        rows, ids = _unpack(got, x.dtype, x.shape[1])
+        self.stats.received_per_layer[layer] = sum(recv)
+        return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
 
-        def finish():
-            self._wait(work)
-            got, send, recv = received()
-            rows, ids = _unpack(got, x.dtype, x.shape[1])
-            self.stats.received_per_layer[layer] = sum(recv)
-            return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
-        return PendingDispatch(finish)
-
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
-        """begin_dispatch(...).wait(): x (R, C), global expert_ids (R,) -> (rows (Rl, C), local ids (Rl,), handle)."""
-        return self.begin_dispatch(x, expert_ids, layer).wait()
-
-    def _start_counted(self, packed, send_counts):
-        """Counts first (blocking: they size the receive buffer), then the rows, asynchronously.
-        Returns (work, received) with received() -> (got (Rl, B), send, recv) once work is done."""
+    def _exchange_counted(self, packed, send_counts):
         recv_counts = torch.empty_like(send_counts)
         self._a2a(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         got = torch.empty(sum(recv), packed.shape[1], dtype=torch.uint8, device=packed.device)
-        return self._a2a(got, packed, recv, send, async_op=True), lambda: (got, send, recv)
+        self._a2a(got, packed, recv, send)
+        return got, send, recv
 
-    def _start_padded(self, packed, dest_sorted, send_counts):
-        """packed (R, B) sorted by destination, in one async exchange of K slots per peer.
-        Returns (work, received) with received() -> (got (Rl, B) in source-rank order, send, recv)."""
+    def _exchange_padded(self, packed, dest_sorted, send_counts):
+        """packed (R, B) sorted by destination -> (Rl, B) received, in source-rank order."""
         K, W, B = self.slots_per_peer, self.world, packed.shape[1]
         if packed.shape[0] > K:
             raise RuntimeError(f"rank {self.rank} routes {packed.shape[0]} rows, more than the step's "
@@ -136,12 +114,9 @@ class AllToAllDispatcher:
         slot = torch.arange(packed.shape[0], device=packed.device) - first[dest_sorted]
         buf[dest_sorted, slot] = packed
         got = torch.empty_like(buf)
-        work = self._a2a(got.view(W * K, B), buf.view(W * K, B), async_op=True)
-
-        def received():
-            valid = got[:, :, B - 8:].contiguous().view(torch.int64)[..., 0] >= 0   # (W, K)
-            return got[valid], send_counts.tolist(), valid.sum(1).tolist()
-        return work, received
+        self._a2a(got.view(W * K, B), buf.view(W * K, B))
+        valid = got[:, :, B - 8:].contiguous().view(torch.int64)[..., 0] >= 0   # (W, K)
+        return got[valid], send_counts.tolist(), valid.sum(1).tolist()
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         """y (Rl, C) in received order -> (R, C) in this rank's original row order."""
