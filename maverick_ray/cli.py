@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-CPU_KERNELS_HELP = ("auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernel for the routed "
-                    "experts of decode steps, falling back to torch when it cannot; off: torch only")
+CPU_KERNELS_HELP = ("auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernels for the routed "
+                    "experts of decode steps and for RMSNorm, falling back to torch when it cannot; off: torch only")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """The native grouped-experts kernel (maverick_ray/native): same results as the torch path, used
-only where it should be, and a clean fallback when it cannot be built."""
+only where it should be, and a clean fallback when it cannot be built (for it and the RMSNorm
+kernel, tests/test_native_rms_norm.py)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,7 @@ def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, tiny_ckpt, 
     with caplog.at_level(logging.WARNING):
         worker = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64))
     assert not worker.native_experts and worker.info()["native_experts"] is False
+    assert not worker.native_rms_norm and worker.info()["native_rms_norm"] is False
     assert "no C compiler found" in caplog.text and "using the torch path" in caplog.text
 
 
@@ -112,7 +114,8 @@ def test_worker_greedy_tokens_same_with_and_without_kernel(tiny_ckpt):
     outs = {}
     for mode in ("auto", "off"):
         w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64, cpu_kernels=mode))
-        assert w.native_experts == (mode == "auto")
+        assert w.native_experts == w.native_rms_norm == (mode == "auto")
+        assert w.info()["native_rms_norm"] == (mode == "auto")
         prompts = {f"s{i}": list(range(5 + i, 12 + 2 * i)) for i in range(6)}
         params = SamplingParams(max_tokens=8, temperature=0)
         work = [SeqWork(sid, i, 0, toks, params) for i, (sid, toks) in enumerate(prompts.items())]

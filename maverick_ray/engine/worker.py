@@ -56,6 +56,7 @@ class RankWorker:
             dispatcher = self._init_distributed(dist_address)
         self.dispatcher = dispatcher
         self.native_experts = False  # routed experts run in the native CPU kernel (set by _load)
+        self.native_rms_norm = False  # RMSNorms run in the native CPU kernel (set by _load)
         self.model = self._load(Path(checkpoint), progress)
         text = self.config.text
         self.cache = KVCache(text.num_hidden_layers, engine.max_num_seqs, engine.max_model_len,
@@ -98,13 +99,19 @@ class RankWorker:
         return model
 
     def _attach_cpu_kernels(self, model: TextModel) -> None:
-        """Native fp32 CPU kernels (maverick_ray/native) for the routed experts of decode steps."""
+        """Native fp32 CPU kernels (maverick_ray/native): the routed experts of decode steps, RMSNorm."""
+        from ..model.norm import RMSNorm
         from ..native.grouped_experts import grouped_experts_kernel
+        from ..native.rms_norm import rms_norm_kernel
 
         experts = grouped_experts_kernel()
         self.native_experts = all([b.experts.use_kernel(experts) for b in model.moe_blocks])
-        if self.native_experts:
-            log.info("rank %d: routed experts of decode steps run in the native CPU kernel", self.rank)
+        norm = rms_norm_kernel()
+        self.native_rms_norm = all([m.use_kernel(norm) for m in model.modules() if isinstance(m, RMSNorm)])
+        used = [name for name, on in (("routed experts of decode steps", self.native_experts),
+                                      ("RMSNorm", self.native_rms_norm)) if on]
+        if used:
+            log.info("rank %d: native CPU kernels for %s", self.rank, ", ".join(used))
 
     # ---- introspection -------------------------------------------------------------------
     def routed_expert_bytes(self) -> int:
@@ -127,7 +134,7 @@ class RankWorker:
                 "node_ip": node_ip,
                 "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
                 "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
-                "native_experts": self.native_experts}
+                "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm}
 
     # ---- one lockstep step ---------------------------------------------------------------
     @torch.no_grad()

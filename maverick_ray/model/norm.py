@@ -17,10 +17,22 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """rms_normalize(x) * weight; in inference on fp32 CPU weights, a native one-pass kernel
+    when one is attached (`use_kernel`)."""
+
     def __init__(self, width: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(width))
+        self.kernel = None  # native/rms_norm.py RMSNormKernel, see use_kernel
+
+    def use_kernel(self, kernel) -> bool:
+        """Runs inference calls on fp32 inputs through `kernel` when it supports this weight;
+        returns whether it does."""
+        self.kernel = kernel if kernel is not None and kernel.supports(self.weight) else None
+        return self.kernel is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
+        if self.kernel is not None and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return self.kernel(x, self.weight, self.eps)
         return rms_normalize(x, self.eps) * self.weight

@@ -21,7 +21,7 @@ class ServeSettings:
     num_cpus_per_worker: float = 1
     worker_resources: dict | None = None   # custom Ray resources per EP worker bundle
     dtype: str = "auto"
-    cpu_kernels: str = "auto"             # native CPU kernel for routed experts: auto | off
+    cpu_kernels: str = "auto"             # native CPU kernels (routed experts, RMSNorm): auto | off
     max_model_len: int = 2048
     max_num_seqs: int = 32
     default_max_tokens: int = 256
