@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         write_section("bench_engine", f"## Engine decode (issue: expert-parallel engine)\n\n`mini` checkpoint "
                       f"(hidden 512, 128 experts, 4 layers), {args.seqs} concurrent sequences, prompt "
                       f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy, fp32, default engine settings "
-                      f"(routed experts of decode steps in the native CPU kernel). Every configuration "
+                      f"(native CPU kernels for the routed experts of decode steps and for RMSNorm). Every configuration "
                       f"runs once per round, {args.rounds} rounds: EP=1 in this process with no Ray cluster on the "
                       f"machine (as `generate --ep 1` runs), EP>1 on a local Ray cluster started for each round in a "
                       f"subprocess, transformers in a subprocess; figures are medians over "

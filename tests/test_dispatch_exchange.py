@@ -74,3 +74,14 @@ def test_padded_and_counted_exchanges_return_every_row_from_its_owner():
                 mine = set(placement.experts_of(rank))
                 assert seen == sorted(int(i) for _, ids_r in routed for i in ids_r if int(i) in mine)
                 assert slots == (max(ROWS[case]) or None if mode == "padded" else None)
+
+
+def test_padded_exchange_refuses_more_rows_than_its_slots_before_any_collective():
+    """The engine sizes a step's slots from the most rows any rank routes; a rank routing more
+    raises at once instead of sending a message its peers would misread."""
+    from maverick_ray.parallel.all_to_all import AllToAllDispatcher
+
+    d = AllToAllDispatcher(ExpertPlacement.contiguous(E, WORLD), 0)  # no process group: nothing may be sent
+    d.begin_step(2)
+    with pytest.raises(RuntimeError, match="routes 3 rows, more than the step's 2 slots per peer"):
+        d.dispatch(torch.randn(3, C), torch.tensor([0, 5, 7]), layer=0)

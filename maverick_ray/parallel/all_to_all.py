@@ -60,6 +60,7 @@ class AllToAllDispatcher:
         self.world = placement.world_size
         self.owner = placement.owner_tensor()
         self.local_index = placement.local_index_tensor()
+        self._owner, self._local_index = self.owner.tolist(), self.local_index.tolist()  # host copies
         self.stats = DispatchStats()
         self.padded_max_rows = padded_max_rows
         self.slots_per_peer: int | None = None  # K of this step's padded exchange; None: counted
@@ -81,42 +82,54 @@ class AllToAllDispatcher:
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
         """x (R, C), global expert_ids (R,) -> (received rows (Rl, C), local expert ids (Rl,), handle)."""
+        if self.slots_per_peer is not None:
+            return self._dispatch_padded(x, expert_ids, layer)
         dest = self.owner.to(expert_ids.device)[expert_ids]                # (R,)
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.world)          # (W,)
         # Rows and their expert ids travel in one message: each row's bytes followed by its id's.
         packed = _pack(x[order], expert_ids[order])                       # (R, B) uint8
-        if self.slots_per_peer is None:
-            got, send, recv = self._exchange_counted(packed, send_counts)
-        else:
-            got, send, recv = self._exchange_padded(packed, dest[order], send_counts)
-        rows, ids = _unpack(got, x.dtype, x.shape[1])
-        self.stats.received_per_layer[layer] = sum(recv)
-        return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
-
-    def _exchange_counted(self, packed, send_counts):
         recv_counts = torch.empty_like(send_counts)
         self._a2a(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         got = torch.empty(sum(recv), packed.shape[1], dtype=torch.uint8, device=packed.device)
         self._a2a(got, packed, recv, send)
-        return got, send, recv
+        rows, ids = _unpack(got, x.dtype, x.shape[1])
+        self.stats.received_per_layer[layer] = sum(recv)
+        return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
 
-    def _exchange_padded(self, packed, dest_sorted, send_counts):
-        """packed (R, B) sorted by destination -> (Rl, B) received, in source-rank order."""
-        K, W, B = self.slots_per_peer, self.world, packed.shape[1]
-        if packed.shape[0] > K:
-            raise RuntimeError(f"rank {self.rank} routes {packed.shape[0]} rows, more than the step's "
-                               f"{K} slots per peer")
-        # Padding is all 0xFF bytes: its expert id reads as -1.
-        buf = torch.full((W, K, B), 255, dtype=torch.uint8, device=packed.device)  # (W, K, B)
-        first = torch.cumsum(send_counts, 0) - send_counts                       # (W,)
-        slot = torch.arange(packed.shape[0], device=packed.device) - first[dest_sorted]
-        buf[dest_sorted, slot] = packed
+    def _dispatch_padded(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
+        """The one-collective exchange of K row slots per peer (slot w*K + j: the j-th row this
+        rank sends to rank w). Its few dozen rows are planned on the host from the ids as a list:
+        at decode sizes that is cheaper than the dozen small tensor ops of the counted path."""
+        K, W, dev = self.slots_per_peer, self.world, x.device
+        ids = expert_ids.tolist()
+        R, nbytes = len(ids), x.shape[1] * x.element_size()
+        if R > K:
+            raise RuntimeError(f"rank {self.rank} routes {R} rows, more than the step's {K} slots per peer")
+        send, slot = [0] * W, []
+        for e in ids:
+            d = self._owner[e]
+            slot.append(d * K + send[d])
+            send[d] += 1
+        buf = torch.full((W * K, nbytes + 8), 255, dtype=torch.uint8, device=dev)  # padding's id reads as -1
+        if R:
+            at = torch.tensor(slot, dtype=torch.long, device=dev)
+            buf[:, :nbytes].index_copy_(0, at, x.contiguous().view(torch.uint8).view(R, nbytes))
+            buf[:, nbytes:].index_copy_(0, at, expert_ids.to(torch.int64).contiguous().view(torch.uint8).view(R, 8))
         got = torch.empty_like(buf)
-        self._a2a(got.view(W * K, B), buf.view(W * K, B))
-        valid = got[:, :, B - 8:].contiguous().view(torch.int64)[..., 0] >= 0   # (W, K)
-        return got[valid], send_counts.tolist(), valid.sum(1).tolist()
+        self._a2a(got, buf)
+        got_ids = got[:, nbytes:].contiguous().view(torch.int64).view(-1).tolist()    # (W * K,)
+        keep = [i for i, e in enumerate(got_ids) if e >= 0]                          # source-rank order
+        recv = [0] * W
+        for i in keep:
+            recv[i // K] += 1
+        rows = got[:, :nbytes].index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
+        local = torch.tensor([self._local_index[got_ids[i]] for i in keep], dtype=torch.long, device=dev)
+        self.stats.received_per_layer[layer] = len(keep)
+        # Results come back grouped by destination, each group in row order: `order` maps them home.
+        order = torch.tensor(sorted(range(R), key=slot.__getitem__), dtype=torch.long, device=dev)
+        return rows.view(x.dtype).view(len(keep), x.shape[1]), local, (order, send, recv)
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
         """y (Rl, C) in received order -> (R, C) in this rank's original row order."""
