@@ -136,3 +136,27 @@ def test_nope_layers_share_one_temperature_scale_per_forward_and_decode_keeps_ro
         assert len(calls) == 2
     assert torch.allclose(got_prefill, want[:, 7], atol=1e-4)
     assert torch.allclose(got_decode, want[:, 8], atol=1e-4)
+
+
+def test_phase_timing_hooks_report_each_phase_and_come_off(tiny_ckpt):
+    """bench_engine times a plain pass, then an instrumented one: the hooks report every phase of
+    the tiny model (which has dense and MoE layers), enabling twice does not double them, and
+    disabling leaves steps with no phase times."""
+    from maverick_ray.config import EngineConfig
+    from maverick_ray.engine.sampling import SamplingParams
+    from maverick_ray.engine.step_types import RankPlan, SeqWork
+    from maverick_ray.engine.worker import RankWorker
+    from maverick_ray.parallel.placement import ExpertPlacement
+
+    w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    w.enable_phase_timing()
+    hooks = len(w._profile_hooks)
+    w.enable_phase_timing()
+    assert len(w._profile_hooks) == hooks > 0
+    timed = w.step(RankPlan(work=[SeqWork("a", 0, 0, [5, 6, 7], params)]))
+    assert set(timed.phase_seconds) == {"attention", "router", "experts", "shared_expert", "dense_mlp"}
+    assert all(v > 0 for v in timed.phase_seconds.values()) and sum(timed.phase_seconds.values()) < timed.step_seconds
+    w.disable_phase_timing()
+    plain = w.step(RankPlan(work=[SeqWork("a", 0, 3, [timed.tokens["a"]])]))
+    assert plain.phase_seconds == {} and not w._profile_hooks
