@@ -1,5 +1,6 @@
-/* RMSNorm of fp32 rows on CPU, in one pass per row (torch's composite RMSNorm is six ops,
- * each a pass over the rows and a dispatch; at decode sizes those cost ~30 us a norm).
+/* RMSNorm of fp32 rows on CPU in one call: each row is read for its sum of squares and again,
+ * still in L1, to scale it (torch's composite RMSNorm is six ops, each a pass over all rows and a
+ * dispatch; at decode sizes those cost ~30 us a norm).
  *
  * Shape legend: T rows, C width.
  *   x (T, C), w (C,), y (T, C):   y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w

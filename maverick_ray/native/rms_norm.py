@@ -1,4 +1,4 @@
-"""Python side of rms_norm.c: RMSNorm of fp32 rows in one pass.
+"""Python side of rms_norm.c: RMSNorm of fp32 rows in one call.
 
 Shape legend: T rows (any leading dims flattened), C width.
 """
