@@ -181,11 +181,8 @@ class MoEBlock(nn.Module):
             logits = torch.full_like(logits, -1e4)
             logits[:, self.force_expert] = 0.0
         scores, ids = route(logits, self.top_k)                  # (T, k), (T, k)
-        if self.top_k == 1:
-            rows, ids = x * scores, ids.view(-1)                 # (T, C) scaled inputs, (T,)
-        else:
-            rows = x[:, None, :] * scores[:, :, None]            # (T, k, C) scaled inputs
-            rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
+        rows = x[:, None, :] * scores[:, :, None]                # (T, k, C) scaled inputs
+        rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
         if routed_counts is not None:
             routed_counts.append(torch.bincount(ids, minlength=self.num_experts))
         local_rows, local_ids, handle = self.dispatcher.dispatch(rows, ids, self.layer)

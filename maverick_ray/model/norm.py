@@ -17,7 +17,7 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """rms_normalize(x) * weight; in inference on fp32 CPU weights, a native one-pass kernel
+    """rms_normalize(x) * weight; in fp32 inference, the native kernel (native/rms_norm.py)
     when one is attached (`use_kernel`)."""
 
     def __init__(self, width: int, eps: float):

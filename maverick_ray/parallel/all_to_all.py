@@ -101,7 +101,8 @@ class AllToAllDispatcher:
     def _dispatch_padded(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
         """The one-collective exchange of K row slots per peer (slot w*K + j: the j-th row this
         rank sends to rank w). Its few dozen rows are planned on the host from the ids as a list:
-        at decode sizes that is cheaper than the dozen small tensor ops of the counted path."""
+        at decode sizes that is cheaper than the dozen small tensor ops of the counted path.
+        Rows travel packed as in the counted path (_pack: row bytes, then the id's 8 bytes)."""
         K, W, dev = self.slots_per_peer, self.world, x.device
         ids = expert_ids.tolist()
         R, nbytes = len(ids), x.shape[1] * x.element_size()
@@ -114,9 +115,7 @@ class AllToAllDispatcher:
             send[d] += 1
         buf = torch.full((W * K, nbytes + 8), 255, dtype=torch.uint8, device=dev)  # padding's id reads as -1
         if R:
-            at = torch.tensor(slot, dtype=torch.long, device=dev)
-            buf[:, :nbytes].index_copy_(0, at, x.contiguous().view(torch.uint8).view(R, nbytes))
-            buf[:, nbytes:].index_copy_(0, at, expert_ids.to(torch.int64).contiguous().view(torch.uint8).view(R, 8))
+            buf.index_copy_(0, torch.tensor(slot, dtype=torch.long, device=dev), _pack(x, expert_ids))
         got = torch.empty_like(buf)
         self._a2a(got, buf)
         got_ids = got[:, nbytes:].contiguous().view(torch.int64).view(-1).tolist()    # (W * K,)
