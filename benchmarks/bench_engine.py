@@ -30,12 +30,13 @@ class EngineRun:
     """One engine (EP=1: kept up across rounds; EP>1: one round); `measure` runs the whole
     prompt set twice: timed as users run it, then instrumented for the per-step split."""
 
-    def __init__(self, ckpt, ep, num_seqs):
+    def __init__(self, ckpt, ep, num_seqs, collectives="auto"):
         from maverick_ray.config import EngineConfig, ParallelConfig
         from maverick_ray.engine.engine import Engine
         from maverick_ray.engine.sampling import SamplingParams
 
-        self.engine = Engine(ckpt, ParallelConfig(ep_size=ep), EngineConfig(max_num_seqs=num_seqs, max_model_len=256),
+        self.engine = Engine(ckpt, ParallelConfig(ep_size=ep), EngineConfig(max_num_seqs=num_seqs, max_model_len=256,
+                                                                                 cpu_collectives=collectives),
                              use_ray=ep > 1).start()
         self.engine.generate([11, 12, 13], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
         self.steps: list = []
@@ -88,21 +89,25 @@ def medians_over_rounds(runs: list[dict]) -> dict:
             "touched": statistics.median(r["touched"] for r in runs), "outs": runs[-1]["outs"]}
 
 
-def ray_round(ckpt: str, eps: list[int], seqs: int, prompts: list[list[int]], new_tokens: int) -> dict:
-    """One round of the EP > 1 engines on a local Ray cluster that lives only for this round
-    (run through in_subprocess). Returns {ep: run}."""
+def label(ep: int, collectives: str = "auto") -> str:
+    return f"EP={ep}" + (" (gloo)" if collectives == "gloo" else "")
+
+
+def ray_round(ckpt: str, configs: list[list], seqs: int, prompts: list[list[int]], new_tokens: int) -> dict:
+    """One round of the EP > 1 engines, each config [ep, cpu_collectives], on a local Ray cluster
+    that lives only for this round (run through in_subprocess). Returns {label: run}."""
     import ray
 
     from maverick_ray.ray_runtime import init_ray
 
-    init_ray("local", num_cpus=max(eps) + 1)
+    init_ray("local", num_cpus=max(ep for ep, _ in configs) + 1)
     try:
         runs = {}
-        for ep in eps:
-            eng = EngineRun(ckpt, ep, seqs)
+        for ep, collectives in configs:
+            eng = EngineRun(ckpt, ep, seqs, collectives)
             try:
                 eng.warm(prompts)
-                runs[ep] = eng.measure(prompts, new_tokens)
+                runs[label(ep, collectives)] = eng.measure(prompts, new_tokens)
             finally:
                 eng.engine.shutdown()
         return runs
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--gloo-ep", type=int, nargs="*", default=[2],
+                    help="EP sizes also run with --cpu-collectives gloo, beside the default shared memory")
     ap.add_argument("--rounds", type=int, default=3, help="each configuration runs once per round; medians")
     ap.add_argument("--checkpoint", default=None, help="default: write the mini preset to a temp dir")
     ap.add_argument("--no-write", action="store_true")
@@ -168,32 +175,33 @@ def main(argv=None) -> int:
         in_subprocess("bench_engine", "write_mini", str(Path(tempfile.mkdtemp()) / "mini")))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 600, (args.seqs, args.prompt_len), generator=g).tolist()
-    ray_eps = [ep for ep in args.ep if ep > 1]
-    runs: dict[int, list[dict]] = {ep: [] for ep in args.ep}
+    ray_configs = [[ep, "auto"] for ep in args.ep if ep > 1] + [[ep, "gloo"] for ep in args.gloo_ep if ep > 1]
+    labels = [label(ep) for ep in args.ep] + [label(ep, "gloo") for ep in args.gloo_ep if ep > 1]
+    runs: dict[str, list[dict]] = {k: [] for k in labels}
     local = None
     if 1 in args.ep:
         print("starting engine EP=1 ...", flush=True)
         local = EngineRun(ckpt, 1, args.seqs)
         local.warm(prompts)
     hf_runs = []
-    rates, paired = [], {ep: [] for ep in args.ep}
+    rates, paired = [], {k: [] for k in labels}
     try:
         for rnd in range(args.rounds):  # every configuration once per round: they share the machine's drift
-            print(f"round {rnd + 1}/{args.rounds}: machine rates, " + ", ".join(f"EP={ep}" for ep in args.ep)
-                  + ", transformers ...", flush=True)
+            print(f"round {rnd + 1}/{args.rounds}: machine rates, " + ", ".join(labels) + ", transformers ...",
+                  flush=True)
             rates.append(in_subprocess("common", "machine_rates"))
             if local is not None:
-                runs[1].append(local.measure(prompts, args.new_tokens))
-            if ray_eps:
-                got = in_subprocess("bench_engine", "ray_round", str(ckpt), ray_eps, args.seqs, prompts,
+                runs["EP=1"].append(local.measure(prompts, args.new_tokens))
+            if ray_configs:
+                got = in_subprocess("bench_engine", "ray_round", str(ckpt), ray_configs, args.seqs, prompts,
                                     args.new_tokens)
-                for ep in ray_eps:
-                    runs[ep].append(got[str(ep)])
+                for k, run in got.items():
+                    runs[k].append(run)
             hf_runs.append(in_subprocess("bench_engine", "transformers_generate", str(ckpt), prompts,
                                          args.new_tokens))
             hf_tok_s = hf_runs[-1]["tok_s"]
-            for ep in args.ep:
-                paired[ep].append(runs[ep][-1]["tok_s"] / hf_tok_s)
+            for k in labels:
+                paired[k].append(runs[k][-1]["tok_s"] / hf_tok_s)
     finally:
         if local is not None:
             local.engine.shutdown()
@@ -202,20 +210,21 @@ def main(argv=None) -> int:
     vs_hf = {ep: statistics.median(v) for ep, v in paired.items()}
     flops_rate = statistics.median(r[0] for r in rates)
     bandwidth = statistics.median(r[1] for r in rates)
-    base = results[args.ep[0]]
+    first = labels[0]
+    base = results[first]
     same = all(r["outs"] == hf["outs"] for r in results.values())
     ctx = args.prompt_len + args.new_tokens // 2
     floor = decode_floor(ckpt, args.seqs, base["touched"], ctx, flops_rate, bandwidth)
     # Step over floor within each round (that round's step and machine rates), then the median:
     # the host's speed drifts between rounds, like every other ratio here.
     per_round = [r["step"] / decode_floor(ckpt, args.seqs, r["touched"], ctx, fr, bw)
-                 for r, (fr, bw) in zip(runs[args.ep[0]], rates)]
+                 for r, (fr, bw) in zip(runs[first], rates)]
     phases = sorted({k for r in results.values() for k in r["split"]})
     lines = ["| run | output tok/s | vs transformers | decode step (median) | " + " | ".join(phases) + " |",
              "|---|---|---|---|" + "---|" * len(phases)]
-    for ep, r in results.items():
+    for name, r in results.items():
         cells = " | ".join(f"{r['split'].get(k, 0) * 1e3:.1f} ms" for k in phases)
-        lines.append(f"| engine EP={ep} | {r['tok_s']:.0f} | {vs_hf[ep]:.1f}x | "
+        lines.append(f"| engine {name} | {r['tok_s']:.0f} | {vs_hf[name]:.1f}x | "
                      f"{r['step'] * 1e3:.1f} ms | {cells} |")
     lines.append(f"| transformers generate (batch {args.seqs}) | {hf['tok_s']:.0f} | 1.0x | | " +
                  " | ".join("" for _ in phases) + " |")
@@ -223,15 +232,17 @@ def main(argv=None) -> int:
     summary = [f"- machine: {machine_line()}; matmul {flops_rate / 1e9:.0f} GFLOP/s, bandwidth "
                f"{bandwidth / 1e9:.1f} GB/s (measured in this run)",
                f"- decode step floor at {args.seqs} sequences ({base['touched']:.0f} expert-layer pairs touched): "
-               f"{floor * 1e3:.1f} ms (median rates); EP={args.ep[0]} step / floor = "
+               f"{floor * 1e3:.1f} ms (median rates); {first} step / floor = "
                f"{statistics.median(per_round):.2f}x (goal <= 2x; median over rounds of the ratio within each "
                f"round, range {min(per_round):.2f}-{max(per_round):.2f}x)",
                f"- greedy outputs identical across all EP sizes and transformers: {same}"]
-    if 1 in results and 2 in results:
-        kept = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(runs[2], runs[1]))
-        summary.append(f"- EP=2 keeps {kept * 100:.0f}% of EP=1 throughput on the same cores (goal >= 70%)")
-    if 1 in results:
-        summary.append(f"- EP=1 vs transformers: {vs_hf[1]:.1f}x (goal >= 10x; median over rounds of the "
+    for two in ("EP=2", "EP=2 (gloo)"):
+        if "EP=1" in results and two in results:
+            kept = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(runs[two], runs["EP=1"]))
+            summary.append(f"- {two} keeps {kept * 100:.0f}% of EP=1 throughput on the same cores (goal >= 70%; "
+                           "median over rounds of the ratio within each round)")
+    if "EP=1" in results:
+        summary.append(f"- EP=1 vs transformers: {vs_hf['EP=1']:.1f}x (goal >= 10x; median over rounds of the "
                        "ratio within each round)")
     text = table + "\n\n" + "\n".join(summary)
     print(text)
@@ -242,7 +253,8 @@ def main(argv=None) -> int:
                       f"(native CPU kernels for the routed experts of decode steps and for RMSNorm). Every configuration "
                       f"runs once per round, {args.rounds} rounds: EP=1 in this process with no Ray cluster on the "
                       f"machine (as `generate --ep 1` runs), EP>1 on a local Ray cluster started for each round in a "
-                      f"subprocess, transformers in a subprocess; figures are medians over "
+                      f"subprocess (all-to-all through shared memory, the default on one host; rows marked gloo "
+                      f"with `--cpu-collectives gloo`), transformers in a subprocess; figures are medians over "
                       f"rounds, ratios are taken within a round. Throughput and decode step come from a plain pass; "
                       f"the per-step split columns from a second pass with the ranks' module timing hooks on (medians "
                       f"over full decode steps, max over ranks).\n\n{text}\n\nCommand: "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A real multi-host Ray cluster on one Linux machine: a head and two worker "hosts", each in its
-# own network namespace with its own IP on a private bridge, each running `ray start`. maverick-ray
-# is deployed with `serve deploy` and its expert shards are pinned to the worker hosts (they alone
-# carry the `expert_host` resource). Needs root (ip netns) and the project's venv.
+# own network namespace with its own IP on a private bridge and its own /dev/shm, each running
+# `ray start`. maverick-ray is deployed with `serve deploy` and its expert shards are pinned to the
+# worker hosts (they alone carry the `expert_host` resource). Needs root (ip netns) and the
+# project's venv.
 set -eEuo pipefail
 
 usage() {
@@ -73,11 +74,12 @@ make_network() {
   fi
 }
 
-# ray start on one host, in its own UTS namespace (hostname = host name) and its own temp dir.
+# ray start on one host, in its own UTS namespace (hostname = host name), its own /dev/shm (as
+# separate machines have: shared-memory transports must not reach across hosts) and temp dir.
 ray_start() {
   local host=$1; shift
   mkdir -p "$STATE/$host"
-  on_host "$host" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$host" \
+  on_host "$host" unshare --uts --mount sh -c 'hostname "$0"; mount -t tmpfs -o mode=1777 tmpfs /dev/shm; exec "$@"' "$host" \
     env RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "${AUTH_ENV[@]}" "$BIN/ray" start --node-ip-address="${IP[$host]}" \
     --temp-dir="$STATE/$host" --metrics-export-port=8080 --object-store-memory="$OBJECT_STORE_BYTES" "$@" \
     >"$STATE/$host.start.log" 2>&1 || { cat "$STATE/$host.start.log" >&2; die "ray start failed on $host"; }

@@ -15,6 +15,8 @@ from pathlib import Path
 
 CPU_KERNELS_HELP = ("auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernels for the routed "
                     "experts of decode steps and for RMSNorm, falling back to torch when it cannot; off: torch only")
+CPU_COLLECTIVES_HELP = ("how CPU expert-parallel ranks exchange tokens. auto: through shared memory when every rank "
+                        "can map one segment (ranks on one host), else gloo over TCP; gloo: always gloo")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
     p.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences per EP rank")
     p.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"], help=CPU_KERNELS_HELP)
+    p.add_argument("--cpu-collectives", default="auto", choices=["auto", "gloo"], help=CPU_COLLECTIVES_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
     s.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"], help=CPU_KERNELS_HELP)
+    s.add_argument("--cpu-collectives", default="auto", choices=["auto", "gloo"], help=CPU_COLLECTIVES_HELP)
     s.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set MAVERICK_RAY_API_KEY)")
@@ -116,7 +120,7 @@ def make_engine(args, tokenizer=None, progress: bool = True):
     parallel = ParallelConfig(ep_size=args.ep, placement_strategy=args.placement_strategy,
                               num_gpus_per_worker=args.gpus_per_worker)
     engine_cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-                              cpu_kernels=args.cpu_kernels)
+                              cpu_kernels=args.cpu_kernels, cpu_collectives=args.cpu_collectives)
     if args.ep > 1:
         init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep + 1))
     return Engine(ckpt, parallel, engine_cfg, progress=progress, tokenizer=tokenizer), ckpt

@@ -359,6 +359,7 @@ class EngineConfig:
     device: str = "auto"            # auto = cuda when the worker has a GPU, else cpu
     step_timeout_s: float = 120.0   # a step slower than this marks the engine unhealthy
     cpu_kernels: str = "auto"       # auto = compile and use native CPU kernels (needs a C compiler), off = torch only
+    cpu_collectives: str = "auto"   # auto = all-to-all over shared memory when all CPU ranks share a host, gloo = gloo only
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):
@@ -369,3 +370,5 @@ class EngineConfig:
         _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         _require(self.step_timeout_s > 0, "step_timeout_s", "must be positive")
         _require(self.cpu_kernels in ("auto", "off"), "cpu_kernels", f"must be auto or off, got {self.cpu_kernels!r}")
+        _require(self.cpu_collectives in ("auto", "gloo"), "cpu_collectives",
+                 f"must be auto or gloo, got {self.cpu_collectives!r}")

@@ -1,4 +1,5 @@
-"""AllToAllDispatcher over a real two-process gloo group (deepspeed.init_distributed): the padded
+"""AllToAllDispatcher over a real two-process group (deepspeed.init_distributed; gloo, and the host
+group whose all-to-all goes through shared memory): the padded
 one-collective exchange and the counted two-collective exchange deliver every routed row to the
 rank that owns its expert and bring each result back to its row, in order, dropping nothing."""
 
@@ -22,13 +23,16 @@ def _rows(case: int, rank: int):
     return torch.randn(n, C, generator=g), torch.randint(0, E, (n,), generator=g)
 
 
-def _rank_main(rank: int, address: str, results):
+def _rank_main(rank: int, address: str, results, backend: str):
     import deepspeed
 
+    from maverick_ray.parallel import host_group
     from maverick_ray.parallel.all_to_all import AllToAllDispatcher
 
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", init_method=address, rank=rank, world_size=WORLD,
+    if backend == host_group.BACKEND:
+        host_group.register()
+    deepspeed.init_distributed(dist_backend=backend, init_method=address, rank=rank, world_size=WORLD,
                                auto_mpi_discovery=False, verbose=False)
     placement = ExpertPlacement.contiguous(E, WORLD)
     out = {}
@@ -42,6 +46,7 @@ def _rank_main(rank: int, address: str, results):
             global_ids = torch.tensor(placement.experts_of(rank), dtype=torch.long)[local_ids]
             y = rows * (global_ids + 1).to(rows.dtype)[:, None]
             out[(mode, case)] = (d.combine(y, handle).tolist(), sorted(global_ids.tolist()), d.slots_per_peer)
+    out["shared_memory"] = getattr(torch.distributed.group.WORLD, "shared_memory", False)
     results.put((rank, out))  # plain lists: tensors would be shared with a process about to exit
 
 
@@ -51,17 +56,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_padded_and_counted_exchanges_return_every_row_from_its_owner():
+@pytest.mark.parametrize("backend", ["gloo", "maverick_host"])
+def test_padded_and_counted_exchanges_return_every_row_from_its_owner(backend):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     address = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, address, results)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank_main, args=(r, address, results, backend)) for r in range(WORLD)]
     for p in procs:
         p.start()
     got = dict(results.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
+    assert [got[r].pop("shared_memory") for r in range(WORLD)] == [backend == "maverick_host"] * WORLD
     placement = ExpertPlacement.contiguous(E, WORLD)
     for case in ROWS:
         routed = [_rows(case, r) for r in range(WORLD)]

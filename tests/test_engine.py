@@ -62,14 +62,17 @@ def test_ep1_matches_single_process_model_and_transformers(tiny_ckpt):
         assert run_all(eng, prompts) == hf_ref
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_expert_parallel_on_ray_matches_transformers(tiny_ckpt, ray_local, ep, capsys):
+@pytest.mark.parametrize("ep,collectives", [(2, "auto"), (4, "auto"), (2, "gloo")])
+def test_expert_parallel_on_ray_matches_transformers(tiny_ckpt, ray_local, ep, collectives, capsys):
     prompts = prompts_for(tiny_ckpt)
     hf_ref = greedy_reference(tiny_ckpt, prompts, 12, use_hf=True)
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
-    with Engine(tiny_ckpt, ParallelConfig(ep_size=ep), EngineConfig(max_num_seqs=4, max_model_len=256)) as eng:
+    with Engine(tiny_ckpt, ParallelConfig(ep_size=ep),
+                EngineConfig(max_num_seqs=4, max_model_len=256, cpu_collectives=collectives)) as eng:
         assert run_all(eng, prompts) == hf_ref
         infos = eng.ranks.call("info")
+        # One host: the ranks' all-to-all goes through shared memory unless gloo is asked for.
+        assert [i["collectives"] for i in infos] == [{"auto": "shared memory", "gloo": "gloo"}[collectives]] * ep
         owned = sorted(e for i in infos for e in i["experts"])
         assert owned == list(range(cfg.text.num_local_experts))
         per_rank = [i["routed_expert_bytes"] for i in infos]

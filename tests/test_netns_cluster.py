@@ -52,6 +52,8 @@ def test_expert_shards_live_on_the_two_worker_hosts(netns_cluster):
     assert sorted(r["node_ip"] for r in ranks) == [W1, W2]
     a, b = (set(r["experts"]) for r in ranks)
     assert a and b and not a & b and a | b == set(range(16)), ranks
+    # The hosts do not share /dev/shm, so the ranks found they cannot share a segment: gloo over the bridge.
+    assert [r["collectives"] for r in ranks] == ["gloo", "gloo"], ranks
 
 
 def test_chat_through_the_head_matches_a_single_process_run(netns_cluster):

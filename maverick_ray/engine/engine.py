@@ -190,7 +190,7 @@ class Engine:
                     "kv_slots_used": used, "kv_slots_total": slots,
                     "kv_tokens_used": cached, "kv_tokens_total": slots * self.engine_cfg.max_model_len,
                     "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
-                    "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "experts")}
+                    "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "experts", "collectives")}
                               for i in (self.ranks.infos if self.ranks else [])]}
 
     # ---- the step loop ----------------------------------------------------------------------

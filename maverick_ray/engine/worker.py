@@ -52,6 +52,7 @@ class RankWorker:
         self.checkpoint = Path(checkpoint)
         self.config = ModelConfig.from_pretrained(checkpoint)
         dispatcher = LocalDispatcher()
+        self.collectives = None  # how the EP group's all-to-all travels (set by _init_distributed)
         if self.world > 1:
             dispatcher = self._init_distributed(dist_address)
         self.dispatcher = dispatcher
@@ -72,13 +73,22 @@ class RankWorker:
     def _init_distributed(self, address: str | None):
         import deepspeed
 
+        from ..parallel import host_group
         from ..parallel.all_to_all import AllToAllDispatcher
 
         if address is None:
             raise ValueError("an expert-parallel group of more than one rank needs a rendezvous address")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            backend = "nccl"
+        elif self.engine.cpu_collectives == "auto":
+            backend = host_group.register()   # shared-memory all-to-all when the ranks share a host
+        else:
+            backend = "gloo"
         deepspeed.init_distributed(dist_backend=backend, init_method=address, rank=self.rank,
                                    world_size=self.world, auto_mpi_discovery=False, verbose=False)
+        group = torch.distributed.group.WORLD
+        self.collectives = "shared memory" if getattr(group, "shared_memory", False) else backend.replace(
+            host_group.BACKEND, "gloo")
         return AllToAllDispatcher(self.placement, self.rank)
 
     def _load(self, checkpoint: Path, progress: bool) -> TextModel:
@@ -134,7 +144,8 @@ class RankWorker:
                 "node_ip": node_ip,
                 "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
                 "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
-                "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm}
+                "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
+                "collectives": self.collectives}
 
     # ---- one lockstep step ---------------------------------------------------------------
     @torch.no_grad()

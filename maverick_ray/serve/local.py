@@ -23,7 +23,8 @@ def deploy(args, blocking_ready: bool = True) -> str:
     serve.start(http_options={"host": args.host, "port": args.port})
     app_args = {"model": model, "ep_size": args.ep, "num_replicas": args.replicas,
                 "placement_strategy": args.placement_strategy, "num_gpus_per_worker": args.gpus_per_worker,
-                "dtype": args.dtype, "max_model_len": args.max_model_len, "cpu_kernels": args.cpu_kernels}
+                "dtype": args.dtype, "max_model_len": args.max_model_len, "cpu_kernels": args.cpu_kernels,
+                "cpu_collectives": args.cpu_collectives}
     if args.served_model_name:
         app_args["served_model_name"] = args.served_model_name
     if args.api_key:

@@ -22,6 +22,7 @@ class ServeSettings:
     worker_resources: dict | None = None   # custom Ray resources per EP worker bundle
     dtype: str = "auto"
     cpu_kernels: str = "auto"             # native CPU kernels (routed experts, RMSNorm): auto | off
+    cpu_collectives: str = "auto"         # CPU ranks' all-to-all: auto (shared memory on one host) | gloo
     max_model_len: int = 2048
     max_num_seqs: int = 32
     default_max_tokens: int = 256
@@ -62,7 +63,7 @@ class ServeSettings:
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, dtype=self.dtype,
-                            cpu_kernels=self.cpu_kernels)
+                            cpu_kernels=self.cpu_kernels, cpu_collectives=self.cpu_collectives)
 
     def placement_group_bundles(self) -> list[dict] | None:
         """The replica's own bundle plus one per EP worker (EP > 1 runs the workers as actors)."""
