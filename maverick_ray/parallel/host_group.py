@@ -132,6 +132,6 @@ def _create(store, rank, world, timeout):
 
 def register() -> str:
     """Makes BACKEND known to torch.distributed (idempotent) and returns its name."""
-    if BACKEND.upper() not in dist.Backend._plugins:
+    if not hasattr(dist.Backend, BACKEND.upper()):   # register_backend sets Backend.<NAME>
         dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
     return BACKEND
