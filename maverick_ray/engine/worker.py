@@ -1,6 +1,6 @@
 """One expert-parallel rank: the dense weights, its shard of the routed experts, its KV cache.
 
-A RankWorker runs in-process (EP = 1) or inside a Ray actor (engine/ray_workers.py). Every
+A RankWorker runs in-process (EP = 1) or inside a Ray actor (engine/ranks.py). Every
 step, all ranks run one forward over their own sequences in lockstep (an empty batch when a
 rank has none: the all-to-all is collective), sample the next token of each sequence, and
 return the tokens with the step's routing statistics.
@@ -86,9 +86,10 @@ class RankWorker:
             backend = "gloo"
         deepspeed.init_distributed(dist_backend=backend, init_method=address, rank=self.rank,
                                    world_size=self.world, auto_mpi_discovery=False, verbose=False)
-        group = torch.distributed.group.WORLD
-        self.collectives = "shared memory" if getattr(group, "shared_memory", False) else backend.replace(
-            host_group.BACKEND, "gloo")
+        if getattr(torch.distributed.group.WORLD, "shared_memory", False):
+            self.collectives = "shared memory"
+        else:   # NCCL, gloo by choice, or the host group's gloo fallback (its log says why)
+            self.collectives = "nccl" if backend == "nccl" else "gloo"
         return AllToAllDispatcher(self.placement, self.rank)
 
     def _load(self, checkpoint: Path, progress: bool) -> TextModel:
