@@ -175,8 +175,9 @@ def main(argv=None) -> int:
         in_subprocess("bench_engine", "write_mini", str(Path(tempfile.mkdtemp()) / "mini")))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 600, (args.seqs, args.prompt_len), generator=g).tolist()
-    ray_configs = [[ep, "auto"] for ep in args.ep if ep > 1] + [[ep, "gloo"] for ep in args.gloo_ep if ep > 1]
-    labels = [label(ep) for ep in args.ep] + [label(ep, "gloo") for ep in args.gloo_ep if ep > 1]
+    configs = [(ep, "auto") for ep in args.ep] + [(ep, "gloo") for ep in args.gloo_ep if ep > 1]
+    labels = [label(*c) for c in configs]
+    ray_configs = [list(c) for c in configs if c[0] > 1]
     runs: dict[str, list[dict]] = {k: [] for k in labels}
     local = None
     if 1 in args.ep:

@@ -5,13 +5,13 @@ rank that owns its expert and bring each result back to its row, in order, dropp
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from maverick_ray.parallel.placement import ExpertPlacement
+
+from serve_fixtures import free_port
 
 E, C, WORLD = 8, 6, 2
 ROWS = {0: [5, 0], 1: [3, 7], 2: [0, 0]}  # rows each rank routes, per case (a rank may have none)
@@ -50,17 +50,11 @@ def _rank_main(rank: int, address: str, results, backend: str):
     results.put((rank, out))  # plain lists: tensors would be shared with a process about to exit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend", ["gloo", "maverick_host"])
 def test_padded_and_counted_exchanges_return_every_row_from_its_owner(backend):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(r, address, results, backend)) for r in range(WORLD)]
     for p in procs:
         p.start()

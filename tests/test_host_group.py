@@ -6,7 +6,6 @@ cannot all map the segment falls back to gloo on every rank."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -14,11 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_fixtures import free_port
 
 
 def _init(rank: int, world: int, address: str, timeout_s: float = 60):
@@ -81,7 +76,7 @@ def _matches_gloo_main(rank: int, world: int, address: str, results):
 def _spawn(target, world: int, *args):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=target, args=(r, world, address, results, *args)) for r in range(world)]
     for p in procs:
         p.start()

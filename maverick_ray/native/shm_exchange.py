@@ -50,7 +50,7 @@ class SharedMemoryExchange:
     opened by every rank with `attach`)."""
 
     def __init__(self, lib: ctypes.CDLL, segment: mmap.mmap, world: int, rank: int, timeout_s: float):
-        self._lib, self._segment, self.world, self.rank, self.timeout_s = lib, segment, world, rank, timeout_s
+        self._segment, self.world, self.rank, self.timeout_s = segment, world, rank, timeout_s
         self._view = ctypes.c_char.from_buffer(segment)  # keeps the mapping exported while we use it
         self._base = ctypes.addressof(self._view)
         self.broken: str | None = None
@@ -60,16 +60,20 @@ class SharedMemoryExchange:
         self._fn = fn
 
     @staticmethod
-    def library() -> ctypes.CDLL | None:
+    def _layout(world: int) -> tuple[ctypes.CDLL, int, int]:
+        """(the compiled library, ring bytes, segment bytes) for a W-rank segment; OSError when
+        the library cannot be built here."""
         lib = load("shm_exchange")
-        if lib is not None:
-            lib.shm_exchange_segment_bytes.argtypes = [_L, _L]
-            lib.shm_exchange_segment_bytes.restype = _L
-            lib.shm_exchange_init.argtypes = [_P, _L, _L, ctypes.c_uint64]
-            lib.shm_exchange_init.restype = None
-            lib.shm_exchange_attach.argtypes = [_P, _L, _L, ctypes.c_uint64, _L, _L, ctypes.c_uint64]
-            lib.shm_exchange_attach.restype = ctypes.c_int
-        return lib
+        if lib is None:
+            raise OSError("the shared-memory exchange could not be compiled")
+        lib.shm_exchange_segment_bytes.argtypes = [_L, _L]
+        lib.shm_exchange_segment_bytes.restype = _L
+        lib.shm_exchange_init.argtypes = [_P, _L, _L, ctypes.c_uint64]
+        lib.shm_exchange_init.restype = None
+        lib.shm_exchange_attach.argtypes = [_P, _L, _L, ctypes.c_uint64, _L, _L, ctypes.c_uint64]
+        lib.shm_exchange_attach.restype = ctypes.c_int
+        ring = SharedMemoryExchange.ring_bytes(world)
+        return lib, ring, lib.shm_exchange_segment_bytes(world, ring)
 
     @staticmethod
     def ring_bytes(world: int) -> int:
@@ -80,11 +84,7 @@ class SharedMemoryExchange:
     def create(cls, path: str, world: int, token: int) -> None:
         """Creates the segment file at `path` (it must not exist) with its space reserved, so a
         full /dev/shm fails here with ENOSPC rather than later with SIGBUS."""
-        lib = cls.library()
-        if lib is None:
-            raise OSError("the shared-memory exchange could not be compiled")
-        ring = cls.ring_bytes(world)
-        size = lib.shm_exchange_segment_bytes(world, ring)
+        lib, ring, size = cls._layout(world)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)
@@ -99,11 +99,7 @@ class SharedMemoryExchange:
     def attach(cls, path: str, world: int, rank: int, token: int, timeout_s: float) -> SharedMemoryExchange:
         """Maps the segment at `path` and registers this process as `rank`. Raises OSError if the
         file is missing or is not the segment announced with `token` (e.g. a rank on another host)."""
-        lib = cls.library()
-        if lib is None:
-            raise OSError("the shared-memory exchange could not be compiled")
-        ring = cls.ring_bytes(world)
-        size = lib.shm_exchange_segment_bytes(world, ring)
+        lib, ring, size = cls._layout(world)
         fd = os.open(path, os.O_RDWR)
         try:
             if os.fstat(fd).st_size != size:

@@ -105,12 +105,10 @@ class HostProcessGroup(dist.ProcessGroup):
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts):
         if self._exchange is None or output.device.type != "cpu":
             return self._gloo.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
-        if output.is_contiguous():
-            self._exchange.all_to_all(output, input.contiguous(), output_split_sizes, input_split_sizes)
-        else:
-            staged = torch.empty_like(output, memory_format=torch.contiguous_format)
-            self._exchange.all_to_all(staged, input.contiguous(), output_split_sizes, input_split_sizes)
-            output.copy_(staged)
+        into = output if output.is_contiguous() else torch.empty_like(output, memory_format=torch.contiguous_format)
+        self._exchange.all_to_all(into, input.contiguous(), output_split_sizes, input_split_sizes)
+        if into is not output:
+            output.copy_(into)
         return _Done(output)
 
 
@@ -126,12 +124,9 @@ for _name in ("allreduce", "allgather", "broadcast", "barrier", "alltoall", "red
     setattr(HostProcessGroup, _name, _gloo_does(_name))
 
 
-def _create(store, rank, world, timeout):
-    return HostProcessGroup(store, rank, world, timeout)
-
-
 def register() -> str:
     """Makes BACKEND known to torch.distributed (idempotent) and returns its name."""
     if not hasattr(dist.Backend, BACKEND.upper()):   # register_backend sets Backend.<NAME>
-        dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
+        # The creator is called as (store, rank, world size, timeout): the group's constructor.
+        dist.Backend.register_backend(BACKEND, HostProcessGroup, devices=["cpu"])
     return BACKEND
