@@ -19,27 +19,36 @@ ORACLE_TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 ORACLE_STAMP := $(ORACLE_VENV)/.installed
 
-.PHONY: install system-packages run serve test bench clean
+.PHONY: install system-packages run serve test test-latest lock bench clean
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+# Every install takes its versions from the lock (requirements/lock.txt, made by `make lock`);
+# pyproject.toml keeps the ranges for people who `pip install` the package.
+LOCK := requirements/lock.txt
+
+# $(1): the venv, $(2): extra pip arguments (a constraint file, or none for the newest allowed).
+define install_project
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip setuptools wheel
+	$(1)/bin/pip install -q $(2) "$(TORCH_SPEC)"
 	# deepspeed builds from source against the torch already installed (no isolated build env,
 	# which would pull a second, CUDA torch); DS_BUILD_OPS=0 keeps its ops JIT-only.
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15"
-	$(BIN)/pip install -q -e ".[test]"
+	DS_BUILD_OPS=0 $(1)/bin/pip install -q $(2) --no-build-isolation "deepspeed>=0.15"
+	$(1)/bin/pip install -q $(2) -e ".[test]"
 	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use; do it once here.
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
+	$(1)/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
+endef
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install_project,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 $(ORACLE_STAMP): $(STAMP)
 	$(PYTHON) -m venv $(ORACLE_VENV)
 	$(ORACLE_VENV)/bin/pip install -q --upgrade pip
-	# Same transformers and Pillow as the main venv: same processor code, same image decoding.
-	$(ORACLE_VENV)/bin/pip install -q $(ORACLE_TORCH) \
-	  "transformers==$$($(BIN)/python -c 'import transformers; print(transformers.__version__)')" \
-	  "pillow==$$($(BIN)/python -c 'import PIL; print(PIL.__version__)')"
+	# The lock less its torch (ORACLE_TORCH pins that pair): the same transformers and Pillow as
+	# the main venv, so the same processor code and image decoding.
+	grep -v '^torch==' $(LOCK) > $(ORACLE_VENV)/constraints.txt
+	$(ORACLE_VENV)/bin/pip install -q -c $(ORACLE_VENV)/constraints.txt $(ORACLE_TORCH) transformers pillow
 	touch $(ORACLE_STAMP)
 
 install: $(STAMP)
@@ -57,5 +66,23 @@ system-packages:
 test: $(STAMP) $(ORACLE_STAMP) system-packages
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The newest versions pyproject.toml allows (no lock), in a venv of their own: finds the next
+# break on purpose. Known exclusions (pyproject's `!=` pins) are reported, not failed.
+LATEST_VENV ?= .venv-latest
+test-latest: $(ORACLE_STAMP) system-packages
+	rm -rf $(LATEST_VENV)
+	$(call install_project,$(LATEST_VENV),)
+	$(LATEST_VENV)/bin/python tools/known_exclusions.py
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Re-resolves the lock from pyproject.toml's ranges (the newest allowed versions) in a fresh
+# venv. Run it, then `make test`, and commit the lock only when the suite is green.
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(call install_project,$(LOCK_VENV),)
+	$(LOCK_VENV)/bin/python tools/write_lock.py $(LOCK_VENV) $(LOCK)
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) $(ORACLE_VENV) .pytest_cache
+	rm -rf $(VENV) $(ORACLE_VENV) $(LATEST_VENV) .pytest_cache

@@ -13,29 +13,19 @@ import os
 import sys
 from pathlib import Path
 
-CPU_KERNELS_HELP = ("auto: compile (once, ~1 s, needs a C compiler) and use the native CPU kernels for the routed "
-                    "experts of decode steps and for RMSNorm, falling back to torch when it cannot; off: torch only")
-CPU_COLLECTIVES_HELP = ("how CPU expert-parallel ranks exchange tokens. auto: through shared memory when every rank "
-                        "can map one segment (ranks on one host), else gloo over TCP; gloo: always gloo")
 
+def _add_model_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """--model, --address and every engine and parallel knob (declared in config.py)."""
+    from .config import EngineConfig, ParallelConfig
+    from .knobs import add_arguments
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="checkpoint directory in the Hugging Face Llama 4 layout "
                         "(default: the tiny checkpoint, created on first use in ~/.cache/maverick-ray)")
-    p.add_argument("--ep", type=int, default=1, metavar="N",
-                   help="expert-parallel ranks; N > 1 runs N Ray worker actors (default: 1, in-process)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address to join (default: start a local Ray bound to 127.0.0.1)")
-    p.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"],
-                   help="Ray placement-group strategy for the EP workers (default: PACK)")
-    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per EP worker (1 on GPU clusters)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations (auto: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences per EP rank")
-    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"], help=CPU_KERNELS_HELP)
-    p.add_argument("--cpu-collectives", default="auto", choices=["auto", "gloo"], help=CPU_COLLECTIVES_HELP)
+    add_arguments(p, ParallelConfig, defaults)
+    add_arguments(p, EngineConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,22 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on a local or existing Ray cluster",
                        description="Start (or join) Ray, deploy maverick-ray with Ray Serve and serve the "
                                    "OpenAI-compatible API until interrupted.")
-    s.add_argument("--model", metavar="DIR", default=None,
-                   help="checkpoint directory (default: the tiny checkpoint, created if missing)")
-    s.add_argument("--ep", type=int, default=2, metavar="N", help="expert-parallel ranks per replica (default: 2)")
+    _add_model_args(s, {"ep_size": 2})
     s.add_argument("--replicas", type=int, default=1, help="Serve replicas (each one a whole EP engine)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     s.add_argument("--metrics-port", type=int, default=8080,
                    help="Prometheus metrics export port of the local Ray node (default: 8080)")
-    s.add_argument("--address", default=None, help="existing Ray cluster to deploy onto (default: start one)")
-    s.add_argument("--placement-strategy", default="PACK",
-                   choices=["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"], help="placement of the EP workers")
-    s.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per EP worker (1 on GPU clusters)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    s.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
-    s.add_argument("--cpu-kernels", default="auto", choices=["auto", "off"], help=CPU_KERNELS_HELP)
-    s.add_argument("--cpu-collectives", default="auto", choices=["auto", "gloo"], help=CPU_COLLECTIVES_HELP)
     s.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (or set MAVERICK_RAY_API_KEY)")
@@ -114,15 +94,14 @@ def _checkpoint(path: str | None) -> Path:
 def make_engine(args, tokenizer=None, progress: bool = True):
     from .config import EngineConfig, ParallelConfig
     from .engine.engine import Engine
+    from .knobs import from_arguments
     from .ray_runtime import init_ray
 
     ckpt = _checkpoint(args.model)
-    parallel = ParallelConfig(ep_size=args.ep, placement_strategy=args.placement_strategy,
-                              num_gpus_per_worker=args.gpus_per_worker)
-    engine_cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-                              cpu_kernels=args.cpu_kernels, cpu_collectives=args.cpu_collectives)
-    if args.ep > 1:
-        init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep + 1))
+    parallel = from_arguments(ParallelConfig, args)
+    engine_cfg = from_arguments(EngineConfig, args)
+    if parallel.ep_size > 1:
+        init_ray(args.address, num_cpus=max(os.cpu_count() or 1, parallel.ep_size + 1))
     return Engine(ckpt, parallel, engine_cfg, progress=progress, tokenizer=tokenizer), ckpt
 
 

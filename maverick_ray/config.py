@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .knobs import check_choices, knob
+
 
 class ConfigError(ValueError):
     """A config.json value is missing, of the wrong type, or inconsistent with another."""
@@ -313,22 +315,26 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the expert-parallel group is laid out over the Ray cluster."""
+    """How the expert-parallel group is laid out over the Ray cluster. Each field is a knob
+    (maverick_ray/knobs.py): the CLI flags and the Serve app's args are derived from it."""
 
-    ep_size: int = 1
-    placement_strategy: str = "PACK"     # Ray placement-group strategy for the worker bundles
-    num_gpus_per_worker: float = 0       # 1 on GPU clusters (one worker per GPU), 0 on CPU
-    num_cpus_per_worker: float = 1
-    expert_owner: tuple[int, ...] | None = None  # expert -> rank map; None = contiguous blocks
-    # Extra Ray resources each worker bundle asks for, e.g. {"expert_host": 1} to keep the
-    # expert shards on nodes started with `ray start --resources='{"expert_host": 4}'`.
-    worker_resources: dict[str, float] | None = None
+    ep_size: int = knob(1, "expert-parallel ranks; N > 1 runs N Ray worker actors, each holding 1/N of the "
+                           "routed experts", flag="--ep")
+    placement_strategy: str = knob("PACK", "Ray placement-group strategy for the EP workers: PACK on one node, "
+                                           "SPREAD/STRICT_SPREAD across nodes", choices=PLACEMENT_STRATEGIES)
+    num_gpus_per_worker: float = knob(0, "GPUs per EP worker (1 on GPU clusters, 0 on CPU)",
+                                      flag="--gpus-per-worker")
+    num_cpus_per_worker: float = knob(1, "CPUs per EP worker", flag="--cpus-per-worker")
+    expert_owner: tuple[int, ...] | None = knob(
+        None, "expert -> rank map (a list with one rank per routed expert); null = contiguous blocks", cli=False)
+    worker_resources: dict[str, float] | None = knob(
+        None, "extra Ray resources each EP worker bundle asks for, e.g. {expert_host: 1} to keep the expert "
+              "shards on nodes started with ray start --resources='{\"expert_host\": 4}'", cli=False)
 
     def __post_init__(self):
         _require(isinstance(self.ep_size, int) and self.ep_size >= 1, "ep_size",
                  f"must be a positive integer, got {self.ep_size!r}")
-        _require(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
-                 f"must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+        check_choices(self)
         _require(self.num_gpus_per_worker >= 0 and self.num_cpus_per_worker >= 0, "num_gpus_per_worker",
                  "resources must be non-negative")
         extra = self.worker_resources or {}
@@ -349,26 +355,28 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Capacity and numerics of one engine (one Serve replica)."""
+    """Capacity, numerics and timeouts of one engine (one Serve replica). Each field is a knob
+    (maverick_ray/knobs.py): the CLI flags and the Serve app's args are derived from it."""
 
-    max_num_seqs: int = 32          # KV cache slots per rank = sequences a rank runs at once
-    max_model_len: int = 2048       # prompt + output tokens of one sequence (KV positions per slot)
-    max_waiting: int = 1024         # queued requests beyond which new ones are refused
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per rank per step
-    dtype: str = "auto"             # auto = float32 on CPU, bfloat16 on GPU
-    device: str = "auto"            # auto = cuda when the worker has a GPU, else cpu
-    step_timeout_s: float = 120.0   # a step slower than this marks the engine unhealthy
-    cpu_kernels: str = "auto"       # auto = compile and use native CPU kernels (needs a C compiler), off = torch only
-    cpu_collectives: str = "auto"   # auto = all-to-all over shared memory when all CPU ranks share a host, gloo = gloo only
+    max_num_seqs: int = knob(32, "concurrent sequences per EP rank (KV cache slots per rank)")
+    max_model_len: int = knob(2048, "prompt + output tokens of one sequence (KV positions per slot)")
+    max_waiting: int = knob(1024, "queued requests beyond which new ones are refused (HTTP 503)")
+    max_prefill_tokens: int = knob(4096, "prompt tokens admitted per rank per step")
+    dtype: str = knob("auto", "weights and activations (auto: float32 on CPU, bfloat16 on GPU)",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = knob("auto", "where the ranks compute (auto: cuda when the worker has a GPU, else cpu)",
+                       choices=("auto", "cpu", "cuda"))
+    step_timeout_s: float = knob(120.0, "seconds a step may take before the engine is marked unhealthy")
+    cpu_kernels: str = knob("auto", "auto: compile (once, ~1 s, needs a C compiler) and use the native CPU "
+                                    "kernels for the routed experts of decode steps and for RMSNorm, falling back "
+                                    "to torch when it cannot; off: torch only", choices=("auto", "off"))
+    cpu_collectives: str = knob("auto", "how CPU expert-parallel ranks exchange tokens. auto: through shared "
+                                        "memory when every rank can map one segment (ranks on one host), else "
+                                        "gloo over TCP; gloo: always gloo", choices=("auto", "gloo"))
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                 f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        check_choices(self)
         _require(self.step_timeout_s > 0, "step_timeout_s", "must be positive")
-        _require(self.cpu_kernels in ("auto", "off"), "cpu_kernels", f"must be auto or off, got {self.cpu_kernels!r}")
-        _require(self.cpu_collectives in ("auto", "gloo"), "cpu_collectives",
-                 f"must be auto or gloo, got {self.cpu_collectives!r}")

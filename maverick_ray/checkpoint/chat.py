@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import CheckpointError
 
-ROLES = ("system", "user", "assistant", "developer", "tool", "ipython")
+ROLES = ("system", "user", "assistant", "developer", "tool", "ipython")  # the chat roles, for the API too
 STOP_NAMES = ("<|end_of_text|>", "<|eom|>", "<|eot|>")
 
 

@@ -65,7 +65,7 @@ class MaverickServer:
         ckpt = Path(self.settings.model) if self.settings.model else ensure_tiny_checkpoint()
         self.tokenizer = Llama4Tokenizer.from_pretrained(ckpt)
         self.engine = Engine(ckpt, self.settings.parallel(), self.settings.engine(),
-                             use_ray=self.settings.ep_size > 1, tokenizer=self.tokenizer).start()
+                             use_ray=self.settings.parallel().ep_size > 1, tokenizer=self.tokenizer).start()
         from ..metrics import EngineMetrics
 
         try:
@@ -141,7 +141,7 @@ def build_app(args: "dict | None" = None) -> serve.Application:
     bundles = settings.placement_group_bundles()
     if bundles:
         options["placement_group_bundles"] = bundles
-        options["placement_group_strategy"] = settings.placement_strategy
+        options["placement_group_strategy"] = settings.parallel().placement_strategy
     if settings.autoscaling_config:
         options["autoscaling_config"] = settings.autoscaling_config
     elif settings.num_replicas is not None:

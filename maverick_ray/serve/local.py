@@ -18,19 +18,26 @@ def deploy(args, blocking_ready: bool = True) -> str:
     from .app import build_app
 
     model = str(Path(args.model)) if args.model else str(ensure_tiny_checkpoint())
-    init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep * args.replicas + 2),
+    init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep_size * args.replicas + 2),
              metrics_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app_args = {"model": model, "ep_size": args.ep, "num_replicas": args.replicas,
-                "placement_strategy": args.placement_strategy, "num_gpus_per_worker": args.gpus_per_worker,
-                "dtype": args.dtype, "max_model_len": args.max_model_len, "cpu_kernels": args.cpu_kernels,
-                "cpu_collectives": args.cpu_collectives}
+    app_args = app_args_from_cli(args, model)
+    serve.run(build_app(app_args), name="maverick", route_prefix="/", blocking=False)
+    return f"http://{args.host}:{args.port}"
+
+
+def app_args_from_cli(args, model: str) -> dict:
+    """The Serve app's args from `maverick-ray serve` flags: every engine and parallel knob."""
+    from ..config import EngineConfig, ParallelConfig
+    from ..knobs import as_dict, from_arguments
+
+    app_args = {"model": model, "num_replicas": args.replicas,
+                **as_dict(from_arguments(ParallelConfig, args)), **as_dict(from_arguments(EngineConfig, args))}
     if args.served_model_name:
         app_args["served_model_name"] = args.served_model_name
     if args.api_key:
         app_args["api_key"] = args.api_key
-    serve.run(build_app(app_args), name="maverick", route_prefix="/", blocking=False)
-    return f"http://{args.host}:{args.port}"
+    return app_args
 
 
 def serve_forever(args) -> int:
@@ -38,7 +45,7 @@ def serve_forever(args) -> int:
     url = deploy(args)
     name = args.served_model_name or (Path(args.model).name if args.model else "tiny")
     auth = ' -H "Authorization: Bearer $MAVERICK_RAY_API_KEY"' if args.api_key else ""
-    print(f"maverick-ray ready: {url}/v1 (model '{name}', EP={args.ep}, replicas={args.replicas})", flush=True)
+    print(f"maverick-ray ready: {url}/v1 (model '{name}', EP={args.ep_size}, replicas={args.replicas})", flush=True)
     print(f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
           f"\"max_tokens\": 16}}'", flush=True)

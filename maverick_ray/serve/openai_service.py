@@ -100,7 +100,7 @@ class OpenAIService:
     async def _run(self, req: ParsedRequest, prompt_ids: list[int], mm, chat: bool):
         params = req.params
         if not req.max_tokens_given:
-            room = self.settings.max_model_len - len(prompt_ids)
+            room = self.settings.engine().max_model_len - len(prompt_ids)
             params.max_tokens = max(1, min(self.settings.default_max_tokens, room))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         try:

@@ -10,10 +10,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checkpoint.chat import ROLES
 from ..engine.sampling import SamplingParams
 from .errors import bad_request
-
-ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Settings of one maverick-ray Serve application, from the builder's `args` (Serve config YAML)."""
+"""Settings of one maverick-ray Serve application, from the builder's `args` (Serve config YAML).
+
+The args are flat: every engine and parallel knob (`EngineConfig`, `ParallelConfig` in
+config.py, where each is declared with its help text) plus the serving settings below.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..config import ConfigError, EngineConfig, ParallelConfig
+from ..knobs import knobs
 
 API_KEY_ENV = "MAVERICK_RAY_API_KEY"
+SERVE_DEFAULTS = {"ep_size": 2}  # a server runs expert parallelism by default; `generate` runs EP = 1
 
 
 @dataclass
 class ServeSettings:
     model: str | None = None             # checkpoint dir; None = the tiny checkpoint (created if missing)
     served_model_name: str | None = None  # name clients pass as `model`; default: the directory name
-    ep_size: int = 2
-    placement_strategy: str = "PACK"
-    num_gpus_per_worker: float = 0
-    num_cpus_per_worker: float = 1
-    worker_resources: dict | None = None   # custom Ray resources per EP worker bundle
-    dtype: str = "auto"
-    cpu_kernels: str = "auto"             # native CPU kernels (routed experts, RMSNorm): auto | off
-    cpu_collectives: str = "auto"         # CPU ranks' all-to-all: auto (shared memory on one host) | gloo
-    max_model_len: int = 2048
-    max_num_seqs: int = 32
     default_max_tokens: int = 256
     max_images: int = 8
     max_image_pixels: int = 16_000_000
@@ -39,34 +35,43 @@ class ServeSettings:
     autoscaling_config: dict | None = None
     max_ongoing_requests: int = 64
     replica_num_cpus: float = 1
-    extra: dict = field(default_factory=dict)
+    # The engine's and the EP group's knobs, built from the same flat args.
+    engine_config: EngineConfig = field(default_factory=EngineConfig)
+    parallel_config: ParallelConfig = field(default_factory=lambda: ParallelConfig(**SERVE_DEFAULTS))
+
+    @staticmethod
+    def own_names() -> set[str]:
+        return {f.name for f in fields(ServeSettings)} - {"engine_config", "parallel_config"}
+
+    @staticmethod
+    def knob_names() -> set[str]:
+        """The engine and parallel knobs the args accept (each config's own fields)."""
+        return {f.name for cls in (EngineConfig, ParallelConfig) for f in knobs(cls)}
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
+        """Validates the args (unknown names and bad values raise ConfigError)."""
         args = dict(args or {})
-        names = {f.name for f in fields(cls)} - {"extra"}
-        unknown = sorted(set(args) - names)
+        known = cls.own_names() | cls.knob_names()
+        unknown = sorted(set(args) - known)
         if unknown:
-            raise ConfigError(f"unknown application args {unknown}; known: {sorted(names)}")
-        s = cls(**args)
+            raise ConfigError(f"unknown application args {unknown}; known: {sorted(known)}")
+        pick = lambda cfg: {f.name: args.pop(f.name) for f in knobs(cfg) if f.name in args}  # noqa: E731
+        engine = EngineConfig(**pick(EngineConfig))
+        parallel = ParallelConfig(**{**SERVE_DEFAULTS, **pick(ParallelConfig)})
+        s = cls(**args, engine_config=engine, parallel_config=parallel)
         if s.api_key is None:
             s.api_key = os.environ.get(API_KEY_ENV) or None
-        s.parallel()  # validate early
-        s.engine()
         return s
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(ep_size=self.ep_size, placement_strategy=self.placement_strategy,
-                              num_gpus_per_worker=self.num_gpus_per_worker,
-                              num_cpus_per_worker=self.num_cpus_per_worker,
-                              worker_resources=self.worker_resources)
+        return self.parallel_config
 
     def engine(self) -> EngineConfig:
-        return EngineConfig(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, dtype=self.dtype,
-                            cpu_kernels=self.cpu_kernels, cpu_collectives=self.cpu_collectives)
+        return self.engine_config
 
     def placement_group_bundles(self) -> list[dict] | None:
         """The replica's own bundle plus one per EP worker (EP > 1 runs the workers as actors)."""
-        if self.ep_size <= 1:
+        if self.parallel_config.ep_size <= 1:
             return None
-        return [{"CPU": self.replica_num_cpus}] + [self.parallel().worker_bundle()] * self.ep_size
+        return [{"CPU": self.replica_num_cpus}] + [self.parallel_config.worker_bundle()] * self.parallel_config.ep_size
