@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class TextConfig:
     attn_scale: float
     rms_norm_eps: float
     max_position_embeddings: int
-    tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -101,6 +100,8 @@ class TextConfig:
         _require(act == "silu", p + "hidden_act", f"only 'silu' is supported, got {act!r}")
         _require(not d.get("attention_bias", False), p + "attention_bias",
                  "Llama 4 attention has no biases; attention_bias=true is not supported")
+        _require(not d.get("tie_word_embeddings", False), p + "tie_word_embeddings",
+                 "Llama 4 keeps a separate lm_head; tied input and output embeddings are not supported")
 
         moe_layers = d.get("moe_layers")
         if moe_layers is None:
@@ -153,7 +154,6 @@ class TextConfig:
             attn_scale=float(d.get("attn_scale", 0.1)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=d.get("pad_token_id"),
@@ -268,9 +268,6 @@ class ModelConfig:
     text: TextConfig
     vision: VisionConfig | None = None
     image_token_id: int | None = None   # <|patch|>
-    boi_token_id: int | None = None     # <|image_start|>
-    eoi_token_id: int | None = None     # <|image_end|>
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_multimodal(self) -> bool:
@@ -279,6 +276,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         _require(isinstance(d, dict), "config.json", "must hold a JSON object")
+        _require(not d.get("tie_word_embeddings", False), "tie_word_embeddings",
+                 "Llama 4 keeps a separate lm_head; tied input and output embeddings are not supported")
         if "text_config" in d:
             text_d = d["text_config"]
             _require(isinstance(text_d, dict), "text_config", "must be an object")
@@ -287,11 +286,10 @@ class ModelConfig:
             vision = VisionConfig.from_dict(vision_d) if vision_d else None
             if vision is not None:
                 _require(vision.projector_output_dim > 0, "vision_config.projector_output_dim", "must be positive")
-            return cls(text=text, vision=vision, image_token_id=d.get("image_token_index", d.get("image_token_id")),
-                       boi_token_id=d.get("boi_token_index"), eoi_token_id=d.get("eoi_token_index"), raw=d)
+            return cls(text=text, vision=vision, image_token_id=d.get("image_token_index", d.get("image_token_id")))
         mt = d.get("model_type", "llama4_text")
         _require(mt in ("llama4_text", "llama4"), "model_type", f"expected a Llama 4 config, got {mt!r}")
-        return cls(text=TextConfig.from_dict(d), raw=d)
+        return cls(text=TextConfig.from_dict(d))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":

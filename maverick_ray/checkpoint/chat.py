@@ -16,7 +16,6 @@ from typing import Any
 from .errors import CheckpointError
 
 ROLES = ("system", "user", "assistant", "developer", "tool", "ipython")  # the chat roles, for the API too
-STOP_NAMES = ("<|end_of_text|>", "<|eom|>", "<|eot|>")
 
 
 class Llama4Tokenizer:
@@ -49,14 +48,6 @@ class Llama4Tokenizer:
         if i is None:
             raise CheckpointError(f"tokenizer.json: has no special token {name}")
         return i
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return [i for i in (self.tok.token_to_id(n) for n in STOP_NAMES) if i is not None]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids

@@ -1,8 +1,9 @@
 """The engine: requests in, tokens out, one lockstep step over all EP ranks at a time.
 
 Protocol the serving layer relies on: `add_request`, iterating the returned stream (sync or
-async), `abort`, `stats`, `healthy`. Steps run in a background thread; a failing or stuck
-rank fails every waiting request with an EngineError and marks the engine unhealthy.
+async), `abort`, `stats`, `healthy`. Steps run in a background thread over a RankGroup
+(engine/ranks.py); a rank that raises, dies or exceeds step_timeout_s fails every request
+with an EngineError and marks the engine unhealthy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 
 from ..config import EngineConfig, ModelConfig, ParallelConfig
+from .ranks import RankGroup
 from .request import EngineError, Request, RequestStream, TokenEvent
 from .sampling import InvalidRequest, SamplingParams
 from .scheduler import Scheduler
@@ -66,7 +68,7 @@ class Engine:
         self.last_step: StepStats | None = None
         self._listeners: list[Callable[[StepStats], None]] = []
         self._finish_listeners: list[Callable[[Request, str, float], None]] = []
-        self.ranks = None
+        self.ranks: RankGroup | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -151,12 +153,12 @@ class Engine:
         stream = RequestStream(request_id)
         req = Request(request_id, list(prompt_ids), params, stream, mm_inputs)
         with self._cv:
+            if self.error is not None:  # checked again under the lock the failure path holds
+                raise EngineError(f"engine is unhealthy: {self.error}")
             if request_id in self._requests:
                 raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
-            if len(self.scheduler.waiting) >= self.engine_cfg.max_waiting:
-                raise EngineError(f"the engine is full: {len(self.scheduler.waiting)} requests already waiting")
+            self.scheduler.add(req)  # EngineError when the queue is full
             self._requests[request_id] = req
-            self.scheduler.waiting.append(req)
             self._cv.notify_all()
         return stream
 
@@ -184,9 +186,9 @@ class Engine:
         with self._cv:
             used = sum(self.scheduler.load(r) for r in range(self.parallel.ep_size))
             slots = self.engine_cfg.max_num_seqs * self.parallel.ep_size
-            cached = sum(r.cached_tokens for r in self.scheduler.running.values())
+            cached = self.scheduler.cached_tokens
             return {"healthy": self.healthy, "error": self.error, "steps": self.step_count,
-                    "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                    "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
                     "kv_slots_used": used, "kv_slots_total": slots,
                     "kv_tokens_used": cached, "kv_tokens_total": slots * self.engine_cfg.max_model_len,
                     "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
@@ -204,7 +206,7 @@ class Engine:
                 self._apply_aborts()
                 if not self.scheduler.has_work:
                     continue
-                decoding = sum(1 for r in self.scheduler.running.values() if r.prefilled)
+                decoding = self.scheduler.num_decoding
                 plans, admitted = self.scheduler.plan()
             t0 = time.perf_counter()
             try:
@@ -217,11 +219,8 @@ class Engine:
     def _apply_aborts(self) -> None:
         while self._aborts:
             req = self._requests.get(self._aborts.popleft())
-            if req is None:
-                continue
-            if req in self.scheduler.waiting:
-                self.scheduler.waiting.remove(req)
-            self._finish(req, "abort")
+            if req is not None:
+                self._finish(req, "abort")
 
     def _finish_step(self, plans, results, admitted, decoding, seconds) -> None:
         with self._cv:
@@ -254,38 +253,37 @@ class Engine:
                          phase_seconds=phases)
 
     def _on_token(self, req: Request, token: int) -> None:
-        if req.aborted:
+        if req.state.done:
             return
-        req.prefilled = True
+        self.scheduler.first_token(req)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_ids):
-            self._finish(req, "stop", final_token=token)
+            held = self.tokenizer.decode(req.output_ids)[req.emitted:] if self.tokenizer and req.output_ids else ""
+            self._finish(req, "stop", tail=held)  # text held back for a stop string that never completed
             return
         req.output_ids.append(token)
-        delta, stopped = "", False
+        full, delta, stopped = "", "", False
         if self.tokenizer is not None:
             full = self.tokenizer.decode(req.output_ids)
             delta, req.emitted, stopped = advance(full, req.emitted, p.stop)
+        self._emit(req, token, delta)
         if stopped:
-            self._emit(req, token, delta)
             self._finish(req, "stop")
         elif len(req.output_ids) >= p.max_tokens:
-            self._emit(req, token, delta)
-            self._finish(req, "length")
-        else:
-            self._emit(req, token, delta)
+            self._finish(req, "length", tail=full[req.emitted:])
 
     def _emit(self, req: Request, token: int | None, text: str) -> None:
         req.stream.put(TokenEvent(req.request_id, token, text, prompt_tokens=len(req.prompt_ids),
                                   completion_tokens=len(req.output_ids)))
 
-    def _finish(self, req: Request, reason: str, error: str | None = None, final_token: int | None = None) -> None:
-        """Ends a request: frees its slot and sends the final event (with any held-back text)."""
-        if req.aborted:
+    def _finish(self, req: Request, reason: str, error: str | None = None, tail: str = "") -> None:
+        """Ends a request: frees its slot and sends the final event, carrying `tail` (text held
+        back for a stop string that never completed)."""
+        if req.state.done:
             return
-        req.aborted = True
+        self.scheduler.finish(req, aborted=reason == "abort")
         self.finished[reason] = self.finished.get(reason, 0) + 1
         now = time.monotonic()
         for fn in self._finish_listeners:
@@ -293,14 +291,7 @@ class Engine:
                 fn(req, reason, now)
             except Exception:  # a metrics bug must not stop generation
                 log.exception("finish listener failed")
-        self.scheduler.finish(req)
         self._requests.pop(req.request_id, None)
-        tail = ""
-        if self.tokenizer is not None and reason == "length" and req.output_ids:
-            full = self.tokenizer.decode(req.output_ids)
-            tail = full[req.emitted:]  # text held back for a stop string that never completed
-        if final_token is not None and self.tokenizer is not None and req.output_ids:
-            tail = self.tokenizer.decode(req.output_ids)[req.emitted:]
         req.stream.put(TokenEvent(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
                                   prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids)))
 
@@ -313,4 +304,3 @@ class Engine:
         with self._cv:
             for req in list(self._requests.values()):
                 self._finish(req, "error", error=message)
-            self.scheduler.waiting.clear()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 from ..config import EngineConfig, ParallelConfig
 from ..parallel.network import pin_collective_interface
@@ -50,6 +52,35 @@ class ComputeThread:
         self._pool.shutdown(wait=False)
 
 
+CALL_TIMEOUT_S = 120.0  # RankGroup.call: a rank method that takes longer is reported as hung
+
+
+class RankGroup(Protocol):
+    """The ranks an engine steps in lockstep. LocalRanks (EP = 1, in-process) and RayRanks
+    (Ray actors) implement it with the same semantics, which the engine relies on."""
+
+    placement: ExpertPlacement | None
+    infos: list[dict]          # what each rank reported at start (rank, node, experts, collectives, ...)
+
+    def start(self, num_experts: int) -> None:
+        """Builds every rank (weights, KV cache, collective group); returns when all are ready."""
+
+    def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
+        """Runs one step, plans[r] on rank r; returns the results in rank order. Raises RankFailed
+        when a rank raises or its process dies, TimeoutError when some rank has not finished
+        within `timeout` s (the rank may still be running: the group is then unusable)."""
+
+    def call(self, method: str, *args, timeout: float = CALL_TIMEOUT_S) -> list:
+        """Calls RankWorker.method(*args) on every rank between steps; results in rank order.
+        TimeoutError after `timeout` s."""
+
+    def submit_host_work(self, fn: Callable, *args) -> Future:
+        """Runs host-side torch work (image preprocessing) where it does not slow the ranks."""
+
+    def shutdown(self) -> None:
+        """Stops every rank and frees its resources. Safe to call twice."""
+
+
 class LocalRanks:
     """A single in-process rank (EP = 1, no Ray), computing on its own ComputeThread."""
 
@@ -67,11 +98,19 @@ class LocalRanks:
         self.worker = self._compute.run(RankWorker, checkpoint, 0, self.placement, engine, None, progress)
         self.infos = [self._compute.run(self.worker.info)]
 
-    def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
-        return [self._compute.run(self.worker.step, plans[0])]
+    def _wait(self, future: Future, timeout: float, what: str) -> Any:
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"rank 0 did not finish {what} within {timeout:.0f}s") from None
+        except Exception as e:  # the rank raised: the same error a Ray rank reports
+            raise RankFailed(0, type(e).__name__, str(e)) from e
 
-    def call(self, method: str, *args) -> list:
-        return [self._compute.run(getattr(self.worker, method), *args)]
+    def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
+        return [self._wait(self._compute.submit(self.worker.step, plans[0]), timeout, "a step")]
+
+    def call(self, method: str, *args, timeout: float = CALL_TIMEOUT_S) -> list:
+        return [self._wait(self._compute.submit(getattr(self.worker, method), *args), timeout, method)]
 
     def submit_host_work(self, fn, *args):
         """Host-side torch work (image preprocessing) runs on the rank's thread, between steps:
@@ -217,10 +256,13 @@ class RayRanks:
             return f"Ray did not say why ({type(e).__name__})"
         return "Ray still reports the actor alive"
 
-    def call(self, method: str, *args) -> list:
+    def call(self, method: str, *args, timeout: float = CALL_TIMEOUT_S) -> list:
         import ray
 
-        return ray.get([a.call.remote(method, *args) for a in self.actors], timeout=120)
+        try:
+            return ray.get([a.call.remote(method, *args) for a in self.actors], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"the ranks did not finish {method} within {timeout:.0f}s") from None
 
     def submit_host_work(self, fn, *args):
         """Host-side torch work (image preprocessing) on one helper thread of this process, off

@@ -8,6 +8,7 @@ waiting reader.
 from __future__ import annotations
 
 import asyncio
+import enum
 import queue
 import threading
 import time
@@ -77,6 +78,20 @@ class RequestStream:
                 return
 
 
+class RequestState(enum.Enum):
+    """Where a request is in its life. Only the Scheduler changes it (engine/scheduler.py)."""
+
+    WAITING = "waiting"        # queued: no rank or KV slot yet
+    PREFILLING = "prefilling"  # admitted to a rank and slot; its prompt runs in the next step
+    RUNNING = "running"        # has its first token; decodes one token per step
+    FINISHED = "finished"      # ended: stop, length or error (slot freed)
+    ABORTED = "aborted"        # ended by the client going away (slot freed)
+
+    @property
+    def done(self) -> bool:
+        return self in (RequestState.FINISHED, RequestState.ABORTED)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -88,11 +103,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     rank: int | None = None
     slot: int | None = None
-    prefilled: bool = False
+    state: RequestState = RequestState.WAITING
     first_token_time: float | None = None
-    text: str = ""          # decoded output so far
-    emitted: int = 0        # characters of `text` already sent
-    aborted: bool = False
+    emitted: int = 0        # characters of the decoded output already sent
 
     @property
     def cached_tokens(self) -> int:

@@ -3,6 +3,10 @@
 Each step every running sequence decodes one token; waiting requests are admitted (whole
 prompt prefilled) onto the least-loaded rank that has a free KV cache slot and prefill budget,
 so new requests join batches that are already generating.
+
+The scheduler owns every request's lifecycle state (request.RequestState): `add` queues
+(WAITING), `plan` admits (PREFILLING), `first_token` starts decoding (RUNNING), `finish` ends
+(FINISHED or ABORTED) and frees the slot. Nothing else changes a request's state.
 """
 
 from __future__ import annotations
@@ -10,55 +14,109 @@ from __future__ import annotations
 from collections import deque
 
 from ..config import EngineConfig
-from .request import Request
+from .request import EngineError, Request, RequestState
 from .step_types import RankPlan, SeqWork
+
+S = RequestState
+_ALLOWED = {  # state -> the states it may move to
+    S.WAITING: {S.PREFILLING, S.FINISHED, S.ABORTED},
+    S.PREFILLING: {S.RUNNING, S.FINISHED, S.ABORTED},
+    S.RUNNING: {S.FINISHED, S.ABORTED},
+    S.FINISHED: set(),
+    S.ABORTED: set(),
+}
 
 
 class Scheduler:
     def __init__(self, world_size: int, engine: EngineConfig):
         self.world = world_size
         self.engine = engine
-        self.waiting: deque[Request] = deque()
-        self.running: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, Request] = {}   # admitted: PREFILLING or RUNNING
         self.free_slots = [list(range(engine.max_num_seqs - 1, -1, -1)) for _ in range(world_size)]
         self.pending_release: list[list[str]] = [[] for _ in range(world_size)]
 
+    @staticmethod
+    def _move(req: Request, new: RequestState) -> None:
+        if new not in _ALLOWED[req.state]:
+            raise RuntimeError(f"request {req.request_id}: no transition {req.state.value} -> {new.value}")
+        req.state = new
+
+    # ---- what the engine reads ------------------------------------------------------------------
     def load(self, rank: int) -> int:
         return self.engine.max_num_seqs - len(self.free_slots[rank])
 
     @property
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting or any(self.pending_release))
+    def num_waiting(self) -> int:
+        return len(self._waiting)
 
-    def finish(self, req: Request) -> None:
-        """Frees the request's slot; its rank drops the request's state on the next step."""
-        if req.request_id in self.running:
-            del self.running[req.request_id]
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_decoding(self) -> int:
+        return sum(1 for r in self._running.values() if r.state is S.RUNNING)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self._running.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting or any(self.pending_release))
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queues a new request (WAITING); EngineError when max_waiting requests already wait."""
+        if len(self._waiting) >= self.engine.max_waiting:
+            raise EngineError(f"the engine is full: {len(self._waiting)} requests already waiting")
+        if req.state is not S.WAITING:
+            raise RuntimeError(f"request {req.request_id} is {req.state.value}, not new")
+        self._waiting.append(req)
+
+    def first_token(self, req: Request) -> None:
+        """The request's prompt has run and produced its first token: it decodes from now on."""
+        if req.state is S.PREFILLING:
+            self._move(req, S.RUNNING)
+
+    def finish(self, req: Request, aborted: bool = False) -> None:
+        """Ends the request (FINISHED, or ABORTED when the client went away): leaves the queue, or
+        frees its slot, whose rank drops the request's state on the next step."""
+        self._move(req, S.ABORTED if aborted else S.FINISHED)
+        if req.request_id in self._running:
+            del self._running[req.request_id]
             self.free_slots[req.rank].append(req.slot)
             self.pending_release[req.rank].append(req.request_id)
+        else:
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                pass
 
     def plan(self) -> tuple[list[RankPlan], int]:
         """Plans for every rank and the number of requests admitted this step."""
         plans = [RankPlan(release=self.pending_release[r]) for r in range(self.world)]
         self.pending_release = [[] for _ in range(self.world)]
-        for req in self.running.values():
-            if req.prefilled:
+        for req in self._running.values():
+            if req.state is S.RUNNING:
                 plans[req.rank].work.append(SeqWork(req.request_id, req.slot, req.cached_tokens,
                                                     [req.output_ids[-1]]))
         budget = [self.engine.max_prefill_tokens] * self.world
         admitted = 0
-        while self.waiting:
-            req = self.waiting[0]
+        while self._waiting:
+            req = self._waiting[0]
             ranks = [r for r in range(self.world)
                      if self.free_slots[r] and (budget[r] >= len(req.prompt_ids)
                                                 or budget[r] == self.engine.max_prefill_tokens)]
             if not ranks:
                 break
             rank = min(ranks, key=lambda r: (self.load(r), r))
-            self.waiting.popleft()
+            self._waiting.popleft()
+            self._move(req, S.PREFILLING)
             req.rank, req.slot = rank, self.free_slots[rank].pop()
             budget[rank] -= len(req.prompt_ids)
-            self.running[req.request_id] = req
+            self._running[req.request_id] = req
             plans[rank].work.append(SeqWork(req.request_id, req.slot, 0, list(req.prompt_ids), req.params,
                                             req.mm_inputs))
             admitted += 1

@@ -20,7 +20,7 @@ from ..config import EngineConfig, ModelConfig
 from ..model.batch import ForwardBatch
 from ..model.fused import fuse_projections
 from ..model.kv_cache import KVCache
-from ..model.moe import LocalDispatcher
+from ..model.moe import Dispatcher, LocalDispatcher
 from ..model.rope import inverse_frequencies
 from ..model.text import TextModel
 from ..parallel.placement import ExpertPlacement
@@ -51,7 +51,7 @@ class RankWorker:
         self.device, self.dtype = resolve_device_dtype(engine)
         self.checkpoint = Path(checkpoint)
         self.config = ModelConfig.from_pretrained(checkpoint)
-        dispatcher = LocalDispatcher()
+        dispatcher: Dispatcher = LocalDispatcher()
         self.collectives = None  # how the EP group's all-to-all travels (set by _init_distributed)
         if self.world > 1:
             dispatcher = self._init_distributed(dist_address)
@@ -64,10 +64,10 @@ class RankWorker:
                              text.num_key_value_heads, text.head_dim, self.dtype, self.device)
         self.params: dict[str, SamplingParams] = {}
         self.generators: dict[str, torch.Generator] = {}
-        self.slots: dict[str, int] = {}
         self.vision = None  # built lazily by the vision path when a prompt carries images
         self._phase = defaultdict(float)
         self._fail_in: tuple[int, str] | None = None  # test hook: (steps left, message)
+        self._stall_in: tuple[int, float] | None = None  # test hook: (steps left, seconds)
         self._profile_hooks = []
 
     def _init_distributed(self, address: str | None):
@@ -152,6 +152,11 @@ class RankWorker:
     @torch.no_grad()
     def step(self, plan: RankPlan) -> RankResult:
         t0 = time.perf_counter()
+        if self._stall_in is not None:
+            left, seconds = self._stall_in
+            self._stall_in = (left - 1, seconds) if left else None
+            if not left:
+                time.sleep(seconds)
         if self._fail_in is not None:
             left, message = self._fail_in
             self._fail_in = (left - 1, message) if left else None
@@ -164,31 +169,23 @@ class RankWorker:
         for seq_id in plan.release:
             self.params.pop(seq_id, None)
             self.generators.pop(seq_id, None)
-            self.slots.pop(seq_id, None)
         for w in plan.work:
             if w.params is not None:
                 self.params[w.seq_id] = w.params
                 self.generators[w.seq_id] = make_generator(w.params.seed)
-                self.slots[w.seq_id] = w.slot
         batch = ForwardBatch.build([w.slot for w in plan.work], [w.start for w in plan.work],
                                    [len(w.token_ids) for w in plan.work], device=self.device)
         ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
         embeds = self._embed(ids, plan)
-        if not isinstance(self.dispatcher, LocalDispatcher):
-            self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
+        self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
         counts: list[torch.Tensor] = []
         self._phase.clear()
         logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_counts=counts)
         tokens = self._sample(plan, logits)
-        if isinstance(self.dispatcher, LocalDispatcher):
-            received = [int(c.sum()) for c in counts]
-            a2a_s, a2a_b = 0.0, 0
-        else:
-            st = self.dispatcher.stats
-            received = [st.received_per_layer.get(b.layer, 0) for b in self.model.moe_blocks]
-            a2a_s, a2a_b = st.seconds, st.bytes_sent
+        st = self.dispatcher.stats
+        received = [st.received_per_layer.get(b.layer, 0) for b in self.model.moe_blocks]
         return RankResult(rank=self.rank, tokens=tokens, routed_counts=[c.tolist() for c in counts],
-                          received=received, a2a_seconds=a2a_s, a2a_bytes=a2a_b,
+                          received=received, a2a_seconds=st.seconds, a2a_bytes=st.bytes_sent,
                           step_seconds=time.perf_counter() - t0, phase_seconds=dict(self._phase),
                           num_tokens=int(ids.numel()))
 
@@ -212,6 +209,10 @@ class RankWorker:
         return embeds
 
     # ---- test hooks / profiling -----------------------------------------------------------
+    def stall_after(self, steps: int, seconds: float) -> None:
+        """Test hook: this rank sleeps `seconds` in its step after `steps` more steps (a hung rank)."""
+        self._stall_in = (steps, seconds)
+
     def fail_after(self, steps: int, message: str) -> None:
         """Test hook: this rank raises RuntimeError(message) in its step after `steps` more steps."""
         self._fail_in = (steps, message)

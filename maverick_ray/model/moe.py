@@ -16,6 +16,7 @@ scaled rows with global expert ids and gets back one output row per routed row, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -31,8 +32,29 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.sigmoid(top_v.float()).to(logits.dtype), top_i
 
 
+@dataclass
+class DispatchStats:
+    """One engine step's dispatch figures, reset by Dispatcher.begin_step."""
+
+    seconds: float = 0.0                 # time in collectives
+    bytes_sent: int = 0
+    received_per_layer: dict[int, int] = field(default_factory=dict)  # MoE layer -> rows my experts got
+
+    def reset(self) -> None:
+        self.seconds, self.bytes_sent = 0.0, 0
+        self.received_per_layer = {}
+
+
 class Dispatcher(Protocol):
-    """Moves routed rows to the experts that own them and the results back."""
+    """Moves routed rows to the experts that own them and the results back. The rank worker
+    calls begin_step once per engine step (every rank alike), then the MoE blocks call
+    dispatch/combine once per layer; `stats` holds the step's figures."""
+
+    stats: DispatchStats
+
+    def begin_step(self, max_rows_any_rank: int | None) -> None:
+        """Starts a step: resets `stats`; max_rows_any_rank is the most routed rows any rank
+        sends in one MoE layer this step (the same on every rank; None when unknown)."""
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -45,7 +67,14 @@ class Dispatcher(Protocol):
 class LocalDispatcher:
     """Every expert lives in this process: dispatch and combine are identities."""
 
+    def __init__(self):
+        self.stats = DispatchStats()
+
+    def begin_step(self, max_rows_any_rank: int | None) -> None:
+        self.stats.reset()
+
     def dispatch(self, x, expert_ids, layer):
+        self.stats.received_per_layer[layer] = x.shape[0]
         return x, expert_ids, None
 
     def combine(self, y, handle):

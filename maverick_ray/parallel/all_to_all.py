@@ -15,24 +15,11 @@ Either way the results come back in one all-to-all with exact split sizes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
+from ..model.moe import DispatchStats
 from .placement import ExpertPlacement
-
-
-@dataclass
-class DispatchStats:
-    """Accumulated over one engine step; reset by AllToAllDispatcher.begin_step."""
-
-    seconds: float = 0.0
-    bytes_sent: int = 0
-    received_per_layer: dict[int, int] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        self.seconds, self.bytes_sent = 0.0, 0
-        self.received_per_layer = {}
 
 
 def _pack(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -51,6 +38,8 @@ def _unpack(packed: torch.Tensor, dtype: torch.dtype, width: int) -> tuple[torch
 
 
 class AllToAllDispatcher:
+    """The `Dispatcher` (model/moe.py) of an expert-parallel rank."""
+
     def __init__(self, placement: ExpertPlacement, rank: int, group=None, padded_max_rows: int = 512):
         """padded_max_rows: the padded exchange is used while W * K stays at or below this many
         row slots per rank (one collective instead of two, at the cost of sending padding)."""

@@ -1,0 +1,99 @@
+"""The scheduler owns each request's lifecycle state; the rank groups share one timeout contract."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from maverick_ray.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
+from maverick_ray.engine.engine import Engine
+from maverick_ray.engine.request import EngineError, Request, RequestState, RequestStream
+from maverick_ray.engine.sampling import SamplingParams
+from maverick_ray.engine.scheduler import Scheduler
+
+S = RequestState
+
+
+def request(rid: str, n: int = 4) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=4), RequestStream(rid))
+
+
+def test_lifecycle_waiting_prefilling_running_finished():
+    sched = Scheduler(2, EngineConfig(max_num_seqs=1, max_waiting=8))
+    a, b, c = request("a"), request("b"), request("c")
+    for r in (a, b, c):
+        sched.add(r)
+    assert [r.state for r in (a, b, c)] == [S.WAITING] * 3 and sched.num_waiting == 3
+    plans, admitted = sched.plan()
+    assert admitted == 2 and {a.rank, b.rank} == {0, 1}  # one slot per rank
+    assert a.state is b.state is S.PREFILLING and c.state is S.WAITING
+    assert [len(p.work) for p in plans] == [1, 1] and plans[0].work[0].start == 0
+    a.output_ids.append(7)
+    sched.first_token(a)
+    assert a.state is S.RUNNING and sched.num_decoding == 1
+    plans, admitted = sched.plan()  # a decodes its last token from position len(prompt)
+    work = plans[a.rank].work
+    assert admitted == 0 and [(w.seq_id, w.start, w.token_ids) for w in work] == [("a", 4, [7])]
+    sched.finish(a)
+    assert a.state is S.FINISHED and sched.load(a.rank) == 0
+    plans, admitted = sched.plan()
+    assert plans[a.rank].release == ["a"] and admitted == 1 and c.state is S.PREFILLING and c.rank == a.rank
+
+
+def test_abort_of_a_waiting_request_leaves_the_queue():
+    sched = Scheduler(1, EngineConfig(max_num_seqs=1))
+    a, b = request("a"), request("b")
+    sched.add(a)
+    sched.add(b)
+    sched.finish(b, aborted=True)
+    assert b.state is S.ABORTED and sched.num_waiting == 1
+    plans, admitted = sched.plan()
+    assert admitted == 1 and [w.seq_id for w in plans[0].work] == ["a"] and plans[0].release == []
+
+
+def test_no_transition_out_of_an_ended_state():
+    sched = Scheduler(1, EngineConfig())
+    a = request("a")
+    sched.add(a)
+    sched.finish(a)
+    with pytest.raises(RuntimeError, match="finished -> aborted"):
+        sched.finish(a, aborted=True)
+    with pytest.raises(RuntimeError, match="not new"):
+        sched.add(a)
+
+
+def test_full_queue_is_refused():
+    sched = Scheduler(1, EngineConfig(max_waiting=2))
+    sched.add(request("a"))
+    sched.add(request("b"))
+    with pytest.raises(EngineError, match="full: 2 requests"):
+        sched.add(request("c"))
+
+
+def test_tied_embeddings_are_refused_with_the_field_named(tiny_ckpt):
+    import json
+
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    cfg["text_config"]["tie_word_embeddings"] = True
+    with pytest.raises(ConfigError, match="text_config.tie_word_embeddings"):
+        ModelConfig.from_dict(cfg)
+
+
+def test_hung_in_process_rank_is_detected_within_the_step_timeout(tiny_ckpt):
+    """EP = 1: the in-process rank honours step_timeout_s like Ray ranks do."""
+    eng = Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=128,
+                                                                     step_timeout_s=1.5)).start()
+    try:
+        stream = eng.add_request(list(range(10, 20)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+        events = iter(stream)
+        assert next(events).token_id is not None
+        eng.ranks.call("stall_after", 0, 6.0)
+        t0 = time.monotonic()
+        last = list(events)[-1]
+        waited = time.monotonic() - t0
+        assert last.finish_reason == "error" and "did not finish a step within" in last.error, last.error
+        assert waited < 5.0, f"detected after {waited:.1f}s, the timeout is 1.5 s"
+        assert not eng.healthy
+    finally:
+        eng.shutdown()
