@@ -9,20 +9,22 @@ import threading
 from pathlib import Path
 
 
-def deploy(args, blocking_ready: bool = True) -> str:
+def deploy(args) -> str:
     """Starts Ray/Serve as asked by the CLI args and deploys; returns the base URL."""
     from ray import serve
 
     from ..checkpoint.writer import ensure_tiny_checkpoint
     from ..ray_runtime import init_ray
     from .app import build_app
+    from .startup import check_checkpoint, run_app
 
     model = str(Path(args.model)) if args.model else str(ensure_tiny_checkpoint())
+    check_checkpoint(model)  # before Ray starts: a bad checkpoint fails here, with its cause
     init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep_size * args.replicas + 2),
              metrics_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     app_args = app_args_from_cli(args, model)
-    serve.run(build_app(app_args), name="maverick", route_prefix="/", blocking=False)
+    run_app(build_app(app_args), "maverick")
     return f"http://{args.host}:{args.port}"
 
 
@@ -42,7 +44,14 @@ def app_args_from_cli(args, model: str) -> dict:
 
 def serve_forever(args) -> int:
     print("maverick-ray: starting Ray and deploying (first start loads the checkpoint)...", file=sys.stderr, flush=True)
-    url = deploy(args)
+    from .startup import DeployError
+
+    try:
+        url = deploy(args)
+    except DeployError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _stop_ray(own_cluster=not args.address)  # on a joined cluster the failed app stays for `serve status`
+        return 1
     name = args.served_model_name or (Path(args.model).name if args.model else "tiny")
     auth = ' -H "Authorization: Bearer $MAVERICK_RAY_API_KEY"' if args.api_key else ""
     print(f"maverick-ray ready: {url}/v1 (model '{name}', EP={args.ep_size}, replicas={args.replicas})", flush=True)
@@ -58,10 +67,15 @@ def serve_forever(args) -> int:
             pass
     except KeyboardInterrupt:
         pass
-    from ray import serve
-    import ray
-
     print("maverick-ray: shutting down", file=sys.stderr, flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    _stop_ray()
     return 0
+
+
+def _stop_ray(own_cluster: bool = True) -> None:
+    import ray
+    from ray import serve
+
+    if own_cluster:
+        serve.shutdown()
+    ray.shutdown()
