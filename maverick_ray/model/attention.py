@@ -2,8 +2,9 @@
 
 Shape legend: T new tokens (all sequences flattened), B sequences, H query heads,
 KV key/value heads, D head_dim, C hidden, N context length (cached + new).
-Order inside one layer (LLAMA4.md): RoPE (RoPE layers) -> QK L2 norm (RoPE layers, if
-use_qk_norm) -> temperature tuning (NoPE layers) -> cache write -> softmax(q k^T / sqrt(D)) v.
+Order inside one layer (as transformers' Llama4TextAttention runs it): RoPE (RoPE layers) ->
+QK L2 norm (RoPE layers, if use_qk_norm) -> temperature tuning (NoPE layers) -> cache write ->
+softmax(q k^T / sqrt(D)) v.
 RoPE layers attend within chunks of `attention_chunk_size`; NoPE layers see the whole prefix.
 """
 
