@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 # KubeRay's RayService CRD (ray-project/kuberay, ray-operator/config/crd/bases, commit feeaf72,
-# Apache-2.0), kept with the tests so a clone validates on its own; the team's reference copy
-# lives in ../shared/schemas (compared below when present).
+# Apache-2.0), kept with the tests so a clone validates on its own.
 SCHEMAS = ROOT / "tests" / "schemas"
-SHARED_SCHEMAS = ROOT.parent / "shared" / "schemas"
 RAYSERVICES = [K8S / "rayservice-maverick-gpu.yaml", K8S / "tiny" / "rayservice-tiny-cpu.yaml"]
 # Labels KubeRay puts on every Ray pod (ray-operator utils: RayNodeLabelKey, RayNodeTypeLabelKey, ...).
 KUBERAY_POD_LABELS = [{"ray.io/is-ray-node": "yes", "ray.io/node-type": t, "ray.io/cluster": "maverick",
@@ -32,10 +31,7 @@ def crd_schema(name: str) -> dict:
     return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
-def test_kept_crd_is_the_shared_reference():
-    shared = SHARED_SCHEMAS / "ray.io_rayservices.yaml"
-    if shared.exists():  # beside the team's checkout; a bare clone has only the kept copy
-        assert crd_text("ray.io_rayservices.yaml") == shared.read_text()
+def test_kept_crd_is_kuberays_rayservice_crd():
     crd = yaml.safe_load(crd_text("ray.io_rayservices.yaml"))
     assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "RayService"
 
@@ -100,6 +96,141 @@ def test_gpu_rayservice_fits_its_worker_pods():
     assert gpus >= ep, f"EP={ep} needs {ep} GPUs; the worker groups have {gpus}"
     head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_rayservice_enables_kuberay_autoscaling_with_bounded_worker_groups(path):
+    rc = yaml.safe_load(path.read_text())["spec"]["rayClusterConfig"]
+    assert rc.get("enableInTreeAutoscaling") is True, "KubeRay must run its autoscaler to add pods for new replicas"
+    options = rc["autoscalerOptions"]
+    assert options["upscalingMode"] in ("Default", "Aggressive", "Conservative")
+    assert isinstance(options["idleTimeoutSeconds"], int) and options["idleTimeoutSeconds"] > 0
+    assert {"requests", "limits"} <= set(options["resources"]), "size the autoscaler sidecar"
+    assert rc["workerGroupSpecs"]
+    for g in rc["workerGroupSpecs"]:
+        assert {"minReplicas", "replicas", "maxReplicas"} <= set(g), f"{g['groupName']}: set all three explicitly"
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+        assert g["maxReplicas"] > g["minReplicas"], f"{g['groupName']}: the autoscaler has no room to add pods"
+
+
+def cpu_cores(quantity) -> float:
+    """A Kubernetes CPU quantity ("8", "500m", 2) in cores."""
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def ray_node_resources(group: dict) -> dict[str, float]:
+    """The CPUs and GPUs Ray advertises on one pod of a head or worker group, as KubeRay sets them:
+    the group's `resources` map, else rayStartParams num-cpus / num-gpus, else the Ray container's
+    (the first one's) limits (CPU rounded up, as KubeRay does; requests without a limit)."""
+    params = group.get("rayStartParams", {})
+    override = group.get("resources") or {}
+    res = group["template"]["spec"]["containers"][0].get("resources", {})
+    limits, requests_ = res.get("limits", {}), res.get("requests", {})
+    if "CPU" in override:
+        cpu = float(override["CPU"])
+    elif "num-cpus" in params:
+        cpu = float(params["num-cpus"])
+    else:
+        cpu = math.ceil(cpu_cores(limits.get("cpu", requests_.get("cpu", 0))))
+    if "GPU" in override:
+        gpu = float(override["GPU"])
+    elif "num-gpus" in params:
+        gpu = float(params["num-gpus"])
+    else:
+        gpu = sum(float(v) for k, v in limits.items() if k.endswith("gpu"))
+    return {"CPU": cpu, "GPU": gpu}
+
+
+def nodes_at(doc, size: str) -> list[dict[str, float]]:
+    """Ray's nodes (head first) with every worker group at `size` ("minReplicas", "maxReplicas")."""
+    rc = doc["spec"]["rayClusterConfig"]
+    nodes = [ray_node_resources(rc["headGroupSpec"])]
+    for g in rc["workerGroupSpecs"]:
+        nodes += [ray_node_resources(g) for _ in range(g[size] * g.get("numOfHosts", 1))]
+    return nodes
+
+
+def replica_demands(doc, replicas: str) -> list[tuple[list[dict], str]]:
+    """(bundles, placement strategy) of every Serve replica when each deployment runs its
+    autoscaling_config's `replicas` ("min_replicas", "max_replicas")."""
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    out = []
+    for app in serve_cfg["applications"]:
+        for d in app["deployments"]:
+            opts = d.get("ray_actor_options", {})
+            bundles = d.get("placement_group_bundles") or [{"CPU": opts.get("num_cpus", 1),
+                                                            "GPU": opts.get("num_gpus", 0)}]
+            n = d["autoscaling_config"][replicas] if "autoscaling_config" in d else d.get("num_replicas", 1)
+            out += [(bundles, d.get("placement_group_strategy", "PACK"))] * n
+    return out
+
+
+def unplaced_bundles(nodes: list[dict], replicas: list[tuple[list[dict], str]]) -> list[dict]:
+    """First-fit-decreasing placement of the replicas' bundles onto the nodes; returns the bundles
+    that found no room (empty: they fit). STRICT_PACK keeps a replica's bundles on one node and
+    STRICT_SPREAD on distinct nodes; PACK and SPREAD are soft and constrain nothing."""
+    free = [dict(n) for n in nodes]
+
+    def fits(node, bundle):
+        return all(node.get(k, 0) >= v for k, v in bundle.items() if v)
+
+    def take(node, bundle):
+        for k, v in bundle.items():
+            node[k] = node.get(k, 0) - v
+
+    def size(bundle):
+        return (bundle.get("GPU", 0), bundle.get("CPU", 0))
+
+    left = []
+    for bundles, strategy in sorted(replicas, key=lambda r: [size(b) for b in r[0]], reverse=True):
+        if strategy == "STRICT_PACK":
+            bundles = [{k: sum(b.get(k, 0) for b in bundles) for k in {k for b in bundles for k in b}}]
+        used = set()
+        for bundle in sorted(bundles, key=size, reverse=True):
+            node = next((i for i, n in enumerate(free) if fits(n, bundle)
+                         and not (strategy == "STRICT_SPREAD" and i in used)), None)
+            if node is None:
+                left.append(bundle)
+            else:
+                take(free[node], bundle)
+                used.add(node)
+    return left
+
+
+def totals(items: list[dict]) -> dict[str, float]:
+    return {k: sum(i.get(k, 0) for i in items) for k in ("CPU", "GPU")}
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
+def test_worker_groups_at_max_hold_serve_max_replicas(path):
+    """KubeRay's autoscaler only adds pods up to maxReplicas: at that size the cluster (workers, and
+    the head's CPUs/GPUs when it offers any to Ray) must hold every deployment at its
+    autoscaling max_replicas, each replica with all its placement_group_bundles."""
+    doc = yaml.safe_load(path.read_text())
+    nodes, replicas = nodes_at(doc, "maxReplicas"), replica_demands(doc, "max_replicas")
+    need = totals([b for bundles, _ in replicas for b in bundles])
+    have = totals(nodes)
+    assert have["CPU"] >= need["CPU"] and have["GPU"] >= need["GPU"], (
+        f"{path.name}: max_replicas engines need {need}; worker groups at maxReplicas + head give {have}")
+    assert unplaced_bundles(nodes, replicas) == [], f"{path.name}: the bundles do not pack onto the pods"
+
+
+def test_capacity_check_catches_a_worker_group_too_small():
+    for path in RAYSERVICES:
+        doc = yaml.safe_load(path.read_text())
+        for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+            g["maxReplicas"] = g["minReplicas"]
+        nodes, replicas = nodes_at(doc, "maxReplicas"), replica_demands(doc, "max_replicas")
+        assert unplaced_bundles(nodes, replicas), f"{path.name}: min-size groups should not hold max_replicas"
+    one_gpu_node = [{"CPU": 64, "GPU": 8}]
+    assert unplaced_bundles(one_gpu_node, [([{"CPU": 1, "GPU": 1}] * 2, "STRICT_SPREAD")])
+    assert unplaced_bundles([{"CPU": 2}, {"CPU": 2}], [([{"CPU": 1}] * 3, "STRICT_PACK")])
+    assert not unplaced_bundles([{"CPU": 2}, {"CPU": 2}], [([{"CPU": 1}] * 3, "SPREAD")])
+    assert ray_node_resources({"rayStartParams": {"num-cpus": "0"}, "template": {"spec": {"containers": [
+        {"resources": {"limits": {"cpu": "8"}}}]}}}) == {"CPU": 0, "GPU": 0}
+    assert ray_node_resources({"rayStartParams": {}, "template": {"spec": {"containers": [
+        {"resources": {"limits": {"cpu": "1500m", "nvidia.com/gpu": "8"}}}]}}}) == {"CPU": 2, "GPU": 8}
 
 
 def pod_templates(doc) -> list[dict]:
