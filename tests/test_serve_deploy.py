@@ -36,6 +36,17 @@ def ray_head(tmp_path):
     subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
 
 
+def serve_deploy(cfg_file: Path, dashboard: str, env: dict) -> None:
+    deadline = time.monotonic() + 60
+    while True:  # the dashboard's REST API takes a moment after `ray start`
+        out = subprocess.run([SERVE, "deploy", str(cfg_file), "-a", dashboard], capture_output=True, text=True,
+                             env=env, timeout=120)
+        if out.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stderr
+
+
 def load_config(source: str) -> dict:
     if source == "configs/tiny-cpu.yaml":
         return yaml.safe_load((ROOT / source).read_text())
@@ -51,14 +62,7 @@ def test_serve_deploy_tiny_config_serves_a_chat_request(ray_head, tmp_path, sour
     config["http_options"] = {"host": "127.0.0.1", "port": port}  # loopback only in tests
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
-    deadline = time.monotonic() + 60
-    while True:  # the dashboard's REST API takes a moment after `ray start`
-        out = subprocess.run([SERVE, "deploy", str(cfg_file), "-a", dashboard], capture_output=True, text=True,
-                             env=env, timeout=120)
-        if out.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert out.returncode == 0, out.stderr
+    serve_deploy(cfg_file, dashboard, env)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, timeout=240)
     r = requests.post(url + "/v1/chat/completions", timeout=60,
@@ -69,3 +73,29 @@ def test_serve_deploy_tiny_config_serves_a_chat_request(ray_head, tmp_path, sour
     choice, usage = body["choices"][0], body["usage"]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("length", "stop")
     assert 1 <= usage["completion_tokens"] <= 5 and usage["prompt_tokens"] > 0
+
+
+def test_serve_status_names_the_missing_tokenizer_of_a_deployed_config(ray_head, tmp_path, tiny_ckpt):
+    """`serve deploy` returns at once; the app's build checks the checkpoint, so `serve status`
+    says what is wrong instead of only "Failed to update the deployments"."""
+    import shutil
+
+    env, dashboard = ray_head
+    ck = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_ckpt, ck)
+    (ck / "tokenizer.json").unlink()
+    config = load_config("configs/tiny-cpu.yaml")
+    config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
+    config["applications"][0]["args"]["model"] = str(ck)
+    cfg_file = tmp_path / "broken.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    serve_deploy(cfg_file, dashboard, env)
+    deadline, status = time.monotonic() + 120, ""
+    while time.monotonic() < deadline:
+        out = subprocess.run([SERVE, "status", "-a", dashboard], capture_output=True, text=True, env=env, timeout=60)
+        status = out.stdout
+        if "DEPLOY_FAILED" in status:
+            break
+        time.sleep(2)
+    assert "DEPLOY_FAILED" in status, status
+    assert "tokenizer.json: not found" in status and str(ck) in status

@@ -3,53 +3,29 @@
 Use as a Serve import path: `import_path: maverick_ray.serve.app:build_app` with `args:`
 from ServeSettings (see configs/). The replica's placement group holds the replica's own
 bundle plus one bundle per EP worker, so Serve's autoscaler adds whole engines.
+
+The routes are http_api's (plain functions, no Serve in them); here they serve the replica's
+own MaverickServer, which Serve's replica context hands them.
 """
 
 
 import logging
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from ray import serve
 
-from .errors import APIError, error_body
+from .http_api import make_api
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-api = FastAPI(title="maverick-ray", description="OpenAI-compatible Llama 4 MoE serving on Ray")
+
+def _replica_server() -> "MaverickServer":
+    """The MaverickServer of the replica this request runs in (the routes' backend)."""
+    return serve.get_replica_context().servable_object
 
 
-@api.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError):
-    return exc.response()
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception):
-    log.exception("unhandled error")
-    return JSONResponse(status_code=500, content=error_body(f"internal error: {type(exc).__name__}", "server_error"))
-
-
-def _prompt_builder(ckpt: Path, engine, tokenizer, settings: ServeSettings):
-    """(messages) -> (prompt ids, image inputs) for checkpoints with a vision tower, else None."""
-    if not engine.model_config.is_multimodal:
-        return None
-    from .errors import bad_request
-
-    def build(messages):
-        from ..multimodal.images import ImageError
-        from ..multimodal.prompt import chat_prompt_with_images
-
-        try:
-            return chat_prompt_with_images(messages, tokenizer, engine.model_config, ckpt,
-                                           max_images=settings.max_images,
-                                           allow_remote=settings.allow_remote_images,
-                                           max_pixels=settings.max_image_pixels)
-        except ImageError as e:
-            raise bad_request(str(e), "messages", "invalid_image") from None
-    return build
+api = make_api(_replica_server)
 
 
 @serve.deployment(name="MaverickServer", max_ongoing_requests=64, health_check_period_s=10)
@@ -59,7 +35,7 @@ class MaverickServer:
         from ..checkpoint.chat import Llama4Tokenizer
         from ..checkpoint.writer import ensure_tiny_checkpoint
         from ..engine.engine import Engine
-        from .openai_service import OpenAIService
+        from .openai_service import OpenAIService, image_prompt_builder
 
         self.settings = ServeSettings.from_args(settings)
         ckpt = Path(self.settings.model) if self.settings.model else ensure_tiny_checkpoint()
@@ -76,7 +52,7 @@ class MaverickServer:
                                      self.settings.metrics_window_steps)
         name = self.settings.served_model_name or ckpt.name
         self.service = OpenAIService(self.engine, self.tokenizer, self.settings, name,
-                                     _prompt_builder(ckpt, self.engine, self.tokenizer, self.settings))
+                                     image_prompt_builder(ckpt, self.engine, self.tokenizer, self.settings))
 
     def check_health(self):
         if not self.engine.healthy:
@@ -87,55 +63,16 @@ class MaverickServer:
         if engine is not None:
             engine.shutdown()
 
-    @api.get("/health")
-    async def health(self):
-        if not self.engine.healthy:
-            return JSONResponse(status_code=503, content={"status": "unhealthy", "error": self.engine.error})
-        return {"status": "ok"}
-
-    @api.get("/v1/models")
-    async def models(self, request: Request):
-        self.service.check_auth(request)
-        return self.service.models()
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        return await self.service.chat(request)
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await self.service.completions(request)
-
-    @api.get("/v1/engine/stats")
-    async def engine_stats(self):
-        return self.engine.stats()
-
-    @api.get("/v1/expert-load")
-    async def expert_load(self):
-        """Routing load over the recent window: per-expert heatmap, per-rank load, balancedness."""
-        return self.metrics.expert_load()
-
-    @api.get("/dashboard")
-    async def dashboard(self):
-        from fastapi.responses import HTMLResponse
-
-        from .dashboard import DASHBOARD_HTML
-
-        return HTMLResponse(DASHBOARD_HTML)
-
-    @api.post("/v1/debug/force-expert")
-    async def force_expert(self, request: Request):
-        if not self.settings.enable_test_hooks:
-            raise APIError(404, "test hooks are disabled", "invalid_request_error")
-        expert = (await request.json()).get("expert")
-        self.engine.force_expert(expert)
-        self.metrics.window.steps.clear()
-        return {"expert": expert}
-
 
 def build_app(args: "dict | None" = None) -> serve.Application:
     """Serve application builder (`import_path: maverick_ray.serve.app:build_app`)."""
     settings = ServeSettings.from_args(args)
+    if settings.model and Path(settings.model).is_dir():
+        # Checked where the app is built (the `serve run` terminal; `serve status` after `serve
+        # deploy`), before any replica starts. A path absent here may exist on the workers only.
+        from .startup import check_checkpoint
+
+        check_checkpoint(settings.model)
     options: dict = {"max_ongoing_requests": settings.max_ongoing_requests,
                      "ray_actor_options": {"num_cpus": settings.replica_num_cpus}}
     bundles = settings.placement_group_bundles()

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API over an engine: chat/completions, completions, models.
 
-Kept free of Ray Serve so it can run over any engine implementing the engine protocol
-(`add_request`, async iteration of the returned stream, `abort`, `stats`, `healthy`).
+Kept free of Ray Serve so it can run over any engine with the EngineProtocol
+(serve/engine_protocol.py): the real Engine, or the in-process fake of the HTTP tests.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.request import EngineError
 from ..engine.sampling import InvalidRequest
+from .engine_protocol import EngineProtocol
 from .errors import APIError, bad_request
 from .protocol import ParsedRequest, has_images, parse_chat, parse_completion
 from .settings import ServeSettings
@@ -26,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class OpenAIService:
-    def __init__(self, engine, tokenizer, settings: ServeSettings, model_name: str, prompt_builder=None):
+    def __init__(self, engine: EngineProtocol, tokenizer, settings: ServeSettings, model_name: str,
+                 prompt_builder=None):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.model_name = model_name
         self.prompt_builder = prompt_builder  # (messages) -> (prompt ids, mm_inputs); images need it
@@ -172,6 +175,25 @@ class OpenAIService:
             if not finished:  # client disconnected mid-stream
                 log.info("client went away; aborting %s", rid)
                 self.engine.abort(rid)
+
+
+def image_prompt_builder(ckpt: Path, engine: EngineProtocol, tokenizer, settings: ServeSettings):
+    """(messages) -> (prompt ids, image inputs) for checkpoints with a vision tower, else None."""
+    if not engine.model_config.is_multimodal:
+        return None
+
+    def build(messages):
+        from ..multimodal.images import ImageError
+        from ..multimodal.prompt import chat_prompt_with_images
+
+        try:
+            return chat_prompt_with_images(messages, tokenizer, engine.model_config, ckpt,
+                                           max_images=settings.max_images,
+                                           allow_remote=settings.allow_remote_images,
+                                           max_pixels=settings.max_image_pixels)
+        except ImageError as e:
+            raise bad_request(str(e), "messages", "invalid_image") from None
+    return build
 
 
 def _usage(ev) -> dict:

@@ -1,0 +1,99 @@
+"""The HTTP routes, as a FastAPI app over any backend: no Ray Serve here.
+
+`make_api(get_backend)` builds the app; every route calls `get_backend()` for the object it
+serves. Under Ray Serve (serve/app.py) that is the replica's `MaverickServer`; in the HTTP
+tests it is a `Backend` whose service runs over an in-process fake engine (tests/fake_engine.py).
+
+A backend is anything with these attributes (`Backend` is the plain one):
+    service   OpenAIService (over an engine with the EngineProtocol: service.engine)
+    metrics   maverick_ray.metrics.EngineMetrics, or None (then /v1/expert-load answers 404)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from .errors import APIError, error_body
+
+if TYPE_CHECKING:  # importing the service imports torch (sampling); the Serve driver does not need it
+    from .openai_service import OpenAIService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backend:
+    service: "OpenAIService"
+    metrics: Any = None
+
+
+def make_api(get_backend: Callable[[], Any]) -> FastAPI:
+    api = FastAPI(title="maverick-ray", description="OpenAI-compatible Llama 4 MoE serving on Ray")
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @api.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(status_code=500,
+                            content=error_body(f"internal error: {type(exc).__name__}", "server_error"))
+
+    @api.get("/health")
+    async def health():
+        engine = get_backend().service.engine
+        if not engine.healthy:
+            return JSONResponse(status_code=503, content={"status": "unhealthy", "error": engine.error})
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(request: Request):
+        service = get_backend().service
+        service.check_auth(request)
+        return service.models()
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await get_backend().service.chat(request)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        return await get_backend().service.completions(request)
+
+    @api.get("/v1/engine/stats")
+    async def engine_stats():
+        return get_backend().service.engine.stats()
+
+    @api.get("/v1/expert-load")
+    async def expert_load():
+        """Routing load over the recent window: per-expert heatmap, per-rank load, balancedness."""
+        metrics = get_backend().metrics
+        if metrics is None:
+            raise APIError(404, "expert metrics are not enabled on this server", "invalid_request_error")
+        return metrics.expert_load()
+
+    @api.get("/dashboard")
+    async def dashboard():
+        from .dashboard import DASHBOARD_HTML
+
+        return HTMLResponse(DASHBOARD_HTML)
+
+    @api.post("/v1/debug/force-expert")
+    async def force_expert(request: Request):
+        backend = get_backend()
+        if not backend.service.settings.enable_test_hooks:
+            raise APIError(404, "test hooks are disabled", "invalid_request_error")
+        expert = (await request.json()).get("expert")
+        backend.service.engine.force_expert(expert)
+        if backend.metrics is not None:
+            backend.metrics.window.steps.clear()
+        return {"expert": expert}
+
+    return api
