@@ -364,7 +364,15 @@ class EngineConfig:
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("auto", "where the ranks compute (auto: cuda when the worker has a GPU, else cpu)",
                        choices=("auto", "cpu", "cuda"))
-    step_timeout_s: float = knob(120.0, "seconds a step may take before the engine is marked unhealthy")
+    step_timeout_s: float = knob(120.0, "the most seconds any step may take before its ranks count as hung (the "
+                                        "deadline until the first steps are measured, and the ceiling after)")
+    step_deadline_factor: float = knob(10.0, "a step's deadline is this many times what recent steps took for its "
+                                             "tokens (p99), within [step_deadline_floor_s, step_timeout_s]")
+    step_deadline_floor_s: float = knob(15.0, "the shortest deadline a step gets, whatever recent steps took "
+                                              "(capped at step_timeout_s)")
+    request_deadline_s: float = knob(0.0, "seconds from arrival (time queued included) after which a request is "
+                                          "ended with a timeout error and its KV slot freed; a request's own "
+                                          "`timeout` may only shorten it. 0: no deadline")
     cpu_kernels: str = knob("auto", "auto: compile (once, ~1 s, needs a C compiler) and use the native CPU "
                                     "kernels for the routed experts of decode steps and for RMSNorm, falling back "
                                     "to torch when it cannot; off: torch only", choices=("auto", "off"))
@@ -378,3 +386,8 @@ class EngineConfig:
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         check_choices(self)
         _require(self.step_timeout_s > 0, "step_timeout_s", "must be positive")
+        _require(math.isfinite(self.request_deadline_s) and self.request_deadline_s >= 0, "request_deadline_s",
+                 f"must be a number of seconds >= 0 (0: no deadline), got {self.request_deadline_s!r}")
+        _require(self.step_deadline_floor_s > 0, "step_deadline_floor_s", "must be positive")
+        _require(self.step_deadline_factor >= 1, "step_deadline_factor",
+                 f"must be at least 1, got {self.step_deadline_factor}")

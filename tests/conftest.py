@@ -35,3 +35,15 @@ def tiny_split_ckpt(tmp_path_factory) -> Path:
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny_split"), "tiny", progress=False,
                             experts_layout="split", max_shard_bytes=200_000)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on 127.0.0.1 for the module's EP > 1 engines, shut down after the module."""
+    import ray
+
+    from maverick_ray.ray_runtime import init_ray
+
+    init_ray("local", num_cpus=5)
+    yield ray
+    ray.shutdown()

@@ -6,7 +6,9 @@ tokenizer, repeated as long as max_tokens asks), honouring max_tokens, the model
 `stop_token_ids` and stop strings (with the engine's own hold-back logic), and abort. Knobs for
 the error paths:
 
-    engine.fail_after = n          the request fails after n tokens (finish_reason "error")
+    engine.fail_after = n          the request fails after n tokens (finish_reason "error", with
+                                   engine.fail_message as its internal detail)
+    engine.time_out_after = n      the request passes its deadline after n tokens ("timeout")
     engine.refuse = EngineError()  add_request raises it (the HTTP layer answers 503)
     engine.reject = InvalidRequest("...", "param")   add_request raises it (400)
     engine.set_unhealthy("why")    healthy False, and add_request raises EngineError
@@ -39,6 +41,7 @@ class FakeRequest:
     prompt_ids: list[int]
     params: SamplingParams
     mm_inputs: Any = None
+    timeout_s: float | None = None
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # None while it runs
 
@@ -55,7 +58,10 @@ class FakeEngine:
         self.script: list[int] = tokenizer.encode(REPLY)
         self.error: str | None = None
         self.fail_after: int | None = None
-        self.fail_message = "engine failed: a rank died"
+        # what a real rank failure puts in the event: internal detail the client must not see
+        self.fail_message = ("engine failed: RankFailed: rank 1 failed: ConnectionError: the step channel closed; "
+                             "Ray: The actor is dead because its node 10.0.3.7 died")
+        self.time_out_after: int | None = None
         self.refuse: EngineError | None = None
         self.reject: InvalidRequest | None = None
         self.requests: dict[str, FakeRequest] = {}
@@ -70,7 +76,8 @@ class FakeEngine:
         return self.error is None
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, mm_inputs: Any = None) -> "FakeStream":
+                    request_id: str | None = None, mm_inputs: Any = None,
+                    timeout_s: float | None = None) -> "FakeStream":
         params = (params or SamplingParams()).validate()
         if self.error is not None:
             raise EngineError(f"engine is unhealthy: {self.error}")
@@ -83,7 +90,7 @@ class FakeEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
-        req = FakeRequest(request_id, list(prompt_ids), params, mm_inputs)
+        req = FakeRequest(request_id, list(prompt_ids), params, mm_inputs, timeout_s)
         self.requests[request_id] = req
         return FakeStream(self, req)
 
@@ -163,6 +170,9 @@ class FakeStream:
                 return
             if eng.fail_after is not None and len(req.output_ids) >= eng.fail_after:
                 yield self._finish("error", error=eng.fail_message)
+                return
+            if eng.time_out_after is not None and len(req.output_ids) >= eng.time_out_after:
+                yield self._finish("timeout", error=f"the request passed its deadline of {req.timeout_s} s")
                 return
             if token in p.stop_token_ids or (not p.ignore_eos and token in eng.stop_ids):
                 yield self._finish("stop", eng.tokenizer.decode(req.output_ids)[emitted:])

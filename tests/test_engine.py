@@ -35,17 +35,6 @@ def image_reference(ckpt):
     return ids, mm, ref
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from maverick_ray.ray_runtime import init_ray
-
-    init_ray("local", num_cpus=5)
-    yield ray
-    ray.shutdown()
-
-
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fake_engine import FakeEngine
-from maverick_ray.engine.request import EngineError
+from maverick_ray.engine.request import EngineFull
 from maverick_ray.engine.sampling import InvalidRequest
 from maverick_ray.serve.engine_protocol import EngineProtocol
 from maverick_ray.serve.http_api import Backend, make_api
@@ -68,8 +68,8 @@ def openai_client(http: TestClient, api_key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=http, max_retries=0)
 
 
-def chat(http: TestClient, **body):
-    return http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **body})
+def chat(http: TestClient, headers: dict | None = None, **body):
+    return http.post("/v1/chat/completions", headers=headers, json={"model": "tiny", "messages": MESSAGES, **body})
 
 
 def sse(response) -> list:
@@ -84,8 +84,8 @@ def sse(response) -> list:
     return events
 
 
-def stream_chat(http: TestClient, **body) -> list:
-    with http.stream("POST", "/v1/chat/completions",
+def stream_chat(http: TestClient, headers: dict | None = None, **body) -> list:
+    with http.stream("POST", "/v1/chat/completions", headers=headers,
                      json={"model": "tiny", "messages": MESSAGES, "stream": True, **body}) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -259,12 +259,20 @@ def test_streaming_equals_non_streaming(http):
     assert events[-2]["usage"] == full["usage"]
 
 
+FAILED = "the server failed while generating this response; retry the request (request id {})"
+INTERNALS = ("RankFailed", "rank 1", "10.0.3.7", "Ray", "actor", "Traceback", "ConnectionError")
+
+
+def assert_no_internals(message: str):
+    assert not any(word in message for word in INTERNALS), message
+
+
 def test_error_mid_stream_sends_an_error_event_then_done(http, fake):
     fake.fail_after = 3
-    events = stream_chat(http, max_tokens=10)
+    events = stream_chat(http, max_tokens=10, headers={"X-Request-Id": "trace-abc-123"})
     assert events[-1] == "[DONE]"
-    assert events[-2] == {"error": {"message": fake.fail_message, "type": "server_error", "param": None,
-                                    "code": None}}
+    assert events[-2] == {"error": {"message": FAILED.format("trace-abc-123"), "type": "server_error",
+                                    "param": None, "code": None}}
     assert len(events) == 1 + 3 + 2  # role chunk, 3 tokens, error, [DONE]
     assert not any(e["choices"][0]["finish_reason"] for e in events[:-2])
     assert only_request(fake).finish_reason == "error" and fake.aborted == []
@@ -272,8 +280,45 @@ def test_error_mid_stream_sends_an_error_event_then_done(http, fake):
 
 def test_error_without_streaming_is_a_500(http, fake):
     fake.fail_after = 2
-    err = assert_openai_error(chat(http, max_tokens=10), 500)
-    assert err["type"] == "server_error" and err["message"] == fake.fail_message
+    r = chat(http, max_tokens=10)
+    err = assert_openai_error(r, 500)
+    assert err["type"] == "server_error" and err["message"] == FAILED.format(r.headers["x-request-id"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_engine_failure_detail_goes_to_the_log_and_the_client_gets_the_request_id(http, fake, caplog, stream):
+    """The engine fails a request with internal detail (rank, node IP, Ray's words): the client sees
+    what happened and the id it sent; the server log has the detail under that same id."""
+    fake.fail_after = 1
+    headers = {"X-Request-Id": "client-req-42"}
+    caplog.set_level("INFO", logger="maverick_ray.serve")
+    if stream:
+        with http.stream("POST", "/v1/chat/completions", headers=headers,
+                         json={"model": "tiny", "messages": MESSAGES, "stream": True}) as r:
+            message = sse(r)[-2]["error"]["message"]
+    else:
+        r = http.post("/v1/chat/completions", headers=headers, json={"model": "tiny", "messages": MESSAGES})
+        message = assert_openai_error(r, 500)["message"]
+    assert r.headers["x-request-id"] == "client-req-42"
+    assert message == FAILED.format("client-req-42")
+    assert_no_internals(message)
+    logged = [rec for rec in caplog.records if "client-req-42" in rec.getMessage()]
+    assert len(logged) == 1 and logged[0].levelname == "ERROR"
+    assert fake.fail_message in logged[0].getMessage()
+    assert only_request(fake).request_id in logged[0].getMessage()  # and the engine's own id
+
+
+def test_request_id_is_made_when_absent_and_echoed_on_every_response(http, fake):
+    ok = chat(http, max_tokens=2)
+    made = ok.headers["x-request-id"]
+    assert ok.status_code == 200 and len(made) == 32 and made != ok.json()["id"]
+    assert chat(http, max_tokens=2).headers["x-request-id"] != made
+    assert http.get("/health", headers={"X-Request-Id": "probe-1"}).headers["x-request-id"] == "probe-1"
+    bad = http.post("/v1/chat/completions", json={"messages": []}, headers={"X-Request-Id": "r-400"})
+    assert bad.status_code == 400 and bad.headers["x-request-id"] == "r-400"
+    too_long = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2},
+                         headers={"X-Request-Id": "x" * 300})
+    assert too_long.status_code == 200 and len(too_long.headers["x-request-id"]) == 32  # replaced, not echoed
 
 
 def test_client_disconnect_mid_stream_aborts_the_request(http, fake):
@@ -312,12 +357,20 @@ def test_client_sees_errors_as_openai_exceptions(http, fake):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=-1)
     fake.fail_after = 1
-    with pytest.raises(openai.APIError, match="a rank died"):
+    with pytest.raises(openai.APIError, match="failed while generating this response"):
         list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, stream=True))
-    fake.refuse = EngineError("the engine is full: 64 requests already waiting")
+    fake.fail_after = None
+    fake.refuse = EngineFull("the engine is full: 64 requests already waiting")
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="tiny", messages=MESSAGES)
-    assert e.value.status_code == 503
+    assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "5"
+    assert e.value.request_id == e.value.response.headers["x-request-id"]  # the client reads the id
+    fake.refuse = None
+    fake.time_out_after = 1
+    with pytest.raises(openai.APIStatusError, match="deadline") as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"timeout": 2.5})
+    assert e.value.status_code == 504 and e.value.code == "request_timeout"
+    assert list(fake.requests.values())[-1].timeout_s == 2.5
 
 
 # ---- bad requests --------------------------------------------------------------------------------
@@ -346,6 +399,12 @@ BAD = [
      "stream_options"),
     ("too many stop strings", {"model": "tiny", "messages": MESSAGES, "stop": list("abcde")}, 400, "stop"),
     ("n > 1", {"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "n"),
+    ("timeout zero", {"model": "tiny", "messages": MESSAGES, "timeout": 0}, 400, "timeout"),
+    ("timeout negative", {"model": "tiny", "messages": MESSAGES, "timeout": -5}, 400, "timeout"),
+    ("timeout wrong type", {"model": "tiny", "messages": MESSAGES, "timeout": "30s"}, 400, "timeout"),
+    ("timeout bool", {"model": "tiny", "messages": MESSAGES, "timeout": True}, 400, "timeout"),
+    ("timeout infinite", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+     b'"timeout": Infinity}', 400, "timeout"),
     ("over-large body", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 300_000}]}, 413, None),
 ]
 
@@ -404,32 +463,71 @@ def test_body_limit_with_and_without_content_length(http, fake):
     assert fake.requests == {}
 
 
-def test_unhandled_error_is_a_500_in_openai_form(make_client, fake):
+def test_unhandled_error_is_a_500_in_openai_form(make_client, fake, caplog):
     http = make_client(raise_server_exceptions=False)
 
     def boom(*a, **kw):
-        raise RuntimeError("boom")
+        raise RuntimeError("boom at 10.0.3.7")
 
     fake.add_request = boom
-    err = assert_openai_error(chat(http), 500)
-    assert err == {"message": "internal error: RuntimeError", "type": "server_error", "param": None, "code": None}
+    r = chat(http, headers={"X-Request-Id": "req-boom"})
+    err = assert_openai_error(r, 500)
+    assert err == {"message": "internal server error (request id req-boom)", "type": "server_error", "param": None,
+                   "code": None}
+    assert r.headers["x-request-id"] == "req-boom"
+    logged = [rec for rec in caplog.records if "req-boom" in rec.getMessage()]
+    assert len(logged) == 1 and "boom at 10.0.3.7" in logged[0].exc_text
 
 
 # ---- engine unavailable ----------------------------------------------------------------------------
-def test_full_engine_gets_503(http, fake):
-    fake.refuse = EngineError("the engine is full: 64 requests already waiting")
-    err = assert_openai_error(chat(http, max_tokens=2), 503, code="engine_unavailable")
-    assert err["type"] == "server_error" and "full" in err["message"]
+def test_full_engine_gets_503_with_retry_after(make_client, fake):
+    http = make_client(retry_after_s=2.5)
+    fake.refuse = EngineFull("the engine is full: 64 requests already waiting")
+    r = chat(http, max_tokens=2)
+    err = assert_openai_error(r, 503, code="engine_unavailable")
+    assert err["type"] == "server_error" and "too many requests are queued" in err["message"]
+    assert err["message"].endswith(f"(request id {r.headers['x-request-id']})")
+    assert r.headers["retry-after"] == "3"  # whole seconds, rounded up
     assert http.get("/health").status_code == 200  # full is not unhealthy
 
 
 def test_unhealthy_engine_gets_503_and_health_says_why(http, fake):
-    fake.set_unhealthy("RuntimeError: rank 1 died")
-    r = http.get("/health")
-    assert r.status_code == 503 and r.json() == {"status": "unhealthy", "error": "RuntimeError: rank 1 died"}
-    err = assert_openai_error(chat(http, max_tokens=2), 503, code="engine_unavailable")
-    assert "rank 1 died" in err["message"]
+    fake.set_unhealthy("RankFailed: rank 1 failed; Ray: The actor is dead")
+    r = http.get("/health")  # the operators' probe keeps the detail
+    assert r.status_code == 503 and r.json() == {"status": "unhealthy",
+                                                 "error": "RankFailed: rank 1 failed; Ray: The actor is dead"}
+    r = chat(http, max_tokens=2)
+    err = assert_openai_error(r, 503, code="engine_unavailable")
+    assert "temporarily unavailable" in err["message"] and r.headers["retry-after"] == "5"
+    assert_no_internals(err["message"])
     assert http.get("/v1/engine/stats").json()["healthy"] is False
+
+
+# ---- request deadline ------------------------------------------------------------------------------
+def test_timeout_reaches_the_engine_from_chat_and_completions(http, fake):
+    assert chat(http, max_tokens=2, timeout=1.5).status_code == 200
+    assert only_request(fake).timeout_s == 1.5
+    fake.requests.clear()
+    assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "timeout": 30}).status_code == 200
+    assert only_request(fake).timeout_s == 30.0
+    fake.requests.clear()
+    assert chat(http, max_tokens=2).status_code == 200
+    assert only_request(fake).timeout_s is None  # the engine's request_deadline_s applies
+
+
+def test_request_past_its_deadline_gets_504_or_a_timeout_error_event(http, fake, caplog):
+    fake.time_out_after = 2
+    caplog.set_level("INFO", logger="maverick_ray.serve")
+    r = chat(http, max_tokens=10, timeout=3, headers={"X-Request-Id": "slow-1"})
+    err = assert_openai_error(r, 504, code="request_timeout")
+    assert err == {"message": "the request passed its deadline of 3.0 s (request id slow-1)",
+                   "type": "server_error", "param": None, "code": "request_timeout"}
+    assert any("slow-1" in rec.getMessage() and "timed out" in rec.getMessage() for rec in caplog.records)
+    events = stream_chat(http, max_tokens=10, timeout=3, headers={"X-Request-Id": "slow-2"})
+    assert events[-1] == "[DONE]" and len(events) == 1 + 2 + 2  # role chunk, 2 tokens, error, [DONE]
+    assert events[-2] == {"error": {"message": "the request passed its deadline of 3.0 s (request id slow-2)",
+                                    "type": "server_error", "param": None, "code": "request_timeout"}}
+    assert fake.aborted == []  # ended by the engine, not by the client going away
 
 
 # ---- auth ------------------------------------------------------------------------------------------

@@ -68,15 +68,18 @@ def test_rayservice_validates_against_kuberay_crd(path):
 SERVE_CONFIGS = RAYSERVICES + sorted((ROOT / "configs").glob("*.yaml"))
 
 
+def serve_config(path: Path) -> dict:
+    doc = yaml.safe_load(path.read_text())
+    return yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+
+
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
 def test_serve_config_v2_is_a_valid_serve_deploy_config(path):
     from ray.serve.schema import ServeDeploySchema
 
     from maverick_ray.serve.settings import ServeSettings
 
-    doc = yaml.safe_load(path.read_text())
-    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
-    parsed = ServeDeploySchema.model_validate(serve_cfg)
+    parsed = ServeDeploySchema.model_validate(serve_config(path))
     for app in parsed.applications:
         module, attr = app.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attr))
@@ -84,6 +87,23 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config(path):
         bundles = settings.placement_group_bundles()
         deployment = app.deployments[0].model_dump(exclude_unset=True)
         assert deployment["placement_group_bundles"] == bundles, "bundles must be the replica + one per EP rank"
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config_bounds_the_queue_and_orders_the_time_limits(path):
+    """Serve's queue is bounded with a Retry-After equal to the engine's own 503s'; the engine's
+    request deadline comes first, a stopping replica waits it out, Serve's HTTP timeout is last."""
+    from maverick_ray.serve.settings import ServeSettings
+
+    cfg = serve_config(path)
+    app = cfg["applications"][0]
+    settings = ServeSettings.from_args(app["args"])
+    deployment = app["deployments"][0]
+    assert deployment["max_queued_requests"] > 0
+    assert deployment["backpressure_config"]["retry_after_s"] == settings.retry_after_s > 0
+    deadline = settings.engine().request_deadline_s
+    assert 0 < deadline <= deployment["graceful_shutdown_timeout_s"] < cfg["http_options"]["request_timeout_s"]
+    assert 0 < deployment["graceful_shutdown_wait_loop_s"] < deployment["graceful_shutdown_timeout_s"]
 
 
 def test_gpu_rayservice_fits_its_worker_pods():

@@ -8,7 +8,9 @@ paths are tested in milliseconds over an in-process fake engine in test_http_api
 from __future__ import annotations
 
 import json
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -24,9 +26,12 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 def server(tiny_ckpt):
     # EP = 1: the replica's in-process rank. Serve with EP > 1 replicas runs in test_metrics,
     # test_serve_deploy and test_serve_autoscale; here the API is what is under test.
-    url = start_serve({"/": {"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": 1,
-                             "max_model_len": 256, "default_max_tokens": 16, "api_key": API_KEY}},
-                      num_cpus=5)  # 3 for the bundles; Ray prestarts a worker per CPU, which Serve's actors reuse
+    tiny = {"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": 1, "max_model_len": 256,
+            "default_max_tokens": 16}
+    # /limits: a replica that takes one request at a time, behind a proxy queue of one.
+    url = start_serve({"/": {**tiny, "api_key": API_KEY},
+                       "/limits": {**tiny, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 7}},
+                      num_cpus=6)  # Ray prestarts a worker per CPU, which Serve's actors reuse
     yield url
     stop_serve()
 
@@ -147,6 +152,44 @@ def test_disconnect_mid_stream_aborts_and_frees_cache(server):
     assert stats["running"] == 0 and stats["kv_slots_used"] == 0 and stats["kv_tokens_used"] == 0
     assert stats["finished"].get("abort", 0) == aborted_before + 1, "the sequence was not aborted"
     good_request(server)
+
+
+def test_deadline_and_request_id_through_the_serve_proxy(server):
+    headers = {**AUTH, "X-Request-Id": "serve-deadline-1"}
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 50, "temperature": 0, "timeout": 0.001}
+    r = requests.post(server + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 504, r.text
+    assert r.headers["x-request-id"] == "serve-deadline-1"  # echoed once, by Serve's proxy
+    err = r.json()["error"]
+    assert err["code"] == "request_timeout" and err["message"].startswith("the request passed its deadline of 0.001 s")
+    assert err["message"].endswith("(request id serve-deadline-1)")
+    stats = requests.get(server + "/v1/engine/stats").json()
+    assert stats["finished"].get("timeout", 0) >= 1 and stats["kv_slots_used"] == 0
+    made = good_request(server).headers["x-request-id"]
+    assert made and "," not in made  # Serve made one id and it was not sent twice
+
+
+def test_full_serve_queue_gets_503_with_retry_after(server):
+    """A request whose body is still arriving holds /limits' one replica slot, the next waits in the
+    proxy's queue of one, and those after it get Serve's 503 with Retry-After until the slot frees."""
+    url = server + "/limits/v1/chat/completions"
+    body = json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 2}).encode()
+    held = socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=60)
+    with held, ThreadPoolExecutor(4) as pool:
+        held.sendall(b"POST /limits/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(1.0)  # the replica is reading the rest of the body
+        later = []
+        for _ in range(4):
+            later.append(pool.submit(requests.post, url, json=json.loads(body), timeout=60))
+            time.sleep(0.3)
+        refused = [f.result() for f in later if f.done()]
+        assert len(refused) >= 2 and all(r.status_code == 503 for r in refused), [r.text for r in refused]
+        assert all(r.headers["retry-after"] == "7" for r in refused)
+        held.sendall(body[5:])
+        assert held.recv(4096).startswith(b"HTTP/1.1 200"), "the held request did not complete"
+        statuses = sorted(f.result().status_code for f in later)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 503}, statuses  # the queued one was served
 
 
 def test_every_route_is_served_by_the_replica(server):

@@ -9,6 +9,7 @@ with an EngineError and marks the engine unhealthy.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -19,13 +20,16 @@ from typing import Any, Callable
 
 
 from ..config import EngineConfig, ModelConfig, ParallelConfig
+from .deadline import StepDeadline
 from .ranks import RankGroup
-from .request import EngineError, Request, RequestStream, TokenEvent
+from .request import EngineError, Request, RequestState, RequestStream, RequestTimedOut, TokenEvent
 from .sampling import InvalidRequest, SamplingParams
 from .scheduler import Scheduler
 from .text_output import advance
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0  # while idle, the engine checks this often that every rank is alive
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Engine:
         self.progress = progress
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(self.parallel.ep_size, self.engine_cfg)
+        cfg = self.engine_cfg
+        self._deadline = StepDeadline(cfg.step_deadline_factor, cfg.step_deadline_floor_s, cfg.step_timeout_s)
         self.stop_ids = set(self.model_config.text.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._aborts: deque[str] = deque()
@@ -126,9 +132,13 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, mm_inputs: Any = None) -> RequestStream:
-        """Queues a request; raises InvalidRequest for bad input, EngineError when unhealthy or full."""
+                    request_id: str | None = None, mm_inputs: Any = None,
+                    timeout_s: float | None = None) -> RequestStream:
+        """Queues a request; raises InvalidRequest for bad input, EngineError when unhealthy or
+        EngineFull when full. `timeout_s`: seconds from now after which the request ends with
+        finish_reason "timeout", queued or running (never later than request_deadline_s)."""
         params = (params or SamplingParams()).validate()
+        timeout_s = self._request_timeout(timeout_s)
         if self.error is not None:
             raise EngineError(f"engine is unhealthy: {self.error}")
         if not prompt_ids:
@@ -151,16 +161,32 @@ class Engine:
             raise InvalidRequest("stop strings need a tokenizer; this checkpoint has none", "stop")
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id)
-        req = Request(request_id, list(prompt_ids), params, stream, mm_inputs)
+        req = Request(request_id, list(prompt_ids), params, stream, mm_inputs, timeout_s=timeout_s)
         with self._cv:
             if self.error is not None:  # checked again under the lock the failure path holds
                 raise EngineError(f"engine is unhealthy: {self.error}")
             if request_id in self._requests:
                 raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
-            self.scheduler.add(req)  # EngineError when the queue is full
+            self.scheduler.add(req)  # EngineFull when the queue is full
             self._requests[request_id] = req
             self._cv.notify_all()
         return stream
+
+    def _request_timeout(self, timeout_s: float | None) -> float | None:
+        """The request's own timeout, capped by request_deadline_s; None: no deadline."""
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not math.isfinite(timeout_s) or timeout_s <= 0):
+            raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout_s!r}", "timeout")
+        limits = [t for t in (timeout_s, self.engine_cfg.request_deadline_s) if t]
+        return float(min(limits)) if limits else None
+
+    def _expire_deadlines(self) -> None:
+        """Ends every request past its deadline, queued or running (under _cv, before a plan):
+        finish_reason "timeout", and its KV slot is freed like an abort's."""
+        for req in self.scheduler.expired(time.monotonic()):
+            where = ("while waiting in the queue" if req.state is RequestState.WAITING
+                     else f"after {len(req.output_ids)} generated tokens")
+            self._finish(req, "timeout", error=f"the request passed its deadline of {req.timeout_s:g} s {where}")
 
     def abort(self, request_id: str) -> None:
         """Stops a request; its KV cache slot is freed at the next step."""
@@ -177,6 +203,8 @@ class Engine:
                 ids.append(ev.token_id)
             text.append(ev.text)
             if ev.finished:
+                if ev.finish_reason == "timeout":
+                    raise RequestTimedOut(ev.error)
                 if ev.finish_reason == "error":
                     raise EngineError(ev.error)
                 reason = ev.finish_reason
@@ -197,24 +225,40 @@ class Engine:
 
     # ---- the step loop ----------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopping and not self.scheduler.has_work and not self._aborts:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                self._apply_aborts()
-                if not self.scheduler.has_work:
-                    continue
+        """Steps while there is work; while idle, checks every HEARTBEAT_S that the ranks are
+        alive. Any exception (a rank that raised, died or hung; a bug in planning or in
+        finishing a step) marks the engine unhealthy and fails every request: the thread never
+        ends silently."""
+        try:
+            while self._run_once():
+                pass
+        except Exception as e:
+            self._mark_unhealthy(e)
+
+    def _run_once(self) -> bool:
+        """One step, or one idle heartbeat; False when the engine stops."""
+        with self._cv:
+            if not self._stopping and not self.scheduler.has_work and not self._aborts:
+                self._cv.wait(HEARTBEAT_S)
+            if self._stopping:
+                return False
+            self._apply_aborts()
+            self._expire_deadlines()
+            if not self.scheduler.has_work:
+                idle = True
+            else:
+                idle = False
                 decoding = self.scheduler.num_decoding
                 plans, admitted = self.scheduler.plan()
-            t0 = time.perf_counter()
-            try:
-                results = self.ranks.step(plans, self.engine_cfg.step_timeout_s)
-            except Exception as e:  # a rank died, raised, or hung
-                self._mark_unhealthy(e)
-                return
-            self._finish_step(plans, results, admitted, decoding, time.perf_counter() - t0)
+        if idle:
+            self.ranks.check_alive(HEARTBEAT_S * 5)
+            return True
+        t0 = time.perf_counter()
+        results = self.ranks.step(plans, self._deadline.for_step(plans[0].max_rank_tokens))
+        seconds = time.perf_counter() - t0
+        self._deadline.record(seconds, plans[0].max_rank_tokens)
+        self._finish_step(plans, results, admitted, decoding, seconds)
+        return True
 
     def _apply_aborts(self) -> None:
         while self._aborts:

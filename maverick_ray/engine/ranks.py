@@ -74,6 +74,15 @@ class RankGroup(Protocol):
         """Calls RankWorker.method(*args) on every rank between steps; results in rank order.
         TimeoutError after `timeout` s."""
 
+    def check_alive(self, timeout: float) -> None:
+        """Between steps: raises RankFailed for a rank whose process has died, TimeoutError for
+        one that does not answer within `timeout` s. Cheap enough to call every second."""
+
+    def restart(self, timeout: float) -> None:
+        """Replaces every rank with a fresh one (weights reloaded, KV caches empty, a new
+        collective group); the old ones can no longer take part. Raises when a new rank cannot
+        start within `timeout` s."""
+
     def submit_host_work(self, fn: Callable, *args) -> Future:
         """Runs host-side torch work (image preprocessing) where it does not slow the ranks."""
 
@@ -111,6 +120,15 @@ class LocalRanks:
 
     def call(self, method: str, *args, timeout: float = CALL_TIMEOUT_S) -> list:
         return [self._wait(self._compute.submit(getattr(self.worker, method), *args), timeout, method)]
+
+    def check_alive(self, timeout: float) -> None:
+        self._wait(self._compute.submit(lambda: None), timeout, "a heartbeat")
+
+    def restart(self, timeout: float) -> None:
+        """A new worker on a new compute thread; a hung old thread is abandoned (its late result
+        goes nowhere)."""
+        self.shutdown()
+        self.start(self.placement.num_experts)
 
     def submit_host_work(self, fn, *args):
         """Host-side torch work (image preprocessing) runs on the rank's thread, between steps:
@@ -192,7 +210,6 @@ class RayRanks:
     def start(self, num_experts: int, ready_timeout: float = 600.0) -> None:
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         p = self.parallel
         owner = p.expert_owner
@@ -214,21 +231,57 @@ class RayRanks:
                 raise RuntimeError(
                     f"the cluster cannot place {p.ep_size} workers of {self._bundles()[0]} with strategy "
                     f"{p.placement_strategy} within {ready_timeout:.0f}s (see `ray status`)") from None
+        self._first_bundle = first
+        self._launch(ready_timeout, self.progress)
+
+    def _launch(self, timeout: float, progress: bool) -> None:
+        """Starts one rank actor per bundle, forms their collective group through a fresh
+        rendezvous (a new address and step-channel token each time) and connects the step
+        channel. On failure the actors it made are killed again."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        p = self.parallel
         actor_cls = ray.remote(_RankActor)
         for r in range(p.ep_size):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=first + r)
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                        placement_group_bundle_index=self._first_bundle + r)
             self.actors.append(actor_cls.options(
                 num_cpus=p.num_cpus_per_worker, num_gpus=p.num_gpus_per_worker,
                 scheduling_strategy=strategy, max_concurrency=2).remote())
-        address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=ready_timeout)
-        token = new_token()
-        infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
-                                        self.progress and r == 0)
-                         for r, a in enumerate(self.actors)], timeout=ready_timeout)
+        try:
+            address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
+            token = new_token()
+            infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
+                                            progress and r == 0)
+                             for r, a in enumerate(self.actors)], timeout=timeout)
+            self._channel = StepClient([tuple(info["step_address"]) for info in infos], token)
+        except BaseException:
+            self._kill_actors()
+            raise
         self.infos = infos
-        self._channel = StepClient([tuple(info["step_address"]) for info in infos], token)
         for info in infos:
             log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
+
+    def restart(self, timeout: float) -> None:
+        """Replaces every rank: the old actors are killed (a dead, raising, hung or stopped
+        process alike, so none can rejoin), new ones start in the same placement-group bundles
+        (Ray re-places a bundle whose node was lost) and form a fresh group."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        self._kill_actors()
+        self._launch(timeout, progress=False)
+
+    def _kill_actors(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already dead
+                pass
+        self.actors = []
 
     def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
         """One lockstep step over the ranks' step channels (engine/step_channel.py). A rank that
@@ -240,6 +293,13 @@ class RayRanks:
             if e.kind == "ConnectionError":
                 raise RankFailed(e.rank, e.kind, f"{e.detail}; {self._death_cause(e.rank)}") from e
             raise
+
+    def check_alive(self, timeout: float) -> None:
+        """A rank process that died closes its step channel: found without asking Ray."""
+        closed = self._channel.closed_ranks()
+        if closed:
+            rank = closed[0]
+            raise RankFailed(rank, "ConnectionError", f"its process exited while idle; {self._death_cause(rank)}")
 
     def _death_cause(self, rank: int, wait: float = 5.0) -> str:
         """What Ray knows of why a rank's process went away (OOM kill, ray.kill, a node lost)."""
@@ -277,12 +337,7 @@ class RayRanks:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        for a in self.actors:
-            try:
-                ray.kill(a)
-            except Exception:  # already dead
-                pass
-        self.actors = []
+        self._kill_actors()
         if self._host is not None:
             self._host.shutdown()
             self._host = None

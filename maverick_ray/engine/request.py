@@ -22,13 +22,21 @@ class EngineError(RuntimeError):
     """The engine could not finish a request (a worker died, the engine was shut down, ...)."""
 
 
+class EngineFull(EngineError):
+    """The engine refused a new request because max_waiting requests already wait (retry later)."""
+
+
+class RequestTimedOut(EngineError):
+    """The request passed its deadline (its `timeout`, or the engine's request_deadline_s)."""
+
+
 @dataclass
 class TokenEvent:
     request_id: str
     token_id: int | None          # None on a final event that carries no new token
     text: str                     # new text since the previous event (stop strings held back)
     finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "timeout" | "error"
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -84,7 +92,7 @@ class RequestState(enum.Enum):
     WAITING = "waiting"        # queued: no rank or KV slot yet
     PREFILLING = "prefilling"  # admitted to a rank and slot; its prompt runs in the next step
     RUNNING = "running"        # has its first token; decodes one token per step
-    FINISHED = "finished"      # ended: stop, length or error (slot freed)
+    FINISHED = "finished"      # ended: stop, length, timeout or error (slot freed)
     ABORTED = "aborted"        # ended by the client going away (slot freed)
 
     @property
@@ -106,6 +114,12 @@ class Request:
     state: RequestState = RequestState.WAITING
     first_token_time: float | None = None
     emitted: int = 0        # characters of the decoded output already sent
+    timeout_s: float | None = None   # seconds from arrival until the engine ends it ("timeout")
+
+    @property
+    def deadline(self) -> float | None:
+        """The monotonic time past which the request is ended, waiting or running."""
+        return None if self.timeout_s is None else self.arrival + self.timeout_s
 
     @property
     def cached_tokens(self) -> int:

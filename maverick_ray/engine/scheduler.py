@@ -6,7 +6,8 @@ so new requests join batches that are already generating.
 
 The scheduler owns every request's lifecycle state (request.RequestState): `add` queues
 (WAITING), `plan` admits (PREFILLING), `first_token` starts decoding (RUNNING), `finish` ends
-(FINISHED or ABORTED) and frees the slot. Nothing else changes a request's state.
+(FINISHED or ABORTED) and frees the slot. Nothing else changes a request's state. `expired`
+names the requests past their deadline, queued or running, for the engine to finish.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 
 from ..config import EngineConfig
-from .request import EngineError, Request, RequestState
+from .request import EngineFull, Request, RequestState
 from .step_types import RankPlan, SeqWork
 
 S = RequestState
@@ -68,9 +69,9 @@ class Scheduler:
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
-        """Queues a new request (WAITING); EngineError when max_waiting requests already wait."""
+        """Queues a new request (WAITING); EngineFull when max_waiting requests already wait."""
         if len(self._waiting) >= self.engine.max_waiting:
-            raise EngineError(f"the engine is full: {len(self._waiting)} requests already waiting")
+            raise EngineFull(f"the engine is full: {len(self._waiting)} requests already waiting")
         if req.state is not S.WAITING:
             raise RuntimeError(f"request {req.request_id} is {req.state.value}, not new")
         self._waiting.append(req)
@@ -93,6 +94,12 @@ class Scheduler:
                 self._waiting.remove(req)
             except ValueError:
                 pass
+
+    def expired(self, now: float) -> list[Request]:
+        """Live requests, waiting or admitted, whose deadline is at or before `now` (monotonic);
+        the engine ends each with `finish`."""
+        live = list(self._waiting) + list(self._running.values())
+        return [r for r in live if r.deadline is not None and r.deadline <= now]
 
     def plan(self) -> tuple[list[RankPlan], int]:
         """Plans for every rank and the number of requests admitted this step."""

@@ -179,6 +179,25 @@ class StepClient:
                 replies[rank] = reply[1]
         return replies
 
+    def closed_ranks(self) -> list[int]:
+        """Between exchanges (no rank owes a reply): the ranks whose end of the channel has
+        closed, i.e. whose process exited. Does not block."""
+        rank_of = {sock.fileno(): rank for rank, sock in enumerate(self.socks)}
+        poller = select.poll()
+        for fd in rank_of:
+            poller.register(fd, select.POLLIN)
+        closed = []
+        for fd, _ in poller.poll(0):
+            sock = self.socks[rank_of[fd]]
+            try:
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    closed.append(rank_of[fd])
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed.append(rank_of[fd])
+        return sorted(closed)
+
     def __enter__(self) -> "StepClient":
         return self
 

@@ -25,7 +25,7 @@ def _replica_server() -> "MaverickServer":
     return serve.get_replica_context().servable_object
 
 
-api = make_api(_replica_server)
+api = make_api(_replica_server, echo_request_id=False)  # Serve's proxy echoes X-Request-ID itself
 
 
 @serve.deployment(name="MaverickServer", max_ongoing_requests=64, health_check_period_s=10)
@@ -74,6 +74,10 @@ def build_app(args: "dict | None" = None) -> serve.Application:
 
         check_checkpoint(settings.model)
     options: dict = {"max_ongoing_requests": settings.max_ongoing_requests,
+                     "max_queued_requests": settings.max_queued_requests,
+                     "backpressure_config": {"retry_after_s": settings.retry_after_s},
+                     "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
+                     "graceful_shutdown_wait_loop_s": settings.graceful_shutdown_wait_loop_s,
                      "ray_actor_options": {"num_cpus": settings.replica_num_cpus}}
     bundles = settings.placement_group_bundles()
     if bundles:

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 class TokenStream(Protocol):
     """One request's output: `async for event in stream` yields TokenEvents, the last with
-    `finished=True` (finish_reason "stop" | "length" | "abort" | "error")."""
+    `finished=True` (finish_reason "stop" | "length" | "abort" | "timeout" | "error"; the last two
+    carry `error`, a detail for the server log, not for the client)."""
 
     def __aiter__(self) -> AsyncIterator["TokenEvent"]: ...
 
@@ -32,9 +33,11 @@ class EngineProtocol(Protocol):
     def healthy(self) -> bool: ...
 
     def add_request(self, prompt_ids: list[int], params: "SamplingParams | None" = None,
-                    request_id: str | None = None, mm_inputs: Any = None) -> TokenStream:
+                    request_id: str | None = None, mm_inputs: Any = None,
+                    timeout_s: float | None = None) -> TokenStream:
         """Queues a request and returns its stream. Raises InvalidRequest (bad input: HTTP 400,
-        its `param` names the field) or EngineError (unhealthy or full: HTTP 503)."""
+        its `param` names the field) or EngineError (unhealthy, or EngineFull: HTTP 503).
+        `timeout_s`: the request's own deadline in seconds from now (finish_reason "timeout")."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -4,6 +4,9 @@
 serves. Under Ray Serve (serve/app.py) that is the replica's `MaverickServer`; in the HTTP
 tests it is a `Backend` whose service runs over an in-process fake engine (tests/fake_engine.py).
 
+Every request gets a request id (serve/request_ids.py: the client's X-Request-Id, else a new
+one), which server errors quote and the server log records with their detail.
+
 A backend is anything with these attributes (`Backend` is the plain one):
     service   OpenAIService (over an engine with the EngineProtocol: service.engine)
     metrics   maverick_ray.metrics.EngineMetrics, or None (then /v1/expert-load answers 404)
@@ -19,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .errors import APIError, error_body
+from .errors import APIError, error_body, with_request_id
+from .request_ids import RequestIdMiddleware, request_id_of
 
 if TYPE_CHECKING:  # importing the service imports torch (sampling); the Serve driver does not need it
     from .openai_service import OpenAIService
@@ -33,8 +37,10 @@ class Backend:
     metrics: Any = None
 
 
-def make_api(get_backend: Callable[[], Any]) -> FastAPI:
+def make_api(get_backend: Callable[[], Any], echo_request_id: bool = True) -> FastAPI:
+    """`echo_request_id=False` under Ray Serve, whose proxy already sends X-Request-ID back."""
     api = FastAPI(title="maverick-ray", description="OpenAI-compatible Llama 4 MoE serving on Ray")
+    api.add_middleware(RequestIdMiddleware, echo=echo_request_id)
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -42,9 +48,11 @@ def make_api(get_backend: Callable[[], Any]) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(status_code=500,
-                            content=error_body(f"internal error: {type(exc).__name__}", "server_error"))
+        rid = request_id_of(request)
+        log.exception("request %s: unhandled error", rid)
+        # Sent by Starlette's outermost middleware, past RequestIdMiddleware: the id goes on here.
+        return JSONResponse(status_code=500, headers={"X-Request-Id": rid} if echo_request_id else None,
+                            content=error_body(with_request_id("internal server error", rid), "server_error"))
 
     @api.get("/health")
     async def health():

@@ -2,6 +2,9 @@
 
 Kept free of Ray Serve so it can run over any engine with the EngineProtocol
 (serve/engine_protocol.py): the real Engine, or the in-process fake of the HTTP tests.
+
+Server-side failures reach the client in user terms with the request id (serve/request_ids.py);
+the engine's own detail (rank, node, Ray's words) is logged here under the same id.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -17,11 +21,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine.request import EngineError
+from ..engine.request import EngineError, EngineFull
 from ..engine.sampling import InvalidRequest
 from .engine_protocol import EngineProtocol
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, server_error
 from .protocol import ParsedRequest, has_images, parse_chat, parse_completion
+from .request_ids import request_id_of
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -85,14 +90,14 @@ class OpenAIService:
                                                                                        req.messages))
         else:
             prompt_ids, mm = self._chat_ids(req.messages), None
-        return await self._run(req, prompt_ids, mm, chat=True)
+        return await self._run(request, req, prompt_ids, mm, chat=True)
 
     async def completions(self, request: Request):
         self.check_auth(request)
         req = parse_completion(await self.read_json(request))
         self.check_model(req)
         ids = req.prompt if isinstance(req.prompt, list) else self.tokenizer.encode(req.prompt, add_bos=True)
-        return await self._run(req, ids, None, chat=False)
+        return await self._run(request, req, ids, None, chat=False)
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         try:
@@ -100,31 +105,54 @@ class OpenAIService:
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
 
-    async def _run(self, req: ParsedRequest, prompt_ids: list[int], mm, chat: bool):
+    async def _run(self, request: Request, req: ParsedRequest, prompt_ids: list[int], mm, chat: bool):
         params = req.params
         if not req.max_tokens_given:
             room = self.settings.engine().max_model_len - len(prompt_ids)
             params.max_tokens = max(1, min(self.settings.default_max_tokens, room))
+        request_id = request_id_of(request)  # what the client quotes; rid: the engine's, unique
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         try:
-            stream = self.engine.add_request(prompt_ids, params, request_id=rid, mm_inputs=mm)
+            stream = self.engine.add_request(prompt_ids, params, request_id=rid, mm_inputs=mm, timeout_s=req.timeout)
         except InvalidRequest as e:
             raise bad_request(str(e), e.param) from None
         except EngineError as e:
-            raise APIError(503, str(e), "server_error", None, "engine_unavailable") from None
+            raise self._unavailable(e, request_id) from None
         if req.stream:
-            return StreamingResponse(self._sse(rid, stream, req, chat), media_type="text/event-stream")
-        return await self._collect(rid, stream, chat)
+            return StreamingResponse(self._sse(rid, request_id, stream, req, chat), media_type="text/event-stream")
+        return await self._collect(rid, request_id, stream, chat)
 
-    async def _collect(self, rid: str, stream, chat: bool) -> JSONResponse:
+    def _unavailable(self, e: EngineError, request_id: str) -> APIError:
+        """503 with Retry-After: the engine's queue is full, or the engine failed (Serve replaces
+        the replica)."""
+        retry = {"Retry-After": str(max(1, math.ceil(self.settings.retry_after_s)))}
+        if isinstance(e, EngineFull):
+            log.warning("request %s refused: %s", request_id, e)
+            return server_error(503, "the server is at capacity: too many requests are queued; retry later",
+                                request_id, "engine_unavailable", retry)
+        log.error("request %s refused, the engine is unavailable: %s", request_id, e)
+        return server_error(503, "the server is temporarily unavailable; retry later", request_id,
+                            "engine_unavailable", retry)
+
+    def _failed(self, ev, rid: str, request_id: str) -> APIError:
+        """The client's error for a request that ended with "timeout" (504) or "error" (500); the
+        engine's detail goes to the log only (a timeout's message is the engine's own, for users)."""
+        if ev.finish_reason == "timeout":
+            log.info("request %s (%s) timed out: %s", request_id, rid, ev.error)
+            return server_error(504, ev.error or "the request passed its deadline", request_id, "request_timeout")
+        log.error("request %s (%s) failed: %s", request_id, rid, ev.error)
+        return server_error(500, "the server failed while generating this response; retry the request",
+                            request_id)
+
+    async def _collect(self, rid: str, request_id: str, stream, chat: bool) -> JSONResponse:
         text, reason, usage, finished = [], None, None, False
         try:
             async for ev in stream:
                 text.append(ev.text)
                 if ev.finished:
                     finished = True
-                    if ev.finish_reason == "error":
-                        raise APIError(500, ev.error or "generation failed", "server_error")
+                    if ev.finish_reason in ("error", "timeout"):
+                        raise self._failed(ev, rid, request_id)
                     reason, usage = ev.finish_reason, _usage(ev)
         finally:
             if not finished:  # the client went away (cancelled): free the sequence
@@ -137,7 +165,7 @@ class OpenAIService:
                              "created": int(time.time()), "model": self.model_name, "choices": [choice],
                              "usage": usage})
 
-    async def _sse(self, rid: str, stream, req: ParsedRequest, chat: bool):
+    async def _sse(self, rid: str, request_id: str, stream, req: ParsedRequest, chat: bool):
         created, finished = int(time.time()), False
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -158,9 +186,8 @@ class OpenAIService:
             async for ev in stream:
                 if ev.finished:
                     finished = True
-                    if ev.finish_reason == "error":
-                        err = {"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}}
-                        yield f"data: {json.dumps(err)}\n\n"
+                    if ev.finish_reason in ("error", "timeout"):
+                        yield f"data: {json.dumps(self._failed(ev, rid, request_id).body())}\n\n"
                         break
                     if ev.text:
                         yield chunk({"content": ev.text} if chat else ev.text)
@@ -173,7 +200,7 @@ class OpenAIService:
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # client disconnected mid-stream
-                log.info("client went away; aborting %s", rid)
+                log.info("request %s (%s): client went away; aborting", request_id, rid)
                 self.engine.abort(rid)
 
 

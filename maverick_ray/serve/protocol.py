@@ -24,6 +24,7 @@ class ParsedRequest:
     messages: list[dict] = field(default_factory=list)   # chat
     prompt: str | list[int] | None = None                 # completions
     max_tokens_given: bool = False
+    timeout: float | None = None   # seconds until the engine ends the request (finish_reason "timeout")
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
@@ -46,6 +47,19 @@ def _int(body: dict, name: str, minimum: int | None = None) -> int | None:
     if minimum is not None and v < minimum:
         raise bad_request(f"'{name}' must be >= {minimum}, got {v}", name)
     return v
+
+
+def _timeout(body: dict) -> float | None:
+    """`timeout`: the request's deadline in seconds, queued time included (vLLM and OpenAI have no
+    such body field; the OpenAI clients send it with extra_body={"timeout": ...})."""
+    v = body.get("timeout")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad_request(f"'timeout' must be a number of seconds, got {type(v).__name__}", "timeout")
+    if not math.isfinite(v) or v <= 0:
+        raise bad_request(f"'timeout' must be a number of seconds greater than 0, got {v}", "timeout")
+    return float(v)
 
 
 def _stop(body: dict) -> list[str]:
@@ -88,7 +102,7 @@ def _common(body: Any) -> ParsedRequest:
         raise bad_request("'top_p' must be greater than 0", "top_p")
     return ParsedRequest(model=model, params=params, stream=stream,
                          include_usage=bool(opts.get("include_usage", False)),
-                         max_tokens_given=max_tokens is not None)
+                         max_tokens_given=max_tokens is not None, timeout=_timeout(body))
 
 
 def parse_chat(body: Any) -> ParsedRequest:

@@ -34,6 +34,12 @@ class ServeSettings:
     num_replicas: int | str | None = None
     autoscaling_config: dict | None = None
     max_ongoing_requests: int = 64
+    # Requests each Serve proxy (or handle) queues for this deployment while every replica has
+    # max_ongoing_requests; past it Serve answers 503 with Retry-After: retry_after_s. -1: no limit.
+    max_queued_requests: int = 128
+    retry_after_s: float = 5.0            # Retry-After of every 503 (Serve's full queue and the engine's)
+    graceful_shutdown_timeout_s: float = 20.0   # a stopping replica waits this long for ongoing requests
+    graceful_shutdown_wait_loop_s: float = 2.0  # ... checking this often whether they are done
     replica_num_cpus: float = 1
     # The engine's and the EP group's knobs, built from the same flat args.
     engine_config: EngineConfig = field(default_factory=EngineConfig)
