@@ -370,6 +370,9 @@ class EngineConfig:
                                              "tokens (p99), within [step_deadline_floor_s, step_timeout_s]")
     step_deadline_floor_s: float = knob(15.0, "the shortest deadline a step gets, whatever recent steps took "
                                               "(capped at step_timeout_s)")
+    max_recoveries: int = knob(3, "times the engine may replace its ranks after a rank died, hung or raised, "
+                                  "within recovery_window_s, before it reports unhealthy (0: fail-stop)")
+    recovery_window_s: float = knob(600.0, "the window max_recoveries counts over")
     request_deadline_s: float = knob(0.0, "seconds from arrival (time queued included) after which a request is "
                                           "ended with a timeout error and its KV slot freed; a request's own "
                                           "`timeout` may only shorten it. 0: no deadline")
@@ -384,6 +387,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+        _require(isinstance(self.max_recoveries, int) and self.max_recoveries >= 0, "max_recoveries",
+                 f"must be a non-negative integer, got {self.max_recoveries!r}")
+        _require(self.recovery_window_s > 0, "recovery_window_s", "must be positive")
         check_choices(self)
         _require(self.step_timeout_s > 0, "step_timeout_s", "must be positive")
         _require(math.isfinite(self.request_deadline_s) and self.request_deadline_s >= 0, "request_deadline_s",

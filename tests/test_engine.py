@@ -109,11 +109,11 @@ def test_concurrent_requests_join_running_batches_and_match_alone(tiny_ckpt, ray
         assert any(joined), "no request joined a batch that was already decoding"
 
 
-def test_dead_worker_fails_requests_and_marks_engine_unhealthy(tiny_ckpt, ray_local):
+def test_fail_stop_dead_worker_fails_requests_and_marks_engine_unhealthy(tiny_ckpt, ray_local):
     import ray
 
     eng = Engine(tiny_ckpt, ParallelConfig(ep_size=2),
-                 EngineConfig(max_num_seqs=4, max_model_len=512, step_timeout_s=20)).start()
+                 EngineConfig(max_num_seqs=4, max_model_len=512, step_timeout_s=20, max_recoveries=0)).start()
     try:
         streams = [eng.add_request(list(range(10, 20)), SamplingParams(max_tokens=400, temperature=0,
                                                                        ignore_eos=True)) for _ in range(3)]
@@ -138,11 +138,11 @@ def test_dead_worker_fails_requests_and_marks_engine_unhealthy(tiny_ckpt, ray_lo
 
 
 @pytest.mark.parametrize("ep", [1, 2])
-def test_raising_worker_fails_requests_with_its_error_and_marks_engine_unhealthy(tiny_ckpt, ray_local, ep):
+def test_fail_stop_raising_worker_fails_requests_with_its_error_and_marks_engine_unhealthy(tiny_ckpt, ray_local, ep):
     import ray
 
     eng = Engine(tiny_ckpt, ParallelConfig(ep_size=ep),
-                 EngineConfig(max_num_seqs=4, max_model_len=512, step_timeout_s=20), use_ray=ep > 1).start()
+                 EngineConfig(max_num_seqs=4, max_model_len=512, step_timeout_s=20, max_recoveries=0), use_ray=ep > 1).start()
     try:
         streams = [eng.add_request(list(range(10, 20)), SamplingParams(max_tokens=400, temperature=0,
                                                                        ignore_eos=True)) for _ in range(3)]

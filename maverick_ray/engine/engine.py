@@ -8,8 +8,10 @@ with an EngineError and marks the engine unhealthy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -22,6 +24,7 @@ from typing import Any, Callable
 from ..config import EngineConfig, ModelConfig, ParallelConfig
 from .deadline import StepDeadline
 from .ranks import RankGroup
+from .step_channel import RankFailed
 from .request import EngineError, Request, RequestState, RequestStream, RequestTimedOut, TokenEvent
 from .sampling import InvalidRequest, SamplingParams
 from .scheduler import Scheduler
@@ -30,6 +33,16 @@ from .text_output import advance
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # while idle, the engine checks this often that every rank is alive
+RANK_START_TIMEOUT_S = 600.0  # a replacement rank group must be up within this (weights load)
+
+
+def failure_cause(exc: Exception) -> str:
+    """died (its process exited), hung (missed its deadline) or raised (an error in the step)."""
+    if isinstance(exc, TimeoutError):
+        return "hung"
+    if isinstance(exc, RankFailed) and exc.kind == "ConnectionError":
+        return "died"
+    return "raised"
 
 
 @dataclass
@@ -60,8 +73,13 @@ class Engine:
         self.progress = progress
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(self.parallel.ep_size, self.engine_cfg)
-        cfg = self.engine_cfg
-        self._deadline = StepDeadline(cfg.step_deadline_factor, cfg.step_deadline_floor_s, cfg.step_timeout_s)
+        self._deadline = self._new_deadline()
+        self.failures: dict[str, int] = {}          # rank failures by cause: died | hung | raised
+        self.recoveries = {"ok": 0, "failed": 0}    # rank-group replacements by outcome
+        self.replayed_sequences = 0
+        self.recovering = False
+        self.last_recovery_seconds: float | None = None
+        self._recovery_starts: list[float] = []
         self.stop_ids = set(self.model_config.text.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._aborts: deque[str] = deque()
@@ -130,6 +148,10 @@ class Engine:
         """Test hook: every rank routes every token to `expert` (None restores the router)."""
         self.ranks.call("force_expert", expert)
 
+    def _new_deadline(self) -> StepDeadline:
+        cfg = self.engine_cfg
+        return StepDeadline(cfg.step_deadline_factor, cfg.step_deadline_floor_s, cfg.step_timeout_s)
+
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, mm_inputs: Any = None,
@@ -138,6 +160,8 @@ class Engine:
         EngineFull when full. `timeout_s`: seconds from now after which the request ends with
         finish_reason "timeout", queued or running (never later than request_deadline_s)."""
         params = (params or SamplingParams()).validate()
+        if params.seed is None and not params.greedy:  # a seed of its own: a replay draws the same tokens
+            params = dataclasses.replace(params, seed=secrets.randbits(62))
         timeout_s = self._request_timeout(timeout_s)
         if self.error is not None:
             raise EngineError(f"engine is unhealthy: {self.error}")
@@ -220,7 +244,11 @@ class Engine:
                     "kv_slots_used": used, "kv_slots_total": slots,
                     "kv_tokens_used": cached, "kv_tokens_total": slots * self.engine_cfg.max_model_len,
                     "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
-                    "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "experts", "collectives")}
+                    "rank_failures": dict(self.failures), "recoveries": dict(self.recoveries),
+                    "recovering": self.recovering, "replayed_sequences": self.replayed_sequences,
+                    "last_recovery_seconds": self.last_recovery_seconds,
+                    "rank_start_seconds": dict(self.ranks.start_seconds) if self.ranks else {},
+                    "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives")}
                               for i in (self.ranks.infos if self.ranks else [])]}
 
     # ---- the step loop ----------------------------------------------------------------------
@@ -250,15 +278,60 @@ class Engine:
                 idle = False
                 decoding = self.scheduler.num_decoding
                 plans, admitted = self.scheduler.plan()
-        if idle:
-            self.ranks.check_alive(HEARTBEAT_S * 5)
-            return True
         t0 = time.perf_counter()
-        results = self.ranks.step(plans, self._deadline.for_step(plans[0].max_rank_tokens))
+        try:
+            if idle:
+                self.ranks.check_alive(HEARTBEAT_S * 5)
+                return True
+            results = self.ranks.step(plans, self._deadline.for_step(plans[0].max_rank_tokens))
+        except Exception as e:  # a rank died, raised or hung: replace the ranks, replay, go on
+            self._recover(e)
+            return True
         seconds = time.perf_counter() - t0
         self._deadline.record(seconds, plans[0].max_rank_tokens)
         self._finish_step(plans, results, admitted, decoding, seconds)
         return True
+
+    def _recover(self, exc: Exception) -> None:
+        """Replaces the rank group after a failure and requeues every admitted request for a
+        replay (prompt + produced tokens), so clients see a pause, not an error. Restarts that
+        fail are retried; past max_recoveries within recovery_window_s it raises, and the loop
+        marks the engine unhealthy (Serve then replaces the replica)."""
+        cfg = self.engine_cfg
+        cause = failure_cause(exc)
+        with self._cv:
+            self.failures[cause] = self.failures.get(cause, 0) + 1
+        if cfg.max_recoveries == 0:
+            raise exc  # recovery is off: fail-stop
+        log.warning("rank failure (%s): %s; replacing the ranks", cause, exc)
+        t0 = time.monotonic()
+        while True:
+            now = time.monotonic()
+            self._recovery_starts = [t for t in self._recovery_starts if now - t < cfg.recovery_window_s]
+            if len(self._recovery_starts) >= cfg.max_recoveries:
+                raise EngineError(f"gave up after {len(self._recovery_starts)} recoveries within "
+                                  f"{cfg.recovery_window_s:g} s; last failure: {exc}") from exc
+            self._recovery_starts.append(now)
+            with self._cv:
+                self.recovering = True
+                self.replayed_sequences += self.scheduler.requeue_admitted()
+            try:
+                self.ranks.restart(RANK_START_TIMEOUT_S)
+            except Exception as e:  # e.g. the checkpoint became unreadable, no room for an actor
+                log.error("recovery failed: %s: %s", type(e).__name__, e)
+                with self._cv:
+                    self.recoveries["failed"] += 1
+                exc = e
+                continue
+            self._deadline = self._new_deadline()  # new ranks: measure their steps afresh
+            with self._cv:
+                self.recovering = False
+                self.recoveries["ok"] += 1
+                self.last_recovery_seconds = time.monotonic() - t0
+            log.warning("ranks replaced in %.1f s (%s); %d sequences replayed so far", self.last_recovery_seconds,
+                        ", ".join(f"{k} {v:.1f} s" for k, v in self.ranks.start_seconds.items()),
+                        self.replayed_sequences)
+            return
 
     def _apply_aborts(self) -> None:
         while self._aborts:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -61,6 +62,7 @@ class RankGroup(Protocol):
 
     placement: ExpertPlacement | None
     infos: list[dict]          # what each rank reported at start (rank, node, experts, collectives, ...)
+    start_seconds: dict[str, float]  # where the last start or restart went (kill, actor_start, weight_load, ...)
 
     def start(self, num_experts: int) -> None:
         """Builds every rank (weights, KV cache, collective group); returns when all are ready."""
@@ -97,6 +99,7 @@ class LocalRanks:
         self.placement = None
         self.worker = None
         self.infos: list[dict] = []
+        self.start_seconds: dict[str, float] = {}
         self._args = (checkpoint, engine, progress)
         self._compute: ComputeThread | None = None
 
@@ -106,6 +109,7 @@ class LocalRanks:
         self._compute = ComputeThread("maverick-rank0")
         self.worker = self._compute.run(RankWorker, checkpoint, 0, self.placement, engine, None, progress)
         self.infos = [self._compute.run(self.worker.info)]
+        self.start_seconds = dict(self.infos[0]["start_seconds"])
 
     def _wait(self, future: Future, timeout: float, what: str) -> Any:
         try:
@@ -201,6 +205,7 @@ class RayRanks:
         self.own_pg = False
         self.placement = None
         self.infos: list[dict] = []   # what each rank reported at setup (node, experts, bytes)
+        self.start_seconds: dict[str, float] = {}  # where the last start or restart went
         self._host: ComputeThread | None = None  # host-side work; the ranks compute in other processes
         self._channel: StepClient | None = None  # the per-step plans and results
 
@@ -242,6 +247,7 @@ class RayRanks:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         p = self.parallel
+        t0 = time.perf_counter()
         actor_cls = ray.remote(_RankActor)
         for r in range(p.ep_size):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
@@ -251,6 +257,7 @@ class RayRanks:
                 scheduling_strategy=strategy, max_concurrency=2).remote())
         try:
             address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
+            t_up = time.perf_counter()
             token = new_token()
             infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
                                             progress and r == 0)
@@ -260,6 +267,13 @@ class RayRanks:
             self._kill_actors()
             raise
         self.infos = infos
+        # Where the start went, the slowest rank's figures: actor start (process, imports), the
+        # collective group's init, weight loading, and the rest of setup (step channel).
+        ranks = [i.get("start_seconds", {}) for i in infos]
+        self.start_seconds.update({"actor_start": t_up - t0,
+                                   "group_init": max(r.get("group_init", 0.0) for r in ranks),
+                                   "weight_load": max(r.get("weight_load", 0.0) for r in ranks),
+                                   "setup": time.perf_counter() - t_up})
         for info in infos:
             log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
 
@@ -267,10 +281,12 @@ class RayRanks:
         """Replaces every rank: the old actors are killed (a dead, raising, hung or stopped
         process alike, so none can rejoin), new ones start in the same placement-group bundles
         (Ray re-places a bundle whose node was lost) and form a fresh group."""
+        t0 = time.perf_counter()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
         self._kill_actors()
+        self.start_seconds = {"kill": time.perf_counter() - t0}
         self._launch(timeout, progress=False)
 
     def _kill_actors(self) -> None:

@@ -1,8 +1,8 @@
 """Per-request sampling parameters and the token sampler.
 
 Shape legend: V vocab. Sampling runs where the logits are (on the rank that owns the
-sequence); each request carries its own torch.Generator so a seeded request reproduces
-its tokens whatever else shares the batch.
+sequence); each draw is seeded from (request seed, token position) (token_seed), so a seeded
+request reproduces its tokens whatever else shares the batch, and after a replay.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    return g
+def token_seed(seed: int, position: int) -> int:
+    """The generator seed for the token at `position` of a request seeded with `seed`: sampling
+    depends on (seed, position) only, not on what ran before on the rank, so a replay draws the
+    same tokens. The engine gives unseeded sampling requests a random seed at arrival."""
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % (2**63 - 1)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

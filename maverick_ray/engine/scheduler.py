@@ -21,8 +21,8 @@ from .step_types import RankPlan, SeqWork
 S = RequestState
 _ALLOWED = {  # state -> the states it may move to
     S.WAITING: {S.PREFILLING, S.FINISHED, S.ABORTED},
-    S.PREFILLING: {S.RUNNING, S.FINISHED, S.ABORTED},
-    S.RUNNING: {S.FINISHED, S.ABORTED},
+    S.PREFILLING: {S.RUNNING, S.FINISHED, S.ABORTED, S.WAITING},  # WAITING: replayed after a rank failure
+    S.RUNNING: {S.FINISHED, S.ABORTED, S.WAITING},
     S.FINISHED: set(),
     S.ABORTED: set(),
 }
@@ -95,6 +95,21 @@ class Scheduler:
             except ValueError:
                 pass
 
+    def requeue_admitted(self) -> int:
+        """After the ranks were replaced (their KV caches are gone): every admitted request goes
+        back to the front of the queue, in arrival order, keeping the tokens it has produced; its
+        next admission prefills prompt + those tokens (a replay) and decoding continues. Every
+        slot is free again. Returns how many requests will be replayed."""
+        replay = sorted(self._running.values(), key=lambda r: r.arrival)
+        for req in replay:
+            self._move(req, S.WAITING)
+            req.rank = req.slot = None
+        self._running.clear()
+        self._waiting.extendleft(reversed(replay))
+        self.free_slots = [list(range(self.engine.max_num_seqs - 1, -1, -1)) for _ in range(self.world)]
+        self.pending_release = [[] for _ in range(self.world)]
+        return len(replay)
+
     def expired(self, now: float) -> list[Request]:
         """Live requests, waiting or admitted, whose deadline is at or before `now` (monotonic);
         the engine ends each with `finish`."""
@@ -113,8 +128,9 @@ class Scheduler:
         admitted = 0
         while self._waiting:
             req = self._waiting[0]
+            context = req.prompt_ids + req.output_ids  # a replayed request's produced tokens are context too
             ranks = [r for r in range(self.world)
-                     if self.free_slots[r] and (budget[r] >= len(req.prompt_ids)
+                     if self.free_slots[r] and (budget[r] >= len(context)
                                                 or budget[r] == self.engine.max_prefill_tokens)]
             if not ranks:
                 break
@@ -122,10 +138,9 @@ class Scheduler:
             self._waiting.popleft()
             self._move(req, S.PREFILLING)
             req.rank, req.slot = rank, self.free_slots[rank].pop()
-            budget[rank] -= len(req.prompt_ids)
+            budget[rank] -= len(context)
             self._running[req.request_id] = req
-            plans[rank].work.append(SeqWork(req.request_id, req.slot, 0, list(req.prompt_ids), req.params,
-                                            req.mm_inputs))
+            plans[rank].work.append(SeqWork(req.request_id, req.slot, 0, context, req.params, req.mm_inputs))
             admitted += 1
         most = max(sum(len(w.token_ids) for w in p.work) for p in plans)
         for p in plans:

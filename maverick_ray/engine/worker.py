@@ -24,7 +24,7 @@ from ..model.moe import Dispatcher, LocalDispatcher
 from ..model.rope import inverse_frequencies
 from ..model.text import TextModel
 from ..parallel.placement import ExpertPlacement
-from .sampling import SamplingParams, make_generator, sample_token
+from .sampling import SamplingParams, sample_token, token_seed
 from .step_types import RankPlan, RankResult
 
 log = logging.getLogger(__name__)
@@ -53,17 +53,22 @@ class RankWorker:
         self.config = ModelConfig.from_pretrained(checkpoint)
         dispatcher: Dispatcher = LocalDispatcher()
         self.collectives = None  # how the EP group's all-to-all travels (set by _init_distributed)
+        self.start_seconds: dict[str, float] = {}  # where this rank's start-up went (group_init, weight_load)
         if self.world > 1:
+            t0 = time.perf_counter()
             dispatcher = self._init_distributed(dist_address)
+            self.start_seconds["group_init"] = time.perf_counter() - t0
         self.dispatcher = dispatcher
         self.native_experts = False  # routed experts run in the native CPU kernel (set by _load)
         self.native_rms_norm = False  # RMSNorms run in the native CPU kernel (set by _load)
+        t0 = time.perf_counter()
         self.model = self._load(Path(checkpoint), progress)
+        self.start_seconds["weight_load"] = time.perf_counter() - t0
         text = self.config.text
         self.cache = KVCache(text.num_hidden_layers, engine.max_num_seqs, engine.max_model_len,
                              text.num_key_value_heads, text.head_dim, self.dtype, self.device)
         self.params: dict[str, SamplingParams] = {}
-        self.generators: dict[str, torch.Generator] = {}
+        self._generator = torch.Generator()  # reseeded for every sampled token (token_seed)
         self.vision = None  # built lazily by the vision path when a prompt carries images
         self._phase = defaultdict(float)
         self._fail_in: tuple[int, str] | None = None  # test hook: (steps left, message)
@@ -146,7 +151,7 @@ class RankWorker:
                 "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
                 "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
                 "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
-                "collectives": self.collectives}
+                "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
     # ---- one lockstep step ---------------------------------------------------------------
     @torch.no_grad()
@@ -168,11 +173,9 @@ class RankWorker:
         plan = dataclasses.replace(plan, work=sorted(plan.work, key=lambda w: w.slot))
         for seq_id in plan.release:
             self.params.pop(seq_id, None)
-            self.generators.pop(seq_id, None)
         for w in plan.work:
             if w.params is not None:
                 self.params[w.seq_id] = w.params
-                self.generators[w.seq_id] = make_generator(w.params.seed)
         batch = ForwardBatch.build([w.slot for w in plan.work], [w.start for w in plan.work],
                                    [len(w.token_ids) for w in plan.work], device=self.device)
         ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
@@ -191,13 +194,20 @@ class RankWorker:
 
     def _sample(self, plan: RankPlan, logits: torch.Tensor) -> dict[str, int]:
         """(B, V) logits -> the next token of each sequence. Greedy rows take one batched argmax
-        (one op and, on GPU, one device sync for all of them); the others sample one by one with
-        their own generators."""
+        (one op and, on GPU, one device sync for all of them); the others sample one by one, each
+        draw seeded from (request seed, token position): a sequence replayed on new ranks after
+        a failure draws exactly what it would have drawn."""
         greedy = [i for i, w in enumerate(plan.work) if self.params[w.seq_id].greedy]
         picked = dict(zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist())) if greedy else {}
-        return {w.seq_id: picked[i] if i in picked else
-                sample_token(logits[i], self.params[w.seq_id], self.generators[w.seq_id])
-                for i, w in enumerate(plan.work)}
+        out = {}
+        for i, w in enumerate(plan.work):
+            if i in picked:
+                out[w.seq_id] = picked[i]
+                continue
+            params = self.params[w.seq_id]
+            self._generator.manual_seed(token_seed(params.seed, w.start + len(w.token_ids)))
+            out[w.seq_id] = sample_token(logits[i], params, self._generator)
+        return out
 
     def _embed(self, ids: torch.Tensor, plan: RankPlan) -> torch.Tensor:
         """(T,) ids -> (T, C) embeddings, with image features fused at patch positions (vision path)."""
