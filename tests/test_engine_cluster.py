@@ -41,3 +41,29 @@ def test_workers_on_distinct_nodes_give_identical_results(tiny_ckpt, three_node_
         got = [eng.generate(p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))["token_ids"]
                for p in prompts]
     assert got == reference
+
+
+def test_a_lost_node_costs_a_pause_and_its_rank_is_placed_elsewhere(tiny_ckpt, three_node_cluster):
+    """Runs last in this module: it removes a node. EP = 2 over 3 nodes (one spare); the node
+    holding a rank goes away mid-generation; the rank comes back on another node and every
+    request completes with the fault-free output."""
+    parallel = ParallelConfig(ep_size=2, placement_strategy="STRICT_SPREAD")
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    prompts = prompts_for(tiny_ckpt)
+    with Engine(tiny_ckpt, parallel, EngineConfig(max_num_seqs=4, max_model_len=256)) as eng:
+        reference = [eng.generate(p, params)["token_ids"] for p in prompts]
+        head = three_node_cluster.head_node.node_id
+        rank, node_id = next((i["rank"], i["node_id"]) for i in eng.ranks.infos if i["node_id"] != head)
+        streams = [iter(eng.add_request(p, params)) for p in prompts]
+        outs = [[next(s).token_id] for s in streams]
+        node = next(n for n in three_node_cluster.worker_nodes if n.node_id == node_id)
+        three_node_cluster.remove_node(node)
+        for out, s in zip(outs, streams):
+            events = list(s)
+            assert events[-1].finish_reason == "length", events[-1].error
+            out += [e.token_id for e in events if e.token_id is not None]
+        assert outs == reference
+        stats = eng.stats()
+        assert stats["rank_failures"] == {"died": 1} and stats["recoveries"]["ok"] == 1
+        moved = next(i["node_id"] for i in eng.ranks.infos if i["rank"] == rank)
+        assert moved != node_id and len({i["node_id"] for i in eng.ranks.infos}) == 2
