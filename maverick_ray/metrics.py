@@ -16,6 +16,7 @@ from dataclasses import dataclass
 EXPERT_SERIES_MODES = ("on", "off", "summary")
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+RECOVERY_BUCKETS = [1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600]  # a new rank group: seconds to 10 minutes
 
 
 class RoutingWindow:
@@ -76,6 +77,11 @@ class _Defs:
     running: object
     waiting: object
     kv_usage: object
+    rank_failures: object
+    recoveries: object
+    recovery_seconds: object
+    replayed: object
+    recovering: object
 
 
 def _define() -> _Defs:
@@ -114,6 +120,16 @@ def _define() -> _Defs:
         running=Gauge("maverick_running_sequences", "Sequences generating.", tag_keys=r),
         waiting=Gauge("maverick_waiting_sequences", "Requests waiting for a KV cache slot.", tag_keys=r),
         kv_usage=Gauge("maverick_kv_cache_usage_ratio", "Fraction of KV cache slots in use.", tag_keys=r),
+        rank_failures=Counter("maverick_rank_failures_total", "Rank failures by cause: died, hung or raised.",
+                              tag_keys=r + ("cause",)),
+        recoveries=Counter("maverick_recoveries_total", "Restarts of the rank group after a failure, by outcome.",
+                           tag_keys=r + ("outcome",)),
+        recovery_seconds=Histogram("maverick_recovery_seconds", "Time from a rank failure to a working new rank group.",
+                                   boundaries=RECOVERY_BUCKETS, tag_keys=r),
+        replayed=Counter("maverick_replayed_sequences_total",
+                         "Sequences requeued to prefill prompt + produced tokens again on new ranks.", tag_keys=r),
+        recovering=Gauge("maverick_recovery_in_progress", "1 while the engine replaces its ranks after a failure.",
+                         tag_keys=r),
     )
 
 
@@ -129,6 +145,9 @@ class EngineMetrics:
         self.moe_layers = list(engine.model_config.text.moe_layers)
         engine.add_step_listener(self.on_step)
         engine.add_finish_listener(self.on_finish)
+        self.last_failure_cause: str | None = None
+        self.m.recovering.set(0.0, tags=self.tags)
+        engine.add_recovery_listener(self.on_recovery)
 
     def on_step(self, s) -> None:
         m, t = self.m, self.tags
@@ -173,8 +192,25 @@ class EngineMetrics:
                 m.tpot.observe((now - req.first_token_time) / (len(req.output_ids) - 1), tags=t)
         m.latency.observe(now - req.arrival, tags=t)
 
+    def on_recovery(self, cause: str, outcome: str | None, seconds: float | None, replayed: int) -> None:
+        """A rank failure (outcome None; a recovery follows unless max_recoveries is 0), or the end
+        of one restart of the ranks ("ok" or "failed": the engine retries)."""
+        m, t = self.m, self.tags
+        if outcome is None:
+            self.last_failure_cause = cause
+            m.rank_failures.inc(1, tags=dict(t, cause=cause))
+            m.recovering.set(1.0 if self.engine.engine_cfg.max_recoveries else 0.0, tags=t)
+            return
+        m.recoveries.inc(1, tags=dict(t, outcome=outcome))
+        if replayed:
+            m.replayed.inc(replayed, tags=t)
+        if outcome == "ok":
+            m.recovery_seconds.observe(seconds, tags=t)
+            m.recovering.set(0.0, tags=t)
+
     def expert_load(self) -> dict:
         out = self.window.summary()
         out.update({"moe_layers": self.moe_layers[:out["layers"]], "ep_size": self.engine.parallel.ep_size,
-                    "num_experts": self.engine.model_config.text.num_local_experts, "stats": self.engine.stats()})
+                    "num_experts": self.engine.model_config.text.num_local_experts, "stats": self.engine.stats(),
+                    "last_failure_cause": self.last_failure_cause})
         return out

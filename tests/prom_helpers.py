@@ -1,7 +1,9 @@
-"""A real Prometheus server for tests: start it on loopback against static targets, query it."""
+"""A real Prometheus server for tests: start it on loopback against static targets, query it;
+the Grafana dashboard's queries."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -12,6 +14,18 @@ import pytest
 import requests
 
 from serve_fixtures import free_port
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "k8s" / "monitoring" / "grafana-dashboard.json"
+# The recovery series the dashboard charts. All but the gauge appear only once a rank has failed:
+# Ray exports a counter or a histogram from its first record.
+RECOVERY_SERIES = ("rank_failures_total", "recoveries_total", "recovery_seconds_bucket", "replayed_sequences_total",
+                   "recovery_in_progress")
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard's panels."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
 
 
 @contextmanager

@@ -1,17 +1,19 @@
-"""Routing-balance and serving metrics, scraped by a real Prometheus server, plus the live dashboard."""
+"""Routing-balance, serving and recovery metrics, scraped by a real Prometheus server, plus the live
+dashboard. The module's tests share one deployment; the last one kills a rank of it."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
+import signal
 import subprocess
+import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from prom_helpers import prometheus, query, wait_for
+from page_helpers import dashboard_screenshot
+from prom_helpers import RECOVERY_SERIES, dashboard_exprs, prometheus, query, wait_for
 from serve_fixtures import free_port, start_serve, stop_serve
 
 EP = 2
@@ -89,14 +91,21 @@ def test_promtool_accepts_the_exposition(stack):
     assert not problems, problems
 
 
-def test_dashboard_promql_returns_data(stack):
-    dash = json.loads((Path(__file__).resolve().parents[1] / "k8s" / "monitoring" / "grafana-dashboard.json").read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 8
-    load(stack["url"], 2)
+def dashboard_queries_return_data(prom: str, exprs: list[str]) -> None:
     for expr in exprs:
         expr = expr.replace("$__rate_interval", "30s").replace("$replica", ".*")
-        wait_for(lambda: query(stack["prom"], expr), timeout=60)
+        wait_for(lambda: query(prom, expr), timeout=60)
+
+
+def recovery_exprs() -> list[str]:
+    return [e for e in dashboard_exprs() if any(f"ray_maverick_{s}" in e for s in RECOVERY_SERIES)]
+
+
+def test_dashboard_promql_returns_data(stack):
+    exprs = [e for e in dashboard_exprs() if e not in recovery_exprs()]  # those need a rank failure: the last test
+    assert len(exprs) >= 8
+    load(stack["url"], 2)
+    dashboard_queries_return_data(stack["prom"], exprs)
 
 
 def test_forced_single_expert_drops_balancedness_to_one_over_ep(stack):
@@ -116,24 +125,6 @@ def test_forced_single_expert_drops_balancedness_to_one_over_ep(stack):
         assert shot["nonzero_cells"] == len(data["expert_load"])
     finally:
         requests.post(url + "/v1/debug/force-expert", json={"expert": None})
-
-
-def dashboard_screenshot(url: str, work: Path, name: str) -> dict:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium package is required (make test installs it)"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={work / ('chrome-' + name)}", "--virtual-time-budget=5000", "--window-size=1300,700"]
-    artifacts = Path(__file__).resolve().parents[1] / "artifacts"
-    artifacts.mkdir(exist_ok=True)
-    png = artifacts / f"dashboard-{name}.png"
-    subprocess.run([chromium, *flags, f"--screenshot={png}", url + "/dashboard"], capture_output=True, timeout=120)
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url + "/dashboard"], capture_output=True, text=True,
-                         timeout=120).stdout
-    import re
-
-    m = re.search(r'<body data-nonzero-cells="(\d+)"', dom)
-    return {"png": png, "nonzero_cells": int(m.group(1)) if m else 0, "dom": dom}
 
 
 def test_dashboard_draws_heatmap_under_load(stack):
@@ -170,3 +161,77 @@ def test_top_shows_the_same_view_in_the_terminal(stack):
     bad = subprocess.run([sys.executable, "-m", "maverick_ray.cli", "top", "--url", "http://127.0.0.1:9", "--once"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "cannot reach" in bad.stderr
+
+
+# Keep this test last: it replaces the ranks of the deployment the tests above share.
+def test_killed_rank_counts_one_failure_and_one_recovery_in_prometheus(stack):
+    import openai
+
+    url, prom = stack["url"], stack["prom"]
+
+    def value(q: str) -> float:
+        r = query(prom, q)
+        return float(r[0]["value"][1]) if r else 0.0
+
+    totals = {"died": 'sum(ray_maverick_rank_failures_total{cause="died"})',
+              "failures": "sum(ray_maverick_rank_failures_total)",
+              "ok": 'sum(ray_maverick_recoveries_total{outcome="ok"})',
+              "recoveries": "sum(ray_maverick_recoveries_total)",
+              "observations": "sum(ray_maverick_recovery_seconds_count)",
+              "replayed": "sum(ray_maverick_replayed_sequences_total)"}
+
+    def buckets() -> dict[float, float]:
+        return {float(r["metric"]["le"]): float(r["value"][1])
+                for r in query(prom, "sum by (le) (ray_maverick_recovery_seconds_bucket)")}
+    before, buckets_before = {k: value(q) for k, q in totals.items()}, buckets()
+    pid = next(r["pid"] for r in requests.get(url + "/v1/engine/stats").json()["ranks"] if r["rank"] == 1)
+    recovering_causes: list = []  # what the live page read (/v1/expert-load) while the ranks were replaced
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            d = requests.get(url + "/v1/expert-load", timeout=10).json()
+            if d["stats"]["recovering"]:
+                recovering_causes.append(d["last_failure_cause"])
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    t0 = time.monotonic()
+    chunks = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Story number 0, please."}], max_tokens=40, temperature=0,
+        stream=True)
+    finish = None
+    try:
+        for n, chunk in enumerate(chunks):  # an error chunk raises
+            if n == 5:
+                watcher.start()
+                os.kill(pid, signal.SIGKILL)
+            finish = chunk.choices[0].finish_reason if chunk.choices else finish
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)
+    assert finish in ("length", "stop") and watcher.ident is not None, "the stream ended before the kill"
+    stats = requests.get(url + "/v1/engine/stats").json()
+    assert stats["healthy"] and stats["recoveries"]["ok"] >= 1 and not stats["recovering"]
+    assert recovering_causes and set(recovering_causes) == {"died"}, recovering_causes
+
+    def counted():
+        now = {k: value(q) for k, q in totals.items()}
+        return now if now["observations"] >= before["observations"] + 1 and now["ok"] >= before["ok"] + 1 else None
+    after = wait_for(counted)
+    t_prom = time.monotonic() - t0
+    for key in ("died", "failures", "ok", "recoveries", "observations"):
+        assert after[key] == before[key] + 1, (key, before, after)
+    # Ray exports an approximate _sum (bucket midpoints): the observation's bucket is what to check.
+    seconds, grown = stats["last_recovery_seconds"], buckets()
+    assert {le: n - buckets_before.get(le, 0.0) for le, n in grown.items()} == {
+        le: float(seconds <= le) for le in grown}, (seconds, grown)
+    assert after["replayed"] >= before["replayed"] + 1  # the stream above, at least
+    wait_for(lambda: query(prom, "max(ray_maverick_recovery_in_progress) == 0"))
+    dashboard_queries_return_data(prom, recovery_exprs())
+    page = dashboard_screenshot(url, stack["work"], "recovered", screenshot=False)
+    assert page["data"].get("recovering") == "0" and 'id="recovery-banner" hidden' in page["dom"]
+    assert "<th>failures: died</th><td>1</td>" in page["dom"] and "<th>recoveries: ok</th><td>1</td>" in page["dom"]
+    print(f"kill -9 to counted in Prometheus: {t_prom:.1f} s; ranks replaced in {stats['last_recovery_seconds']:.1f} s")

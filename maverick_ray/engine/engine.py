@@ -92,6 +92,7 @@ class Engine:
         self.last_step: StepStats | None = None
         self._listeners: list[Callable[[StepStats], None]] = []
         self._finish_listeners: list[Callable[[Request, str, float], None]] = []
+        self._recovery_listeners: list[Callable[[str, str | None, float | None, int], None]] = []
         self.ranks: RankGroup | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -135,6 +136,13 @@ class Engine:
     def add_finish_listener(self, fn: Callable[[Request, str, float], None]) -> None:
         """fn(request, finish reason, monotonic time) when a request ends."""
         self._finish_listeners.append(fn)
+
+    def add_recovery_listener(self, fn: Callable[[str, str | None, float | None, int], None]) -> None:
+        """fn(cause, outcome, seconds, replayed) from the engine thread: outcome None when a rank
+        failure (cause died | hung | raised) was counted, before any restart; then "ok" or
+        "failed" after each restart of the ranks, with the seconds since the failure and the
+        sequences that restart requeued for a replay. A listener that raises is logged."""
+        self._recovery_listeners.append(fn)
 
     def submit_preprocessing(self, fn: Callable, *args):
         """Runs request preprocessing that computes with torch (images) where it does not slow
@@ -301,6 +309,7 @@ class Engine:
         cause = failure_cause(exc)
         with self._cv:
             self.failures[cause] = self.failures.get(cause, 0) + 1
+        self._notify_recovery(cause, None, None, 0)
         if cfg.max_recoveries == 0:
             raise exc  # recovery is off: fail-stop
         log.warning("rank failure (%s): %s; replacing the ranks", cause, exc)
@@ -314,13 +323,15 @@ class Engine:
             self._recovery_starts.append(now)
             with self._cv:
                 self.recovering = True
-                self.replayed_sequences += self.scheduler.requeue_admitted()
+                replayed = self.scheduler.requeue_admitted()
+                self.replayed_sequences += replayed
             try:
                 self.ranks.restart(RANK_START_TIMEOUT_S)
             except Exception as e:  # e.g. the checkpoint became unreadable, no room for an actor
                 log.error("recovery failed: %s: %s", type(e).__name__, e)
                 with self._cv:
                     self.recoveries["failed"] += 1
+                self._notify_recovery(cause, "failed", time.monotonic() - t0, replayed)
                 exc = e
                 continue
             self._deadline = self._new_deadline()  # new ranks: measure their steps afresh
@@ -328,10 +339,18 @@ class Engine:
                 self.recovering = False
                 self.recoveries["ok"] += 1
                 self.last_recovery_seconds = time.monotonic() - t0
+            self._notify_recovery(cause, "ok", self.last_recovery_seconds, replayed)
             log.warning("ranks replaced in %.1f s (%s); %d sequences replayed so far", self.last_recovery_seconds,
                         ", ".join(f"{k} {v:.1f} s" for k, v in self.ranks.start_seconds.items()),
                         self.replayed_sequences)
             return
+
+    def _notify_recovery(self, *event) -> None:
+        for fn in self._recovery_listeners:
+            try:
+                fn(*event)
+            except Exception:  # a metrics bug must not stop a recovery
+                log.exception("recovery listener failed")
 
     def _apply_aborts(self) -> None:
         while self._aborts:

@@ -1,7 +1,9 @@
 """The live expert-utilization page served at /dashboard: self-contained (no external resources).
 
 It polls `v1/expert-load` (relative, so it works under any route prefix) every 2 s and draws a
-layer x expert heatmap, balancedness per layer and per-rank load.
+layer x expert heatmap, balancedness per layer and per-rank load. From the engine's stats in the
+same reply it shows a banner while the engine replaces failed ranks, and the failure and
+recovery counters.
 """
 
 DASHBOARD_HTML = """<!doctype html>
@@ -12,16 +14,20 @@ DASHBOARD_HTML = """<!doctype html>
  .row { display: flex; gap: 24px; flex-wrap: wrap; } .card { background: #fff; border: 1px solid #ddd;
  border-radius: 6px; padding: 10px; } #status { color: #666; font-size: 13px; }
  table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: right; }
+ #recovery-banner { background: #f5a623; color: #222; font-weight: 600; padding: 8px 12px; border-radius: 6px;
+ margin: 8px 0; }
 </style></head>
 <body>
 <h1>maverick-ray: expert routing load</h1>
 <div id="status">loading...</div>
+<div id="recovery-banner" hidden></div>
 <div class="row">
  <div class="card"><h2>Tokens per expert (rows: MoE layers, window)</h2>
   <canvas id="heatmap" width="768" height="200"></canvas></div>
  <div class="card"><h2>Balancedness per layer (1 = even)</h2><canvas id="balance" width="360" height="200"></canvas>
   <table id="layers"></table></div>
  <div class="card"><h2>Tokens per EP rank (all MoE layers)</h2><canvas id="ranks" width="360" height="200"></canvas></div>
+ <div class="card"><h2>Rank failures and recoveries</h2><table id="recovery"></table></div>
 </div>
 <script>
 function color(v) {  // 0..1 -> white..deep blue
@@ -38,10 +44,25 @@ function bars(canvas, values, max, labels, fmt) {
     c.fillText(labels[i], i * w + 4, canvas.height - 4); c.fillText(fmt(v), i * w + 4, canvas.height - 20 - h);
   });
 }
+const CAUSES = {died: 'a rank died', hung: 'a rank hung', raised: 'a rank raised an error'};
+function showRecovery(s, cause) {
+  const failures = s.rank_failures || {}, recoveries = s.recoveries || {};
+  const banner = document.getElementById('recovery-banner');
+  banner.hidden = !s.recovering;
+  banner.textContent = s.recovering ? `recovering: replacing ranks after ${CAUSES[cause] || 'a rank failure'}` : '';
+  const last = s.last_recovery_seconds;
+  const rows = [['failures: died', failures.died || 0], ['failures: hung', failures.hung || 0],
+                ['failures: raised', failures.raised || 0], ['recoveries: ok', recoveries.ok || 0],
+                ['recoveries: failed', recoveries.failed || 0], ['replayed sequences', s.replayed_sequences || 0],
+                ['last recovery', last == null ? 'none' : last.toFixed(1) + ' s']];
+  document.getElementById('recovery').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
+  document.body.dataset.recovering = s.recovering ? '1' : '0';
+}
 async function refresh() {
   let d;
   try { d = await (await fetch('v1/expert-load')).json(); }
   catch (e) { document.getElementById('status').textContent = 'cannot reach the server: ' + e; return; }
+  showRecovery(d.stats, d.last_failure_cause);
   const hm = document.getElementById('heatmap'), c = hm.getContext('2d');
   c.clearRect(0, 0, hm.width, hm.height);
   let nonzero = 0;
