@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(call install_project,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
-$(ORACLE_STAMP): $(STAMP)
+$(ORACLE_STAMP): $(LOCK)
 	$(PYTHON) -m venv $(ORACLE_VENV)
 	$(ORACLE_VENV)/bin/pip install -q --upgrade pip
 	# The lock less its torch (ORACLE_TORCH pins that pair): the same transformers and Pillow as
