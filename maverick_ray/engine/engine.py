@@ -2,8 +2,9 @@
 
 Protocol the serving layer relies on: `add_request`, iterating the returned stream (sync or
 async), `abort`, `stats`, `healthy`. Steps run in a background thread over a RankGroup
-(engine/ranks.py); a rank that raises, dies or exceeds step_timeout_s fails every request
-with an EngineError and marks the engine unhealthy.
+(engine/ranks.py); a rank that raises, dies or misses its step deadline is replaced and every
+running sequence replayed (`_recover`); past max_recoveries the engine fails every request
+with an EngineError and marks itself unhealthy.
 """
 
 from __future__ import annotations
