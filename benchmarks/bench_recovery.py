@@ -4,9 +4,10 @@ Recovery: for each checkpoint and EP size, every round starts a local Ray cluste
 a subprocess, runs N concurrent greedy requests once fault-free (the reference) and once more
 with one rank's process killed (SIGKILL) mid-generation, a different rank each round. Per round:
 kill -> every stream's next token, the longest pause any stream saw, the engine's
-last_recovery_seconds and its ranks' start_seconds (kill, actor_start, group_init, weight_load,
-setup), the re-prefill (the restart's end -> the first token after it), and whether the outputs
-equal the reference. Medians over rounds.
+last_recovery_seconds and its ranks' start_seconds (release: the failed rank killed and the
+survivors out of the old group; actor_start, group_init, weight_load, setup), the re-prefill
+(the recovery's end -> the first token after it), the sequences replayed (those of the killed
+rank), and whether the outputs equal the reference. Medians over rounds.
 
 Overhead: the detection machinery (the per-step deadline, engine/deadline.py; the idle heartbeat,
 HEARTBEAT_S; the per-token reseeded sampling, sampling.token_seed) against the same engine with
@@ -36,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import in_subprocess, machine_line, write_section  # noqa: E402
 
-PHASES = ("kill", "actor_start", "group_init", "weight_load", "setup")
+PHASES = ("release", "actor_start", "group_init", "weight_load", "setup")
 
 
 def make_checkpoint(name: str, tmp: str) -> str:
@@ -104,14 +105,15 @@ def recovery_round(ckpt: str, ep: int, rank: int, requests: int, prompt_len: int
         run_streams(eng, prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
         reference, ref_times, _ = run_streams(eng, prompts, params)
         restarts: list[tuple[float, float]] = []
-        restart = eng.ranks.restart
+        recover = eng.ranks.recover
 
-        def timed_restart(timeout):  # where the restart began and ended, on our clock
+        def timed_recover(failure, timeout):  # where the recovery began and ended, on our clock
             t0 = time.monotonic()
-            restart(timeout)
+            replaced = recover(failure, timeout)
             restarts.append((t0, time.monotonic()))
+            return replaced
 
-        eng.ranks.restart = timed_restart
+        eng.ranks.recover = timed_recover
         outs, times, t_kill = run_streams(eng, prompts, params, kill=(rank, new_tokens // 4))
         if t_kill is None or not restarts:
             raise RuntimeError("the kill did not land mid-generation (raise --new-tokens)")
@@ -285,9 +287,9 @@ def main(argv=None) -> int:
             f"tokens, default engine settings; kill -9 of one rank's process once the first stream has "
             f"{args.new_tokens // 4} tokens, a different rank each round, {args.rounds} rounds, each on a fresh local "
             "Ray cluster and engine in a subprocess. kill -> next token: until every stream had a token again; "
-            "longest pause: the largest gap between two tokens of any stream; detect: kill -> the restart began; "
+            "longest pause: the largest gap between two tokens of any stream; detect: kill -> the recovery began; "
             "start phases: the slowest rank's (setup is the ranks' whole setup call, which holds group_init and "
-            "weight_load: actor_start + setup is about last_recovery_seconds); re-prefill: the restart's end -> "
+            "weight_load: actor_start + setup is about last_recovery_seconds); re-prefill: the recovery's end -> "
             "the first token after it; normal token gap: the fault-free reference run's median. Outputs are "
             "compared with the fault-free run of the same round. Medians over rounds. Overhead: one EP=1 engine "
             "in the benchmark process (no Ray cluster), the detection machinery on and neutralised in-process "

@@ -70,7 +70,7 @@ def rank_pid(eng: Engine, rank: int) -> int:
 
 @pytest.fixture(scope="module")
 def ep2(tiny_ckpt, ray_local):
-    cfg = EngineConfig(max_num_seqs=8, max_model_len=256, step_deadline_floor_s=3.0, max_recoveries=5)
+    cfg = EngineConfig(max_num_seqs=8, max_model_len=256, step_deadline_floor_s=3.0, max_recoveries=10)
     eng = Engine(tiny_ckpt, ParallelConfig(ep_size=2), cfg).start()
     reference, _ = run(eng)
     assert all(len(o) == N_TOKENS for o in reference)
@@ -78,15 +78,19 @@ def ep2(tiny_ckpt, ray_local):
     eng.shutdown()
 
 
-def test_killed_rank_is_replaced_and_every_output_is_unchanged(ep2):
+def test_killed_rank_is_replaced_the_survivor_kept_and_every_output_is_unchanged(ep2):
     eng, reference = ep2
-    before = eng.stats()
+    before, pids = eng.stats(), [rank_pid(eng, r) for r in (0, 1)]
     outs, gap = run(eng, lambda: os.kill(rank_pid(eng, 1), signal.SIGKILL))
     assert outs == reference
     stats = eng.stats()
     assert stats["rank_failures"].get("died", 0) == before["rank_failures"].get("died", 0) + 1
     assert stats["recoveries"]["ok"] == before["recoveries"]["ok"] + 1 and eng.healthy
-    assert stats["replayed_sequences"] > before["replayed_sequences"]
+    # Only rank 1 was replaced; rank 0 kept its process, weights and KV cache, so only the 4
+    # sequences rank 1 held (8 requests admitted at once, spread evenly) were replayed.
+    assert rank_pid(eng, 0) == pids[0] and rank_pid(eng, 1) != pids[1]
+    assert stats["replaced_ranks"] == before["replaced_ranks"] + 1
+    assert stats["replayed_sequences"] == before["replayed_sequences"] + 4
     print(f"kill -9: clients paused {gap:.1f} s; ranks replaced in {stats['last_recovery_seconds']:.1f} s "
           f"({stats['rank_start_seconds']})")
 
@@ -95,9 +99,23 @@ def test_three_kills_in_a_row_at_different_ranks(ep2):
     eng, reference = ep2
     before = eng.stats()["recoveries"]["ok"]
     for rank in (0, 1, 0):
+        pids = [rank_pid(eng, r) for r in (0, 1)]
         outs, _ = run(eng, lambda r=rank: os.kill(rank_pid(eng, r), signal.SIGKILL))
         assert outs == reference
+        assert [rank_pid(eng, r) == pids[r] for r in (0, 1)] == [r != rank for r in (0, 1)]
     assert eng.stats()["recoveries"]["ok"] == before + 3 and eng.healthy
+
+
+def test_rank_that_raises_is_replaced_and_its_peer_kept(ep2):
+    import ray
+
+    eng, reference = ep2
+    before, pids = eng.stats(), [rank_pid(eng, r) for r in (0, 1)]
+    outs, _ = run(eng, lambda: ray.get(eng.ranks.actors[1].call.remote("fail_after", 0, "injected fault")))
+    assert outs == reference
+    stats = eng.stats()
+    assert stats["rank_failures"].get("raised", 0) == before["rank_failures"].get("raised", 0) + 1
+    assert rank_pid(eng, 0) == pids[0] and rank_pid(eng, 1) != pids[1]
 
 
 def test_stopped_rank_is_found_hung_fenced_off_and_replaced(ep2):
@@ -108,9 +126,11 @@ def test_stopped_rank_is_found_hung_fenced_off_and_replaced(ep2):
     def stop():
         stopped.append(rank_pid(eng, 0))
         os.kill(stopped[0], signal.SIGSTOP)
+    peer = rank_pid(eng, 1)
     outs, gap = run(eng, stop, after_tokens=12)
     assert outs == reference
     assert eng.stats()["rank_failures"].get("hung", 0) == before + 1
+    assert rank_pid(eng, 1) == peer  # the stopped rank is the one replaced; its waiting peer is kept
     assert gap < 60, f"the hang took {gap:.0f} s to get past"
     try:  # the old process was killed when its rank was replaced: waking it changes nothing
         os.kill(stopped[0], signal.SIGCONT)

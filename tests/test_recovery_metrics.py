@@ -25,22 +25,24 @@ DIED = RankFailed(1, "ConnectionError", "the step channel closed")
 
 
 class StandInRanks:
-    """What Engine._recover uses of a RankGroup. The first `fail` restarts raise; with `gate`,
-    each restart waits for it first (`entered` is set once a restart began)."""
+    """What Engine._recover uses of a RankGroup. The first `fail` recoveries raise; with `gate`,
+    each recovery waits for it first (`entered` is set once a recovery began); a recovery that
+    succeeds replaces rank 0."""
 
     def __init__(self, fail: int = 0, gate: threading.Event | None = None):
         self.fail, self.gate, self.restarts = fail, gate, 0
         self.entered = threading.Event()
-        self.start_seconds = {"kill": 0.01, "actor_start": 0.02}
+        self.start_seconds = {"release": 0.01, "actor_start": 0.02}
         self.infos: list[dict] = []
 
-    def restart(self, timeout: float) -> None:
+    def recover(self, failure: Exception | None, timeout: float) -> list[int]:
         self.restarts += 1
         self.entered.set()
         if self.gate is not None:
-            assert self.gate.wait(60), "the test never released the restart"
+            assert self.gate.wait(60), "the test never released the recovery"
         if self.restarts <= self.fail:
             raise RuntimeError("no room for a rank actor")
+        return [0]
 
 
 def engine(ckpt, ranks: StandInRanks, admitted: int = 0, **cfg) -> Engine:
@@ -72,7 +74,7 @@ def test_listeners_hear_the_failure_then_every_restart_and_a_raising_one_is_only
     assert [e[:2] for e in events] == [("died", None), ("died", "failed"), ("died", "ok")]
     assert events[0][2:] == (None, 0)
     (_, _, failed_s, failed_replayed), (_, _, ok_s, ok_replayed) = events[1:]
-    assert (failed_replayed, ok_replayed) == (2, 0)  # the 2 admitted requests, requeued by the first restart
+    assert (failed_replayed, ok_replayed) == (0, 2)  # the 2 admitted requests, requeued once a recovery succeeded
     assert 0 <= failed_s <= ok_s and ok_s == eng.last_recovery_seconds
     stats = eng.stats()
     assert stats["rank_failures"] == {"died": 1} and stats["recoveries"] == {"ok": 1, "failed": 1}
@@ -92,7 +94,7 @@ def test_fail_stop_and_giving_up_tell_the_listeners_what_was_counted(tiny_ckpt):
     events = listen(eng)
     with pytest.raises(EngineError, match="gave up after 2 recoveries"):
         eng._recover(RankFailed(0, "ValueError", "bad shape"))
-    assert [(e[0], e[1], e[3]) for e in events] == [("raised", None, 0), ("raised", "failed", 1),
+    assert [(e[0], e[1], e[3]) for e in events] == [("raised", None, 0), ("raised", "failed", 0),
                                                     ("raised", "failed", 0)]
 
 
@@ -126,8 +128,8 @@ def test_engine_metrics_count_failures_recoveries_replays_and_the_time(tiny_ckpt
     metrics, log = recorded_metrics(eng)
     eng._recover(DIED)
     assert log == [("rank_failures", "inc", 1, {"cause": "died"}), ("recovering", "set", 1.0, {}),
-                   ("recoveries", "inc", 1, {"outcome": "failed"}), ("replayed", "inc", 3, {}),
-                   ("recoveries", "inc", 1, {"outcome": "ok"}),
+                   ("recoveries", "inc", 1, {"outcome": "failed"}),
+                   ("recoveries", "inc", 1, {"outcome": "ok"}), ("replayed", "inc", 3, {}),
                    ("recovery_seconds", "observe", eng.last_recovery_seconds, {}), ("recovering", "set", 0.0, {})]
     assert metrics.expert_load()["last_failure_cause"] == "died"
 

@@ -75,3 +75,34 @@ def test_tied_embeddings_are_refused_with_the_field_named(tiny_ckpt):
     cfg["text_config"]["tie_word_embeddings"] = True
     with pytest.raises(ConfigError, match="text_config.tie_word_embeddings"):
         ModelConfig.from_dict(cfg)
+
+
+def test_after_a_recovery_only_the_replaced_ranks_and_unfinished_prefills_are_replayed():
+    sched = Scheduler(2, EngineConfig(max_num_seqs=2, max_waiting=8))
+    a, b, c, d, e = (request(x) for x in "abcde")
+    for r in (a, b, c, d):
+        sched.add(r)
+    sched.plan()  # a, b, c, d admitted: two per rank
+    for r in (a, b, c, d):
+        r.output_ids.append(9)
+        sched.first_token(r)
+    on = {rank: sorted(r.request_id for r in (a, b, c, d) if r.rank == rank) for rank in (0, 1)}
+    kept_rank = 0
+    kept = [r for r in (a, b, c, d) if r.rank == kept_rank]
+    sched.finish(kept[1])  # its release rides on the step that then fails
+    sched.add(e)
+    failed_plans, admitted = sched.plan()  # e takes the freed slot on rank 0; the step fails
+    assert admitted == 1 and e.rank == kept_rank and failed_plans[kept_rank].release == [kept[1].request_id]
+    replayed = sched.requeue_admitted([1], failed_plans)
+    # rank 1 was replaced: its two requests replay; e's prefill never produced a token: it replays too
+    assert replayed == 3
+    assert [r.request_id for r in sched._waiting] == sorted(on[1] + ["e"], key=lambda x: "abcde".index(x))
+    assert kept[0].state is S.RUNNING and kept[0].rank == kept_rank  # kept its slot and KV cache
+    plans, admitted = sched.plan()
+    # the kept request runs the failed step's decode again; the failed step's release is sent again,
+    # and e's state on rank 0 is released before its replay lands anywhere
+    work = {w.seq_id: (w.start, w.token_ids) for p in plans for w in p.work}
+    assert work[kept[0].request_id] == (4, [9])
+    assert plans[kept_rank].release[:2] == [kept[1].request_id, "e"]
+    assert admitted == 3 and all(work[r][0] == 0 for r in on[1] + ["e"])
+    assert work[on[1][0]][1] == list(range(1, 5)) + [9]  # prompt + the produced token

@@ -2,8 +2,9 @@
 
 Protocol the serving layer relies on: `add_request`, iterating the returned stream (sync or
 async), `abort`, `stats`, `healthy`. Steps run in a background thread over a RankGroup
-(engine/ranks.py); a rank that raises, dies or misses its step deadline is replaced and every
-running sequence replayed (`_recover`); past max_recoveries the engine fails every request
+(engine/ranks.py); a rank that raises, dies or misses its step deadline is replaced, the other
+ranks keep their weights and KV caches, and the sequences that lived on the replaced rank are
+replayed (`_recover`); past max_recoveries the engine fails every request
 with an EngineError and marks itself unhealthy.
 """
 
@@ -78,6 +79,7 @@ class Engine:
         self.failures: dict[str, int] = {}          # rank failures by cause: died | hung | raised
         self.recoveries = {"ok": 0, "failed": 0}    # rank-group replacements by outcome
         self.replayed_sequences = 0
+        self.replaced_ranks = 0                     # ranks replaced by recoveries (the others kept their state)
         self.recovering = False
         self.last_recovery_seconds: float | None = None
         self._recovery_starts: list[float] = []
@@ -255,6 +257,7 @@ class Engine:
                     "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
                     "rank_failures": dict(self.failures), "recoveries": dict(self.recoveries),
                     "recovering": self.recovering, "replayed_sequences": self.replayed_sequences,
+                    "replaced_ranks": self.replaced_ranks,
                     "last_recovery_seconds": self.last_recovery_seconds,
                     "rank_start_seconds": dict(self.ranks.start_seconds) if self.ranks else {},
                     "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives")}
@@ -293,19 +296,20 @@ class Engine:
                 self.ranks.check_alive(HEARTBEAT_S * 5)
                 return True
             results = self.ranks.step(plans, self._deadline.for_step(plans[0].max_rank_tokens))
-        except Exception as e:  # a rank died, raised or hung: replace the ranks, replay, go on
-            self._recover(e)
+        except Exception as e:  # a rank died, raised or hung: replace it, replay its sequences, go on
+            self._recover(e, None if idle else plans)
             return True
         seconds = time.perf_counter() - t0
         self._deadline.record(seconds, plans[0].max_rank_tokens)
         self._finish_step(plans, results, admitted, decoding, seconds)
         return True
 
-    def _recover(self, exc: Exception) -> None:
-        """Replaces the rank group after a failure and requeues every admitted request for a
-        replay (prompt + produced tokens), so clients see a pause, not an error. Restarts that
-        fail are retried; past max_recoveries within recovery_window_s it raises, and the loop
-        marks the engine unhealthy (Serve then replaces the replica)."""
+    def _recover(self, exc: Exception, failed_plans=None) -> None:
+        """Replaces the failed ranks (RankGroup.recover; the others keep their weights and KV
+        caches) and requeues the sequences that lost their KV cache for a replay (prompt +
+        produced tokens), so clients see a pause, not an error. Recoveries that fail are
+        retried; past max_recoveries within recovery_window_s it raises, and the loop marks the
+        engine unhealthy (Serve then replaces the replica)."""
         cfg = self.engine_cfg
         cause = failure_cause(exc)
         with self._cv:
@@ -313,7 +317,7 @@ class Engine:
         self._notify_recovery(cause, None, None, 0)
         if cfg.max_recoveries == 0:
             raise exc  # recovery is off: fail-stop
-        log.warning("rank failure (%s): %s; replacing the ranks", cause, exc)
+        log.warning("rank failure (%s): %s; replacing the failed ranks", cause, exc)
         t0 = time.monotonic()
         while True:
             now = time.monotonic()
@@ -324,26 +328,27 @@ class Engine:
             self._recovery_starts.append(now)
             with self._cv:
                 self.recovering = True
-                replayed = self.scheduler.requeue_admitted()
-                self.replayed_sequences += replayed
             try:
-                self.ranks.restart(RANK_START_TIMEOUT_S)
+                lost = self.ranks.recover(exc, RANK_START_TIMEOUT_S)
             except Exception as e:  # e.g. the checkpoint became unreadable, no room for an actor
                 log.error("recovery failed: %s: %s", type(e).__name__, e)
                 with self._cv:
                     self.recoveries["failed"] += 1
-                self._notify_recovery(cause, "failed", time.monotonic() - t0, replayed)
+                self._notify_recovery(cause, "failed", time.monotonic() - t0, 0)
                 exc = e
                 continue
-            self._deadline = self._new_deadline()  # new ranks: measure their steps afresh
             with self._cv:
+                replayed = self.scheduler.requeue_admitted(lost, failed_plans)
+                self.replayed_sequences += replayed
+                self.replaced_ranks += len(lost)
                 self.recovering = False
                 self.recoveries["ok"] += 1
                 self.last_recovery_seconds = time.monotonic() - t0
+            self._deadline = self._new_deadline()  # new ranks: measure their steps afresh
             self._notify_recovery(cause, "ok", self.last_recovery_seconds, replayed)
-            log.warning("ranks replaced in %.1f s (%s); %d sequences replayed so far", self.last_recovery_seconds,
-                        ", ".join(f"{k} {v:.1f} s" for k, v in self.ranks.start_seconds.items()),
-                        self.replayed_sequences)
+            log.warning("rank(s) %s replaced in %.1f s (%s); %d sequences replayed", lost,
+                        self.last_recovery_seconds,
+                        ", ".join(f"{k} {v:.1f} s" for k, v in self.ranks.start_seconds.items()), replayed)
             return
 
     def _notify_recovery(self, *event) -> None:

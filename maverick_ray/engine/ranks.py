@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 from ..config import EngineConfig, ParallelConfig
 from ..parallel.network import pin_collective_interface
 from ..parallel.placement import ExpertPlacement
-from .step_channel import RankFailed, StepClient, StepServer, new_token
+from .step_channel import RankFailed, StepClient, StepServer, StepTimeout, new_token
 from .step_types import RankPlan, RankResult
 from .worker import RankWorker
 
@@ -54,6 +54,8 @@ class ComputeThread:
 
 
 CALL_TIMEOUT_S = 120.0  # RankGroup.call: a rank method that takes longer is reported as hung
+PROBE_TIMEOUT_S = 3.0  # recovery: a rank that does not answer a probe within this has failed
+SURVIVOR_RELEASE_S = 15.0  # recovery: a survivor whose failed step has not ended by then is replaced
 
 
 class RankGroup(Protocol):
@@ -80,10 +82,13 @@ class RankGroup(Protocol):
         """Between steps: raises RankFailed for a rank whose process has died, TimeoutError for
         one that does not answer within `timeout` s. Cheap enough to call every second."""
 
-    def restart(self, timeout: float) -> None:
-        """Replaces every rank with a fresh one (weights reloaded, KV caches empty, a new
-        collective group); the old ones can no longer take part. Raises when a new rank cannot
-        start within `timeout` s."""
+    def recover(self, failure: Exception | None, timeout: float) -> list[int]:
+        """After `failure` (what step or check_alive raised): replaces the ranks that failed
+        with fresh ones (weights loaded, KV caches empty) and forms a new collective group in
+        which the old ones can no longer take part. Ranks that did not fail keep their weights,
+        KV caches and sampling state. Returns the replaced ranks: their sequences must be
+        replayed. Raises when a new rank cannot start within `timeout` s; the next call then
+        replaces every rank."""
 
     def submit_host_work(self, fn: Callable, *args) -> Future:
         """Runs host-side torch work (image preprocessing) where it does not slow the ranks."""
@@ -128,11 +133,12 @@ class LocalRanks:
     def check_alive(self, timeout: float) -> None:
         self._wait(self._compute.submit(lambda: None), timeout, "a heartbeat")
 
-    def restart(self, timeout: float) -> None:
+    def recover(self, failure: Exception | None, timeout: float) -> list[int]:
         """A new worker on a new compute thread; a hung old thread is abandoned (its late result
-        goes nowhere)."""
+        goes nowhere). The only rank is always the failed one."""
         self.shutdown()
         self.start(self.placement.num_experts)
+        return [0]
 
     def submit_host_work(self, fn, *args):
         """Host-side torch work (image preprocessing) runs on the rank's thread, between steps:
@@ -194,6 +200,30 @@ class _RankActor:
     def call(self, method, *args):
         return self.compute.run(getattr(self.worker, method), *args)
 
+    # Recovery, called on Ray's second thread while the compute thread may still be stuck.
+    def probe(self) -> dict:
+        """Answers at once unless the process is stopped: whether the rank's step is waiting in
+        a collective (then it is not the rank its peers wait for)."""
+        return {"in_collective": self.worker is not None and self.worker.in_collective}
+
+    def leave_group(self, timeout: float) -> None:
+        """After a peer failed: stops serving the old step channel, waits up to `timeout` s for
+        the failed step to end here (it does once the failed peer's process is gone: the
+        all-to-all reports the peer gone) and leaves the broken group. TimeoutError when the
+        step does not end (the rank is then replaced too)."""
+        self.channel.close()
+        self.compute.submit(lambda: None).result(timeout=timeout)
+        self.compute.run(self.worker.leave_group)
+
+    def rejoin(self, address, token):
+        """A surviving rank joins the new group and opens a new step channel; returns its info."""
+        import ray
+
+        info = self.compute.run(self.worker.join_group, address)
+        self.channel = StepServer(ray.util.get_node_ip_address(), token,
+                                  lambda plan: self.compute.run(self.worker.step, plan))
+        return {**info, "step_address": self.channel.address}
+
 
 class RayRanks:
     """EP ranks as Ray actors, one per placement-group bundle."""
@@ -239,28 +269,34 @@ class RayRanks:
         self._first_bundle = first
         self._launch(ready_timeout, self.progress)
 
-    def _launch(self, timeout: float, progress: bool) -> None:
-        """Starts one rank actor per bundle, forms their collective group through a fresh
-        rendezvous (a new address and step-channel token each time) and connects the step
-        channel. On failure the actors it made are killed again."""
+    def _launch(self, timeout: float, progress: bool, replace: list[int] | None = None) -> None:
+        """Starts a rank actor in its bundle for each rank in `replace` (default: every rank);
+        the other ranks (survivors that have left their old group) rejoin. All of them form a
+        new collective group through a fresh rendezvous (a new address and step-channel token
+        each time) and the step channel is connected. On failure every actor is killed."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         p = self.parallel
+        replace = list(range(p.ep_size)) if replace is None else sorted(replace)
         t0 = time.perf_counter()
         actor_cls = ray.remote(_RankActor)
-        for r in range(p.ep_size):
+        if not self.actors:
+            self.actors = [None] * p.ep_size
+        for r in replace:
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
                                                         placement_group_bundle_index=self._first_bundle + r)
-            self.actors.append(actor_cls.options(
+            self.actors[r] = actor_cls.options(
                 num_cpus=p.num_cpus_per_worker, num_gpus=p.num_gpus_per_worker,
-                scheduling_strategy=strategy, max_concurrency=2).remote())
+                scheduling_strategy=strategy, max_concurrency=2).remote()
         try:
-            address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
+            address, *_ = ray.get([self.actors[0].rendezvous_address.remote()]
+                                  + [self.actors[r].__ray_ready__.remote() for r in replace], timeout=timeout)
             t_up = time.perf_counter()
             token = new_token()
             infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
-                                            progress and r == 0)
+                                            progress and r == 0) if r in replace
+                             else a.rejoin.remote(address, token)
                              for r, a in enumerate(self.actors)], timeout=timeout)
             self._channel = StepClient([tuple(info["step_address"]) for info in infos], token)
         except BaseException:
@@ -277,27 +313,89 @@ class RayRanks:
         for info in infos:
             log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
 
-    def restart(self, timeout: float) -> None:
-        """Replaces every rank: the old actors are killed (a dead, raising, hung or stopped
-        process alike, so none can rejoin), new ones start in the same placement-group bundles
-        (Ray re-places a bundle whose node was lost) and form a fresh group."""
+    def recover(self, failure: Exception | None, timeout: float) -> list[int]:
+        """Replaces the failed ranks and keeps the others (RankGroup.recover). The failed ranks
+        are the one `failure` names and every rank that does not answer a probe at once; after
+        a hang where all answer, those that owed the step and were not waiting in a collective
+        (the rank the others waited for). Failed actors are killed, dead, raising, hung or
+        stopped alike, so none can rejoin; survivors wait for the failed step to end (their
+        all-to-all reports the peer gone), leave the old group and rejoin the new one with their
+        weights and KV caches. A survivor that cannot leave within SURVIVOR_RELEASE_S is
+        replaced too. When a recovery itself fails every actor is killed, so the next one
+        replaces them all."""
         t0 = time.perf_counter()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        self._kill_actors()
-        self.start_seconds = {"kill": time.perf_counter() - t0}
-        self._launch(timeout, progress=False)
+        try:
+            if not self.actors:  # a failed recovery killed them all
+                self.start_seconds = {}
+                self._launch(timeout, progress=False)
+                return list(range(self.parallel.ep_size))
+            failed = self._failed_ranks(failure)
+            self._kill_actors(failed)
+            survivors = [r for r in range(self.parallel.ep_size) if r not in failed]
+            stuck = self._release(survivors)
+            if stuck:
+                self._kill_actors(stuck)
+                failed = sorted(failed + stuck)
+            self.start_seconds = {"release": time.perf_counter() - t0}
+            self._launch(timeout, progress=False, replace=failed)
+            return failed
+        except BaseException:
+            self._kill_actors()
+            raise
 
-    def _kill_actors(self) -> None:
+    def _failed_ranks(self, failure: Exception | None) -> list[int]:
         import ray
 
-        for a in self.actors:
+        named = {failure.rank} if isinstance(failure, RankFailed) else set()
+        refs = [a.probe.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        answers: dict[int, dict | None] = {}
+        for r, ref in enumerate(refs):
             try:
-                ray.kill(a)
+                answers[r] = ray.get(ref, timeout=0) if ref in ready else None
+            except Exception:  # the actor is dead
+                answers[r] = None
+        silent = {r for r, a in answers.items() if a is None}
+        failed = named | silent
+        if not failed and isinstance(failure, StepTimeout):
+            waited_for = {r for r in failure.ranks if not answers[r]["in_collective"]}
+            failed = waited_for or set(failure.ranks)
+        elif not failed:  # a timeout that names no rank: none can be trusted
+            failed = set(range(len(self.actors)))
+        return sorted(failed)
+
+    def _release(self, survivors: list[int]) -> list[int]:
+        """Survivors leave the old group; returns those that could not (to be replaced too)."""
+        import ray
+
+        refs = {r: self.actors[r].leave_group.remote(SURVIVOR_RELEASE_S) for r in survivors}
+        stuck = []
+        for r, ref in refs.items():
+            try:
+                ray.get(ref, timeout=SURVIVOR_RELEASE_S + 5)
+            except Exception as e:
+                log.warning("rank %d could not leave the failed group (%s: %s); replacing it too",
+                            r, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                stuck.append(r)
+        return stuck
+
+    def _kill_actors(self, ranks: list[int] | None = None) -> None:
+        """Kills the actors of `ranks` (default: all, and forgets them)."""
+        import ray
+
+        for r in (range(len(self.actors)) if ranks is None else ranks):
+            if self.actors[r] is None:
+                continue
+            try:
+                ray.kill(self.actors[r])
             except Exception:  # already dead
                 pass
-        self.actors = []
+            self.actors[r] = None
+        if ranks is None:
+            self.actors = []
 
     def step(self, plans: list[RankPlan], timeout: float) -> list[RankResult]:
         """One lockstep step over the ranks' step channels (engine/step_channel.py). A rank that

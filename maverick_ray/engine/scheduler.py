@@ -95,19 +95,33 @@ class Scheduler:
             except ValueError:
                 pass
 
-    def requeue_admitted(self) -> int:
-        """After the ranks were replaced (their KV caches are gone): every admitted request goes
-        back to the front of the queue, in arrival order, keeping the tokens it has produced; its
-        next admission prefills prompt + those tokens (a replay) and decoding continues. Every
-        slot is free again. Returns how many requests will be replayed."""
-        replay = sorted(self._running.values(), key=lambda r: r.arrival)
+    def requeue_admitted(self, lost_ranks: list[int] | None = None, failed_plans: list[RankPlan] | None = None) -> int:
+        """After a rank failure and recovery. Requests admitted on `lost_ranks` (replaced: their
+        KV caches are gone; default every rank), and requests on any rank whose prefill had
+        not produced a token yet, go back to the front of the queue in arrival order, keeping
+        the tokens they have produced: their next admission prefills prompt + those tokens (a
+        replay) and decoding continues. Running requests on the other ranks keep their slot and
+        KV cache: the next plan runs the failed step's work again (same positions, so the KV
+        entries it may have half written are overwritten alike). The failed step's releases
+        (`failed_plans`) are sent again to the ranks that kept their state. Returns how many
+        requests will be replayed."""
+        lost = set(range(self.world) if lost_ranks is None else lost_ranks)
+        replay = sorted((r for r in self._running.values() if r.rank in lost or r.state is S.PREFILLING),
+                        key=lambda r: r.arrival)
         for req in replay:
             self._move(req, S.WAITING)
+            del self._running[req.request_id]
+            if req.rank not in lost:  # a kept rank: its slot is free again, its sampling state dropped
+                self.free_slots[req.rank].append(req.slot)
+                self.pending_release[req.rank].append(req.request_id)
             req.rank = req.slot = None
-        self._running.clear()
         self._waiting.extendleft(reversed(replay))
-        self.free_slots = [list(range(self.engine.max_num_seqs - 1, -1, -1)) for _ in range(self.world)]
-        self.pending_release = [[] for _ in range(self.world)]
+        for r in range(self.world):
+            if r in lost:
+                self.free_slots[r] = list(range(self.engine.max_num_seqs - 1, -1, -1))
+                self.pending_release[r] = []
+            elif failed_plans is not None:
+                self.pending_release[r][:0] = failed_plans[r].release
         return len(replay)
 
     def expired(self, now: float) -> list[Request]:

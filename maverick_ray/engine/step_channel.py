@@ -73,6 +73,8 @@ class StepServer:
         self._listener = socket.create_server((host, 0), family=family)
         self.address = (host, self._listener.getsockname()[1])
         self._accept_deadline = time.monotonic() + accept_timeout
+        self._conn: socket.socket | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="maverick-step-channel", daemon=True)
         self._thread.start()
 
@@ -82,7 +84,7 @@ class StepServer:
             self._listener.settimeout(max(0.1, self._accept_deadline - time.monotonic()))
             try:
                 conn, peer = self._listener.accept()
-            except socket.timeout:
+            except OSError:  # the accept timeout, or close()
                 break
             conn.settimeout(10.0)
             try:
@@ -103,7 +105,12 @@ class StepServer:
         finally:
             self._listener.close()
         if conn is None:
-            log.error("step channel: no engine connected within the accept timeout")
+            if not self._closed:
+                log.error("step channel: no engine connected within the accept timeout")
+            return
+        self._conn = conn
+        if self._closed:  # closed while accepting
+            conn.close()
             return
         with conn:
             while True:
@@ -119,6 +126,20 @@ class StepServer:
                     _send(conn, reply)
                 except OSError:
                     return
+
+
+    def close(self) -> None:
+        """Stops serving: the engine's connection (if any) is shut down, so a reply still owed
+        for a failed step goes nowhere. A rank that rejoins a new group opens a new server."""
+        self._closed = True
+        self._accept_deadline = 0.0
+        for s in (self._conn, self._listener):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._thread.join(timeout=5)
 
 
 class StepClient:
@@ -141,7 +162,8 @@ class StepClient:
         """Sends messages[r] to rank r; returns the replies in rank order.
 
         Raises RankFailed(rank, kind, detail) for the first rank that replies with an error or
-        whose connection closes, and TimeoutError when some rank has not replied in `timeout` s."""
+        whose connection closes, and StepTimeout (a TimeoutError naming the ranks that owe a
+        reply) when some rank has not replied in `timeout` s."""
         deadline = time.monotonic() + timeout
         for rank, (sock, msg) in enumerate(zip(self.socks, messages)):
             sock.settimeout(timeout)
@@ -158,8 +180,8 @@ class StepClient:
             left = deadline - time.monotonic()
             ready = [fd for fd, _ in poller.poll(left * 1000)] if left > 0 else []
             if not ready:
-                raise TimeoutError(f"{len(pending)} of {len(self.socks)} ranks did not finish a step "
-                                   f"within {timeout:.0f}s")
+                raise StepTimeout(sorted(pending.values()),
+                                  f"{len(pending)} of {len(self.socks)} ranks did not finish a step within {timeout:.0f}s")
             for fd in ready:
                 rank = pending.pop(fd)
                 poller.unregister(fd)
@@ -169,20 +191,26 @@ class StepClient:
                 try:
                     reply = _recv(sock)
                 except socket.timeout:
-                    raise TimeoutError(f"rank {rank} did not finish sending its step within {timeout:.0f}s") from None
+                    raise StepTimeout([rank], f"rank {rank} did not finish sending its step within {timeout:.0f}s") from None
                 except ChannelClosed:
                     raise RankFailed(rank, "ConnectionError", "its process exited (the step channel closed)") from None
                 except OSError as e:
                     raise RankFailed(rank, "ConnectionError", f"step channel failed: {e}") from e
                 if not reply[0]:
+                    # A peer that died makes the others' all-to-all fail too; its closed channel
+                    # is already readable by then. Blame the dead rank, not the one that noticed.
+                    dead = self.closed_ranks([self.socks[r] for r in pending.values()])
+                    if dead:
+                        raise RankFailed(dead[0], "ConnectionError", "its process exited (the step channel closed)")
                     raise RankFailed(rank, reply[1], reply[2])
                 replies[rank] = reply[1]
         return replies
 
-    def closed_ranks(self) -> list[int]:
-        """Between exchanges (no rank owes a reply): the ranks whose end of the channel has
-        closed, i.e. whose process exited. Does not block."""
-        rank_of = {sock.fileno(): rank for rank, sock in enumerate(self.socks)}
+    def closed_ranks(self, socks: list[socket.socket] | None = None) -> list[int]:
+        """The ranks (of `socks`, default all) whose end of the channel has closed, i.e. whose
+        process exited. Between exchanges, or for ranks whose reply is still owed (a reply in
+        flight is not a close). Does not block."""
+        rank_of = {sock.fileno(): self.socks.index(sock) for sock in (self.socks if socks is None else socks)}
         poller = select.poll()
         for fd in rank_of:
             poller.register(fd, select.POLLIN)
@@ -211,6 +239,15 @@ class StepClient:
             except OSError:
                 pass
         self.socks = []
+
+
+class StepTimeout(TimeoutError):
+    """Some ranks did not finish a step in time: `ranks` owe their reply. A hung rank is among
+    them, and so may be peers blocked in a collective waiting for it."""
+
+    def __init__(self, ranks: list[int], message: str):
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class RankFailed(RuntimeError):

@@ -21,8 +21,8 @@ from ..model.batch import ForwardBatch
 from ..model.fused import fuse_projections
 from ..model.kv_cache import KVCache
 from ..model.moe import Dispatcher, LocalDispatcher
-from ..model.rope import inverse_frequencies
 from ..model.text import TextModel
+from ..parallel.all_to_all import AllToAllDispatcher
 from ..parallel.placement import ExpertPlacement
 from .sampling import SamplingParams, sample_token, token_seed
 from .step_types import RankPlan, RankResult
@@ -56,7 +56,8 @@ class RankWorker:
         self.start_seconds: dict[str, float] = {}  # where this rank's start-up went (group_init, weight_load)
         if self.world > 1:
             t0 = time.perf_counter()
-            dispatcher = self._init_distributed(dist_address)
+            self._init_distributed(dist_address)
+            dispatcher = AllToAllDispatcher(self.placement, self.rank)
             self.start_seconds["group_init"] = time.perf_counter() - t0
         self.dispatcher = dispatcher
         self.native_experts = False  # routed experts run in the native CPU kernel (set by _load)
@@ -75,11 +76,10 @@ class RankWorker:
         self._stall_in: tuple[int, float] | None = None  # test hook: (steps left, seconds)
         self._profile_hooks = []
 
-    def _init_distributed(self, address: str | None):
+    def _init_distributed(self, address: str | None) -> None:
         import deepspeed
 
         from ..parallel import host_group
-        from ..parallel.all_to_all import AllToAllDispatcher
 
         if address is None:
             raise ValueError("an expert-parallel group of more than one rank needs a rendezvous address")
@@ -95,7 +95,32 @@ class RankWorker:
             self.collectives = "shared memory"
         else:   # NCCL, gloo by choice, or the host group's gloo fallback (its log says why)
             self.collectives = "nccl" if backend == "nccl" else "gloo"
-        return AllToAllDispatcher(self.placement, self.rank)
+
+    def leave_group(self) -> None:
+        """Leaves the collective group after a peer failed; this rank keeps its weights and KV
+        cache. Called once the failed step has ended on this rank."""
+        import deepspeed.comm as dist
+
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # a group broken by the failure: nothing left to tear down cleanly
+                log.warning("rank %d: leaving the broken group: %s: %s", self.rank, type(e).__name__, e)
+
+    def join_group(self, address: str) -> dict:
+        """Joins a fresh collective group (a new rendezvous at `address`) beside replacement
+        ranks, keeping this rank's weights, KV cache and sampling state; returns info()."""
+        self.leave_group()
+        t0 = time.perf_counter()
+        self._init_distributed(address)
+        self.start_seconds = {"group_init": time.perf_counter() - t0}
+        return self.info()
+
+    @property
+    def in_collective(self) -> bool:
+        """Whether this rank's step is inside an all-to-all now, waiting for its peers (read
+        from another thread when a step hangs: a rank that is not is the one they wait for)."""
+        return bool(getattr(self.dispatcher, "in_collective", False))
 
     def _load(self, checkpoint: Path, progress: bool) -> TextModel:
         from ..checkpoint.loader import load_state_dict
@@ -107,8 +132,6 @@ class RankWorker:
             model = TextModel(self.config.text, expert_ids=experts, dispatcher=self.dispatcher)
         model.load_state_dict(state, strict=True, assign=True)
         del state  # the model holds the tensors now; the re-layout below then frees each original
-        text = self.config.text
-        model.inv_freq = inverse_frequencies(text.head_dim, text.rope_theta, text.rope_scaling)  # was on meta
         model = fuse_projections(model.to(self.device).eval())  # after .to(): fused weights share storage
         if self.engine.cpu_kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self._attach_cpu_kernels(model)

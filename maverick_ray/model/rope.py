@@ -15,8 +15,10 @@ from ..config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """(D/2,) fp32 inverse frequencies, with Llama 3 style scaling when configured."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """(D/2,) fp32 inverse frequencies on the CPU, with Llama 3 style scaling when configured.
+    Always computed on the CPU, also inside a `torch.device("meta")` block: on meta, the division
+    runs a Python reference that imports torch._dynamo (~1.5 s of every rank start)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if scaling is None:
         return inv_freq
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor

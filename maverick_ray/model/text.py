@@ -46,7 +46,12 @@ class DecoderLayer(nn.Module):
 class _Decoder(nn.Module):
     def __init__(self, cfg: TextConfig, num_local_experts: int | None, dispatcher: Dispatcher | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # No random init on the meta device (how ranks build the model before loading it): there
+        # normal_ runs a Python reference that imports torch._dynamo, ~1.5 s of every rank start.
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, num_local_experts, dispatcher) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -53,6 +53,7 @@ class AllToAllDispatcher:
         self.stats = DispatchStats()
         self.padded_max_rows = padded_max_rows
         self.slots_per_peer: int | None = None  # K of this step's padded exchange; None: counted
+        self.in_collective = False  # inside an all-to-all now: read by another thread when a step hangs
 
     def begin_step(self, max_rows_any_rank: int | None) -> None:
         """Starts a step: resets the step's stats and sets its exchange from the most routed rows
@@ -64,8 +65,12 @@ class AllToAllDispatcher:
 
     def _a2a(self, out, inp, out_splits=None, in_splits=None):
         t0 = time.perf_counter()
-        self.dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
-                                    group=self.group)
+        self.in_collective = True
+        try:
+            self.dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                        group=self.group)
+        finally:
+            self.in_collective = False
         self.stats.seconds += time.perf_counter() - t0
         self.stats.bytes_sent += inp.numel() * inp.element_size()
 
