@@ -1,4 +1,4 @@
-"""maverick-ray command line: generate | make-checkpoint | serve | top.
+"""maverick-ray command line: generate | make-checkpoint | serve | top | plan.
 
 Every subcommand works with no checkpoint argument: the tiny checkpoint is created on first
 use in the user cache directory.
@@ -82,6 +82,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--interval", type=float, default=2.0, help="refresh seconds (default: 2)")
     t.add_argument("--once", action="store_true", help="print one snapshot and exit")
     t.add_argument("--api-key", default=None, help="API key, when the server requires one")
+
+    pl = sub.add_parser(
+        "plan", help="size a deployment: per-GPU memory, KV budget, fit verdict, Serve and KubeRay values",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Size one engine (one Serve replica) of a Llama 4 model on a GPU cluster: per rank, the\n"
+                    "dense weights every rank holds, its routed-expert shard, the vision tower, activations,\n"
+                    "the KV cache left and the sequences that fit; then the verdict and the Serve / KubeRay\n"
+                    "values. Nothing is loaded: only config.json is read. Exit status 0 when it fits, 1 when not.",
+        epilog="examples:\n"
+               "  maverick-ray plan maverick --gpus 8 --gpu-memory 141              # bf16 on 8 x H200\n"
+               "  maverick-ray plan maverick --nodes 2 --gpus 8 --gpu-memory 80     # bf16 on 2 x 8 x H100\n"
+               "  maverick-ray plan maverick-fp8 --gpus 8 --gpu-memory 80 --json    # the FP8 release\n"
+               "  maverick-ray plan /models/Llama-4-Scout-17B-16E-Instruct --gpus 4 --max-model-len 32768")
+    pl.add_argument("model", metavar="CONFIG",
+                    help="config.json, a checkpoint directory, or a model in configs/models: maverick, "
+                         "maverick-fp8, scout (or a file name there)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes one engine spans (default: 1)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
+                    help="memory of one GPU as the card is sold: 80 for H100, 141 for H200 (taken as GiB, which "
+                         "is what those cards hold; default: 80)")
+    pl.add_argument("--ep", type=int, default=None, help="expert-parallel ranks, one per GPU (default: every GPU)")
+    pl.add_argument("--dtype", choices=("bf16", "fp8"), default=None,
+                    help="weight format (default: fp8 when config.json has a quantization_config, else bf16)")
+    pl.add_argument("--max-model-len", type=int, default=8192,
+                    help="tokens of one sequence, prompt + output (default: 8192)")
+    pl.add_argument("--max-num-seqs", type=int, default=None,
+                    help="sequences per rank to check (default: report as many as fit)")
+    pl.add_argument("--max-prefill-tokens", type=int, default=4096,
+                    help="prompt tokens admitted per rank per step (default: 4096, the engine's default)")
+    pl.add_argument("--text-only", action="store_true",
+                    help="no image prompts (Serve max_images: 0): the vision tower is never loaded")
+    pl.add_argument("--overhead-gb", type=float, default=3.0,
+                    help="GiB per GPU kept for what the card reports less than its label, the CUDA context, "
+                         "NCCL buffers and allocator slack (default: 3)")
+    pl.add_argument("--cpus-per-worker", type=float, default=4, help="CPUs per EP worker bundle (default: 4)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     return parser
 
 
@@ -122,9 +159,9 @@ def cmd_generate(args) -> int:
             print("error: --image needs --prompt (images are placed by the chat template)", file=sys.stderr)
             return 2
     else:
-        from .checkpoint.chat import Llama4Tokenizer
+        from .checkpoint.tokenizer import ChatTokenizer
 
-        tokenizer = Llama4Tokenizer.from_pretrained(ckpt)
+        tokenizer = ChatTokenizer.from_pretrained(ckpt, chat_template=args.chat_template or None)
         prompt_ids, mm, build_with_images = _chat_prompt(args, ckpt, tokenizer)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
@@ -187,19 +224,37 @@ def cmd_top(args) -> int:
     return run(args.url, args.interval, args.once, args.api_key)
 
 
+def cmd_plan(args) -> int:
+    from .plan import Cluster, Workload, make_plan
+    from .plan_output import plan_json, render
+
+    for name in ("gpus", "nodes", "max_model_len", "max_prefill_tokens"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    cluster = Cluster(gpus=args.gpus, nodes=args.nodes, gpu_memory_gib=args.gpu_memory, ep=args.ep)
+    workload = Workload(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_prefill_tokens=args.max_prefill_tokens, vision=not args.text_only,
+                        overhead_gib=args.overhead_gb, cpus_per_worker=args.cpus_per_worker)
+    plan = make_plan(args.model, cluster, workload, dtype=args.dtype)
+    print(plan_json(plan) if args.json else render(plan))
+    return 0 if plan.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .checkpoint.chat_template import ChatTemplateError
     from .checkpoint.errors import CheckpointError
     from .config import ConfigError
     from .multimodal.images import ImageError
 
     handlers = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve,
-                "top": cmd_top}
+                "top": cmd_top, "plan": cmd_plan}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CheckpointError, ImageError) as e:
+    except (ConfigError, CheckpointError, ChatTemplateError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

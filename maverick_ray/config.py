@@ -353,7 +353,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Capacity, numerics and timeouts of one engine (one Serve replica). Each field is a knob
+    """Capacity, numerics, timeouts and prompt rendering of one engine (one Serve replica). Each field is a knob
     (maverick_ray/knobs.py): the CLI flags and the Serve app's args are derived from it."""
 
     max_num_seqs: int = knob(32, "concurrent sequences per EP rank (KV cache slots per rank)")
@@ -382,6 +382,9 @@ class EngineConfig:
     cpu_collectives: str = knob("auto", "how CPU expert-parallel ranks exchange tokens. auto: through shared "
                                         "memory when every rank can map one segment (ranks on one host), else "
                                         "gloo over TCP; gloo: always gloo", choices=("auto", "gloo"))
+    chat_template: str = knob("", "Jinja chat template (a file, or the template text) rendering chat prompts "
+                                  "instead of the checkpoint's own; empty: the checkpoint's (tokenizer_config.json, "
+                                  "chat_template.jinja or chat_template.json)")
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):

@@ -194,7 +194,7 @@ class EngineMetrics:
 
     def on_recovery(self, cause: str, outcome: str | None, seconds: float | None, replayed: int) -> None:
         """A rank failure (outcome None; a recovery follows unless max_recoveries is 0), or the end
-        of one restart of the ranks ("ok" or "failed": the engine retries)."""
+        of one recovery attempt ("ok" or "failed": the engine retries)."""
         m, t = self.m, self.tags
         if outcome is None:
             self.last_failure_cause = cause

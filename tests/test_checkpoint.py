@@ -117,12 +117,14 @@ def test_greedy_decoding_is_not_a_chain_of_near_ties(tiny_ckpt):
 
 
 def test_chat_template_matches_transformers(tiny_ckpt):
+    """The tiny checkpoint's own template, rendered through transformers, gives the documented
+    Llama 4 format; the broad parity suite (tools, images, /tokenize) is in test_chat_template.py."""
     from transformers import AutoTokenizer
 
-    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 
     hf = AutoTokenizer.from_pretrained(tiny_ckpt)
-    ours = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    ours = ChatTokenizer.from_pretrained(tiny_ckpt)
     conversations = [
         [{"role": "user", "content": "Hello!"}],
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three experts."}],
@@ -133,13 +135,11 @@ def test_chat_template_matches_transformers(tiny_ckpt):
         ref = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
         ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
         assert ours.apply_chat_template(conv) == list(ref)
-    text = ours.render_chat(conversations[1])
+    text = ours.render(conversations[1])
     assert text == ("<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|>"
                     "<|header_start|>user<|header_end|>\n\nName three experts.<|eot|>"
                     "<|header_start|>assistant<|header_end|>\n\n")
     assert ours.decode(ours.encode("The quick brown fox, 42 times!")) == "The quick brown fox, 42 times!"
-    with pytest.raises(ValueError, match="role"):
-        ours.apply_chat_template([{"role": "wizard", "content": "x"}])
 
 
 def _copy(src, dst):

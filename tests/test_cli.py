@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from maverick_ray.checkpoint.writer import TINY_VERSION
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -83,7 +85,7 @@ def test_default_checkpoint_is_created_on_first_use(tmp_path):
     env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path / "cache"))
     r = run("generate", "--prompt", "Hi", "--max-tokens", "3", "--json", env=env)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "cache" / "tiny" / "config.json").exists()
+    assert (tmp_path / "cache" / f"tiny-v{TINY_VERSION}" / "config.json").exists()
 
 
 def test_help_texts():
@@ -130,7 +132,7 @@ def test_readme_examples_run(command, tmp_path):
 
 def test_generate_with_an_image_matches_the_engine_and_names_a_missing_file(tmp_path, tiny_ckpt):
     from image_helpers import image_bytes
-    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
     from maverick_ray.config import EngineConfig, ParallelConfig
     from maverick_ray.engine.engine import Engine
     from maverick_ray.engine.multimodal import prepare_images_from_files
@@ -142,7 +144,7 @@ def test_generate_with_an_image_matches_the_engine_and_names_a_missing_file(tmp_
             "--max-tokens", "6", "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
-    ids, mm = prepare_images_from_files(tiny_ckpt, Llama4Tokenizer.from_pretrained(tiny_ckpt), [str(path)],
+    ids, mm = prepare_images_from_files(tiny_ckpt, ChatTokenizer.from_pretrained(tiny_ckpt), [str(path)],
                                         "Describe.", 8)
     with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=512)) as eng:
         want = eng.generate(ids, SamplingParams(max_tokens=6, temperature=0), mm_inputs=mm)["token_ids"]

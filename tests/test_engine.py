@@ -20,14 +20,14 @@ def image_reference(ckpt):
     """An image prompt and transformers' greedy continuation of it."""
     from transformers import Llama4ForConditionalGeneration
 
-    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
     from maverick_ray.engine.multimodal import prepare_images_from_files
 
     from image_helpers import image_bytes
 
     path = ckpt.parent / "engine_img.png"
     path.write_bytes(image_bytes(110, 110, seed=5))
-    ids, mm = prepare_images_from_files(ckpt, Llama4Tokenizer.from_pretrained(ckpt), [str(path)], "Describe.", 8)
+    ids, mm = prepare_images_from_files(ckpt, ChatTokenizer.from_pretrained(ckpt), [str(path)], "Describe.", 8)
     hf = Llama4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.tensor([ids]), pixel_values=mm["pixel_values"], max_new_tokens=8,

@@ -26,9 +26,9 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_ckpt):
-    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 
-    return Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    return ChatTokenizer.from_pretrained(tiny_ckpt)
 
 
 @pytest.fixture
@@ -92,6 +92,10 @@ def stream_chat(http: TestClient, headers: dict | None = None, **body) -> list:
         return sse(r)
 
 
+def last_request(fake: FakeEngine):
+    return list(fake.requests.values())[-1]
+
+
 def only_request(fake: FakeEngine):
     assert len(fake.requests) == 1, list(fake.requests)
     return next(iter(fake.requests.values()))
@@ -127,7 +131,9 @@ def test_chat_runs_the_chat_template_and_returns_the_reply(http, fake, tokenizer
     assert req.prompt_ids == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
     p = req.params
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (6, 0.7, 0.9, 5, 7, [])
-    assert body["id"] == req.request_id and body["id"].startswith("chatcmpl-")
+    # the reply's id is vLLM's: from the request id (X-Request-Id); the engine's own id stays unique
+    assert body["id"] == "chatcmpl-" + r.headers["x-request-id"] != req.request_id
+    assert req.request_id.startswith("chatcmpl-")
     assert body["object"] == "chat.completion" and body["model"] == "tiny"
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": fake.reply_text(6)}
@@ -156,9 +162,10 @@ def test_completions_take_a_string_or_token_ids(http, fake, tokenizer):
     body = r.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"][0]["text"] == fake.reply_text(4) and body["choices"][0]["finish_reason"] == "length"
-    assert fake.requests[body["id"]].prompt_ids == tokenizer.encode("Once upon a time", add_bos=True)
+    assert last_request(fake).prompt_ids == tokenizer.encode("Once upon a time", add_bos=True)
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": [3, 4, 5], "max_tokens": 2})
-    assert fake.requests[r.json()["id"]].prompt_ids == [3, 4, 5]
+    assert r.json()["id"] == "cmpl-" + r.headers["x-request-id"]
+    assert last_request(fake).prompt_ids == [3, 4, 5]
 
 
 def test_eos_token_ends_with_stop_and_is_not_counted(http, fake, tokenizer):
@@ -214,13 +221,14 @@ def test_engine_stats_dashboard_and_expert_load(make_client, fake):
 
 # ---- streaming -------------------------------------------------------------------------------
 def test_chat_stream_chunk_shapes_with_usage(http, fake):
-    events = stream_chat(http, max_tokens=5, stream_options={"include_usage": True})
+    events = stream_chat(http, headers={"X-Request-Id": "stream-1"}, max_tokens=5,
+                         stream_options={"include_usage": True})
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     chunks = events[:-1]
     req = only_request(fake)
     for c in chunks:
         assert set(c) <= {"id", "object", "created", "model", "choices", "usage"}
-        assert (c["id"], c["object"], c["model"]) == (req.request_id, "chat.completion.chunk", "tiny")
+        assert (c["id"], c["object"], c["model"]) == ("chatcmpl-stream-1", "chat.completion.chunk", "tiny")
     role, *content, finish, usage = chunks
     assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}]
@@ -311,7 +319,7 @@ def test_engine_failure_detail_goes_to_the_log_and_the_client_gets_the_request_i
 def test_request_id_is_made_when_absent_and_echoed_on_every_response(http, fake):
     ok = chat(http, max_tokens=2)
     made = ok.headers["x-request-id"]
-    assert ok.status_code == 200 and len(made) == 32 and made != ok.json()["id"]
+    assert ok.status_code == 200 and len(made) == 32 and ok.json()["id"] == "chatcmpl-" + made
     assert chat(http, max_tokens=2).headers["x-request-id"] != made
     assert http.get("/health", headers={"X-Request-Id": "probe-1"}).headers["x-request-id"] == "probe-1"
     bad = http.post("/v1/chat/completions", json={"messages": []}, headers={"X-Request-Id": "r-400"})
@@ -572,7 +580,8 @@ def test_image_prompt_is_preprocessed_off_the_loop_and_reaches_the_engine(http, 
                                                 "messages": image_message(png_url(110, 50), text="What is this?")})
     assert a.status_code == 200, a.text
     b = chat(http, max_tokens=2, messages=[{"role": "user", "content": "What is this?"}])
-    with_image, text_only = (fake.requests[r.json()["id"]] for r in (a, b))
+    assert b.status_code == 200, b.text
+    with_image, text_only = list(fake.requests.values())
     assert fake.preprocessed == 1 and with_image.mm_inputs is not None and text_only.mm_inputs is None
     assert len(with_image.prompt_ids) > len(text_only.prompt_ids) + 12  # 3 tiles x 4 patches + markers
     assert a.json()["usage"]["prompt_tokens"] == len(with_image.prompt_ids)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from maverick_ray.checkpoint.chat import Llama4Tokenizer
+from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 from maverick_ray.config import ModelConfig
 from maverick_ray.multimodal.images import decode_image, image_tiles
 from maverick_ray.multimodal.prompt import chat_prompt_with_images
@@ -95,7 +95,7 @@ def test_maverick_pixel_values_identical_to_transformers(tmp_path):
 
 
 def test_three_image_prompt_identical_to_llama4processor(tmp_path, tiny_ckpt):
-    tok = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    tok = ChatTokenizer.from_pretrained(tiny_ckpt)
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
     paths = write_images(tmp_path, [(40, 40, "PNG", "RGB"), (110, 50, "JPEG", "RGB"), (110, 110, "PNG", "RGB")])
     content = [{"type": "text", "text": "Compare these: "}]
@@ -104,6 +104,6 @@ def test_three_image_prompt_identical_to_llama4processor(tmp_path, tiny_ckpt):
         content.append({"type": "image_url", "image_url": {"url": url}})
     messages = [{"role": "user", "content": content}]
     ids, mm = chat_prompt_with_images(messages, tok, cfg, tiny_ckpt)
-    ref = oracle(tmp_path, tiny_ckpt, paths, prompt=tok.render_chat(messages))
+    ref = oracle(tmp_path, tiny_ckpt, paths, prompt=tok.render(messages))
     assert ids == ref["input_ids"]
     assert torch.equal(mm["pixel_values"], ref["prompt_pixel_values"])

@@ -7,7 +7,7 @@ import base64
 import pytest
 import torch
 
-from maverick_ray.checkpoint.chat import Llama4Tokenizer
+from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 from maverick_ray.config import ModelConfig
 from maverick_ray.multimodal.images import ImageError, decode_image, image_tiles
 from maverick_ray.multimodal.prompt import chat_prompt_with_images, image_layout
@@ -46,7 +46,7 @@ def test_bad_images_give_clear_errors():
 
 
 def test_prompt_with_three_images(tiny_ckpt):
-    tok = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    tok = ChatTokenizer.from_pretrained(tiny_ckpt)
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
     sizes = [(40, 40), (110, 50), (110, 110)]
     content = [{"type": "text", "text": "Compare "}]
@@ -65,7 +65,7 @@ def test_prompt_with_three_images(tiny_ckpt):
     ("https://example.com/cat.png", "remote image URLs are disabled"),
 ])
 def test_bad_image_urls(tiny_ckpt, url, msg):
-    tok = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    tok = ChatTokenizer.from_pretrained(tiny_ckpt)
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
     with pytest.raises(ImageError, match=msg):
@@ -73,7 +73,7 @@ def test_bad_image_urls(tiny_ckpt, url, msg):
 
 
 def test_too_many_images(tiny_ckpt):
-    tok = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    tok = ChatTokenizer.from_pretrained(tiny_ckpt)
     cfg = ModelConfig.from_pretrained(tiny_ckpt)
     url = "data:image/png;base64," + base64.b64encode(image_bytes(20, 20)).decode()
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 3}]
@@ -90,7 +90,7 @@ def test_images_for_a_checkpoint_without_vision_tower(tmp_path, tiny_ckpt):
     cfg = json.loads((ck / "config.json").read_text())
     cfg.pop("vision_config")
     (ck / "config.json").write_text(json.dumps(cfg))
-    tok = Llama4Tokenizer.from_pretrained(ck)
+    tok = ChatTokenizer.from_pretrained(ck)
     url = "data:image/png;base64," + base64.b64encode(image_bytes(20, 20)).decode()
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
     with pytest.raises(ImageError, match="no vision tower"):

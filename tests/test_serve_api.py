@@ -22,15 +22,25 @@ API_KEY = "s3cret-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+TOOL_REPLY = "[get_weather(city='sf')]"   # what the /tools app's checkpoint answers to any chat prompt
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
 @pytest.fixture(scope="module")
-def server(tiny_ckpt):
+def server(tiny_ckpt, tmp_path_factory):
+    from biased_checkpoint import write_biased_checkpoint
+
     # EP = 1: the replica's in-process rank. Serve with EP > 1 replicas runs in test_metrics,
     # test_serve_deploy and test_serve_autoscale; here the API is what is under test.
     tiny = {"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": 1, "max_model_len": 256,
             "default_max_tokens": 16}
+    biased = write_biased_checkpoint(tiny_ckpt, tmp_path_factory.mktemp("biased") / "ckpt", TOOL_REPLY)
     # /limits: a replica that takes one request at a time, behind a proxy queue of one.
+    # /tools: a checkpoint whose greedy reply to any chat prompt is TOOL_REPLY (tests/biased_checkpoint.py).
     url = start_serve({"/": {**tiny, "api_key": API_KEY},
-                       "/limits": {**tiny, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 7}},
+                       "/limits": {**tiny, "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 7},
+                       "/tools": {**tiny, "model": str(biased), "served_model_name": "tools", "max_model_len": 1024}},
                       num_cpus=6)  # Ray prestarts a worker per CPU, which Serve's actors reuse
     yield url
     stop_serve()
@@ -59,9 +69,9 @@ def test_chat_greedy_equals_cli_generate(client, tiny_ckpt, capsys):
 
 
 def test_chat_usage_counts_prompt_tokens(client, tiny_ckpt):
-    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 
-    tok = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    tok = ChatTokenizer.from_pretrained(tiny_ckpt)
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0)
     assert reply.usage.prompt_tokens == len(tok.apply_chat_template(MESSAGES, add_generation_prompt=True))
     assert reply.usage.completion_tokens <= 5
@@ -241,3 +251,49 @@ def test_image_prompt_with_data_url(client, server):
     bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]
     with pytest.raises(openai.BadRequestError, match="not valid base64"):
         client.chat.completions.create(model="tiny", messages=bad, max_tokens=2)
+
+
+def test_tool_calls_from_the_real_engine_streaming_and_not(server):
+    client = openai.OpenAI(base_url=server + "/tools/v1", api_key="unused", max_retries=0, timeout=60)
+    ask = [{"role": "user", "content": "What is the weather in San Francisco?"}]
+    r = client.chat.completions.create(model="tools", messages=ask, tools=[WEATHER], temperature=0, max_tokens=40)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", "get_weather", {"city": "sf"})
+    chunks = list(client.chat.completions.create(model="tools", messages=ask, tools=[WEATHER], temperature=0,
+                                                 max_tokens=40, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name) for d in deltas if d.id] == [(0, "get_weather")]
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "sf"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    plain = client.chat.completions.create(model="tools", messages=ask, tools=[WEATHER], tool_choice="none",
+                                           temperature=0, max_tokens=40)
+    assert plain.choices[0].message.content == TOOL_REPLY and plain.choices[0].finish_reason == "stop"
+
+
+def test_tokenize_through_serve_equals_transformers_and_request_id_names_the_reply(server, tiny_ckpt):
+    from transformers import AutoTokenizer
+
+    msgs = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "cold"}]
+    r = requests.post(server + "/tokenize", json={"model": "tiny", "messages": msgs, "tools": [WEATHER]},
+                      headers={**AUTH, "X-Request-Id": "tok-serve-1"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "tok-serve-1"
+    hf_msgs = [dict(m) for m in msgs]
+    hf_msgs[2] = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    ref = AutoTokenizer.from_pretrained(tiny_ckpt).apply_chat_template(hf_msgs, tools=[WEATHER],
+                                                                       add_generation_prompt=True)
+    assert r.json()["tokens"] == list(ref["input_ids"])
+    assert requests.post(server + "/tokenize", json={"prompt": "x"}).status_code == 401  # the key is required
+    chat = requests.post(server + "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 2},
+                         headers={**AUTH, "X-Request-Id": "named-by-client"})
+    assert chat.status_code == 200 and chat.json()["id"] == "chatcmpl-named-by-client"
+    # what /tokenize reports is what the engine ran (without tools: the prompt fits this app's context)
+    plain = requests.post(server + "/tokenize", json={"messages": msgs}, headers=AUTH).json()
+    assert chat.json()["usage"]["prompt_tokens"] == plain["count"] < r.json()["count"]

@@ -30,7 +30,7 @@ def test_image_features_match_transformers(tiny_ckpt):
 def test_image_prompt_greedy_matches_transformers_and_fuses_in_order(tiny_ckpt):
     from transformers import Llama4ForConditionalGeneration
 
-    from maverick_ray.checkpoint.chat import Llama4Tokenizer
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
     from maverick_ray.config import EngineConfig, ParallelConfig
     from maverick_ray.engine.engine import Engine
     from maverick_ray.engine.multimodal import prepare_images_from_files
@@ -38,7 +38,7 @@ def test_image_prompt_greedy_matches_transformers_and_fuses_in_order(tiny_ckpt):
 
     from image_helpers import image_bytes
 
-    tok = Llama4Tokenizer.from_pretrained(tiny_ckpt)
+    tok = ChatTokenizer.from_pretrained(tiny_ckpt)
     paths = []
     for i, size in enumerate([(110, 50), (40, 40)]):
         p = tiny_ckpt.parent / f"img{i}.png"

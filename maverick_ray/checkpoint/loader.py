@@ -1,5 +1,7 @@
 """Loads HF Llama 4 safetensors (one file or sharded) into internal names, reading only the
 routed experts a rank owns (safetensors slicing), so 1/4 of the experts costs ~1/4 of the bytes.
+Which tensors, rows and byte ranges a rank reads is decided first, from the headers alone
+(read_plan.py: plan_reads); this module then reads exactly those.
 
 Experts come back fused whatever the on-disk layout: gate_up_proj (n_sel, C, 2I) and
 down_proj (n_sel, I, C), ordered by sorted(expert_ids).
@@ -17,8 +19,8 @@ import torch
 
 from ..config import ModelConfig
 from .errors import CheckpointError
-from .names import (TEXT_PREFIX, expected_text_tensors, expected_vision_tensors, is_routed_expert,
-                    split_expert_names)
+from .names import TEXT_PREFIX, is_routed_expert
+from .read_plan import TensorRead, plan_reads
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +56,6 @@ def weight_map(path: Path) -> dict[str, str]:
         except Exception as e:
             raise CheckpointError(f"{f.name}: not a readable safetensors file ({e})") from None
     return wm
-
-
-def _expert_runs(ids: list[int]) -> list[tuple[int, int]]:
-    """Sorted ids -> contiguous [start, stop) runs."""
-    runs: list[tuple[int, int]] = []
-    for i in ids:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 class _Reader:
@@ -104,80 +95,57 @@ class _Reader:
 def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids: Iterable[int] | None = None,
                     dtype: torch.dtype = torch.float32, include_vision: bool = True,
                     progress: bool = True, include_text: bool = True) -> dict[str, torch.Tensor]:
-    """Reads a checkpoint directory into {internal name: tensor} (see names.py)."""
+    """Reads a checkpoint directory into {internal name: tensor} (see names.py): the reads that
+    read_plan.plan_reads lists for these experts, and nothing else."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = cfg or ModelConfig.from_pretrained(path)
     wm = weight_map(path)
     prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in wm) else ""
-    E = cfg.text.num_local_experts
-    experts = sorted(set(range(E) if expert_ids is None else expert_ids))
-    if any(not 0 <= e < E for e in experts):
-        raise CheckpointError(f"expert ids {experts} out of range for {E} experts")
-    runs = _expert_runs(experts)
-    expected = dict(expected_text_tensors(cfg.text)) if include_text else {}
-    if include_vision:
-        expected.update({("\0" + k): v for k, v in expected_vision_tensors(cfg).items()})  # \0: no prefix
-    items = list(expected.items())
+    plan = plan_reads(path, cfg, wm, expert_ids, include_vision=include_vision, include_text=include_text)
+    targets = plan.by_target()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), desc=f"loading {path.name}", unit="tensor", leave=False)
+        bar = tqdm(total=len(targets), desc=f"loading {path.name}", unit="tensor", leave=False)
     out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
     with ExitStack() as stack:
         reader = _Reader(path, wm, stack)
-        for key, shape in items:
-            name = key[1:] if key.startswith("\0") else key
-            disk = name if key.startswith("\0") else prefix + name
-            if is_routed_expert(name):
-                t, names = _read_experts(reader, disk, experts, runs, shape)
-                shape = (len(experts),) + tuple(shape[1:])
-                used.update(names)
-            else:
-                t = reader.read(disk)
-                used.add(disk)
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{disk}: shape {tuple(t.shape)} in {reader.file_of(disk)} does not match "
-                                      f"the config's {tuple(shape)}")
+        for name, reads in targets.items():
+            t = _assemble(reader, reads, plan.shapes[name])
+            if tuple(t.shape) != plan.shapes[name]:
+                raise CheckpointError(f"{reads[0].disk}: shape {tuple(t.shape)} in {reads[0].file} does not match "
+                                      f"the config's {plan.shapes[name]}")
             out[name] = t.to(dtype)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    _warn_unexpected(wm, used, prefix, include_vision)
+    _warn_unexpected(wm, plan.disk_names, prefix, include_vision)
     return out
 
 
-def _read_experts(reader: _Reader, disk: str, experts: list[int], runs, shape):
-    """Fused expert tensor for the selected experts, from the fused or the split layout."""
-    if reader.has(disk):
-        t = reader.read(disk, runs)
-        if t.dim() != 3 or tuple(t.shape[1:]) != tuple(shape[1:]):
-            raise CheckpointError(f"{disk}: shape {tuple(t.shape)} in {reader.file_of(disk)} does not match "
-                                  f"the config's {tuple(shape)}")
-        return t, [disk]
-    first = split_expert_names(disk, experts[0] if experts else 0)
-    if not any(reader.has(n) for n in first.values()):
-        raise CheckpointError(f"{disk}: missing tensor (neither fused nor split experts such as "
-                              f"{first['gate_proj']} are in the checkpoint)")
-    parts, names = [], []
-    for e in experts:
-        n = split_expert_names(disk, e)
-        if disk.endswith("gate_up_proj"):
-            gate, up = reader.read(n["gate_proj"]), reader.read(n["up_proj"])  # (I, C) each
-            parts.append(torch.cat([gate.T, up.T], dim=-1))                      # (C, 2I)
-            names += [n["gate_proj"], n["up_proj"]]
+def _assemble(reader: "_Reader", reads: list[TensorRead], shape: tuple[int, ...]) -> torch.Tensor:
+    """One internal tensor from its planned reads: a whole tensor, the owned rows of fused experts,
+    or split per-expert tensors fused into (n, C, 2I) / (n, I, C)."""
+    if not reads:   # no experts on this rank
+        return torch.empty(*shape)
+    if reads[0].expert is None:
+        r = reads[0]
+        return reader.read(r.disk, list(r.rows) if r.rows is not None else None)
+    per_expert: dict[int, dict[str, torch.Tensor]] = {}
+    for r in reads:
+        per_expert.setdefault(r.expert, {})[r.part] = reader.read(r.disk)
+    parts = []
+    for e in sorted(per_expert):
+        p = per_expert[e]
+        if "down_proj" in p:
+            parts.append(p["down_proj"].T)                                   # (I, C)
         else:
-            parts.append(reader.read(n["down_proj"]).T)                          # (I, C)
-            names.append(n["down_proj"])
-    for p, name in zip(parts, names[::2] if disk.endswith("gate_up_proj") else names):
-        if tuple(p.shape) != tuple(shape[1:]):
-            raise CheckpointError(f"{name}: shape {tuple(p.T.shape)} in {reader.file_of(name)} does not match "
-                                  f"the config's expert shape")
-    return torch.stack(parts) if parts else torch.empty(0, *shape[1:]), names
+            parts.append(torch.cat([p["gate_proj"].T, p["up_proj"].T], dim=-1))  # (C, 2I)
+    return torch.stack(parts)
 
 
 def _warn_unexpected(wm, used, prefix, include_vision):

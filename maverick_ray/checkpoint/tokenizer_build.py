@@ -53,22 +53,11 @@ def build_tokenizer(vocab_size: int = 640):
     return tok, ids
 
 
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
-    "{%- elif part['type'] in ['image', 'image_url'] %}{{- '<|image|>' }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|eot|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif %}"
-)
-
-
 def write_tokenizer(out: Path, tok, ids: dict[str, int]) -> None:
+    """tokenizer.json, tokenizer_config.json (with the project's own Llama 4 chat template,
+    checkpoint/llama4_template.py) and special_tokens_map.json, as transformers saves them."""
+    from .llama4_template import LLAMA4_CHAT_TEMPLATE
+
     tok.save(str(out / "tokenizer.json"))
     added = {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True} for name, i in ids.items()}
@@ -76,7 +65,7 @@ def write_tokenizer(out: Path, tok, ids: dict[str, int]) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot|>", "pad_token": "<|finetune_right_pad|>",
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": 4096, "added_tokens_decoder": added, "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 4096, "added_tokens_decoder": added, "chat_template": LLAMA4_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(

@@ -146,11 +146,17 @@ def _write_processor_configs(out: Path, cfg: ModelConfig, max_tiles: int = 16) -
         "tile_y_separator_token": "<|tile_y_separator|>"}, indent=2))
 
 
+# Bumped whenever what the tiny checkpoint holds changes, so a cached one from an older version
+# is not reused (2: it carries the project's Llama 4 chat template).
+TINY_VERSION = 2
+
+
 def default_checkpoint_dir() -> Path:
-    """Where the tiny checkpoint lives: $MAVERICK_RAY_CACHE, else $XDG_CACHE_HOME/maverick-ray, else ~/.cache."""
+    """Where the tiny checkpoint lives: tiny-v<TINY_VERSION> under $MAVERICK_RAY_CACHE, else
+    $XDG_CACHE_HOME/maverick-ray, else ~/.cache/maverick-ray."""
     from ..cache_dir import cache_root
 
-    return cache_root() / "tiny"
+    return cache_root() / f"tiny-v{TINY_VERSION}"
 
 
 def ensure_tiny_checkpoint(path: str | Path | None = None) -> Path:

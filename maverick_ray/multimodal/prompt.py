@@ -1,5 +1,7 @@
 """Image parts of chat messages -> Llama 4 prompt tokens and pixel tiles.
 
+The chat template renders the conversation with one `<|image|>` per image part (as transformers'
+Llama4Processor.apply_chat_template does); each is then replaced by its image's layout.
 One image with an r x c tile grid becomes (transformers' Llama4Processor layout):
   <|image_start|> [per row: tiles of K <|patch|> joined by <|tile_x_separator|>, then
   <|tile_y_separator|>] (only when r*c > 1) <|image|> K x <|patch|> <|image_end|>
@@ -59,10 +61,12 @@ def max_tiles_of(ckpt: Path | None) -> int:
 
 def chat_prompt_with_images(messages, tokenizer, model_config, ckpt=None, max_images: int = 8,
                             allow_remote: bool = False, max_pixels: int = 16_000_000,
-                            images: list[bytes] | None = None):
+                            images: list[bytes] | None = None, render: dict | None = None):
     """OpenAI-style messages -> (prompt ids, {"pixel_values": (tiles, 3, S, S)}).
 
     `images` supplies raw bytes directly (CLI); otherwise each image_url part is read.
+    `render`: keyword arguments of the tokenizer's `render` (tools, template options).
+    Raises ImageError, or ChatTemplateError when the template cannot render the messages.
     """
     if model_config.vision is None:
         raise ImageError("this model has no vision tower; image inputs are not supported")
@@ -80,7 +84,7 @@ def chat_prompt_with_images(messages, tokenizer, model_config, ckpt=None, max_im
         t, (rows, cols) = image_tiles(decode_image(data, i, max_pixels), v.image_size, max_tiles_of(ckpt))
         tiles.append(t)
         layouts.append(image_layout(rows, cols, v.tokens_per_tile))
-    pieces = tokenizer.render_chat(messages).split("<|image|>")
+    pieces = tokenizer.render(messages, **(render or {})).split("<|image|>")
     if len(pieces) - 1 != len(layouts):
         raise ImageError(f"the prompt has {len(pieces) - 1} image placeholders for {len(layouts)} images")
     text = pieces[0] + "".join(lay + rest for lay, rest in zip(layouts, pieces[1:]))

@@ -32,14 +32,17 @@ api = make_api(_replica_server, echo_request_id=False)  # Serve's proxy echoes X
 @serve.ingress(api)
 class MaverickServer:
     def __init__(self, settings: dict):
-        from ..checkpoint.chat import Llama4Tokenizer
+        from ..checkpoint.tokenizer import ChatTokenizer
         from ..checkpoint.writer import ensure_tiny_checkpoint
         from ..engine.engine import Engine
         from .openai_service import OpenAIService, image_prompt_builder
 
         self.settings = ServeSettings.from_args(settings)
         ckpt = Path(self.settings.model) if self.settings.model else ensure_tiny_checkpoint()
-        self.tokenizer = Llama4Tokenizer.from_pretrained(ckpt)
+        self.tokenizer = ChatTokenizer.from_pretrained(ckpt, chat_template=self.settings.engine().chat_template or None)
+        if not self.tokenizer.has_chat_template:
+            log.warning("%s has no chat template and none was given (chat_template): chat requests get a 400, "
+                        "completions work", ckpt)
         self.engine = Engine(ckpt, self.settings.parallel(), self.settings.engine(),
                              use_ray=self.settings.parallel().ep_size > 1, tokenizer=self.tokenizer).start()
         from ..metrics import EngineMetrics
@@ -72,7 +75,7 @@ def build_app(args: "dict | None" = None) -> serve.Application:
         # deploy`), before any replica starts. A path absent here may exist on the workers only.
         from .startup import check_checkpoint
 
-        check_checkpoint(settings.model)
+        check_checkpoint(settings.model, settings.engine().chat_template)
     options: dict = {"max_ongoing_requests": settings.max_ongoing_requests,
                      "max_queued_requests": settings.max_queued_requests,
                      "backpressure_config": {"retry_after_s": settings.retry_after_s},

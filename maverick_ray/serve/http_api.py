@@ -75,6 +75,19 @@ def make_api(get_backend: Callable[[], Any], echo_request_id: bool = True) -> Fa
     async def completions(request: Request):
         return await get_backend().service.completions(request)
 
+    @api.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: the ids a prompt or a conversation runs as (serve/tokenize_api.py)."""
+        from .tokenize_api import tokenize
+
+        return await tokenize(get_backend().service, request)
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request):
+        from .tokenize_api import detokenize
+
+        return await detokenize(get_backend().service, request)
+
     @api.get("/v1/engine/stats")
     async def engine_stats():
         return get_backend().service.engine.stats()

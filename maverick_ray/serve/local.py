@@ -19,7 +19,7 @@ def deploy(args) -> str:
     from .startup import check_checkpoint, run_app
 
     model = str(Path(args.model)) if args.model else str(ensure_tiny_checkpoint())
-    check_checkpoint(model)  # before Ray starts: a bad checkpoint fails here, with its cause
+    check_checkpoint(model, args.chat_template)  # before Ray starts: a bad checkpoint fails here, with its cause
     init_ray(args.address, num_cpus=max(os.cpu_count() or 1, args.ep_size * args.replicas + 2),
              metrics_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})

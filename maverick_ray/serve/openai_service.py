@@ -1,4 +1,9 @@
-"""The OpenAI-compatible API over an engine: chat/completions, completions, models.
+"""The OpenAI-compatible API over an engine: chat/completions, completions, models, and vLLM's
+/tokenize and /detokenize (serve/tokenize_api.py).
+
+Chat prompts are rendered with the checkpoint's chat template (checkpoint/tokenizer.py), tools and
+template options included (serve/chat_options.py); replies carry Llama 4 tool calls read from the
+output (serve/chat_output.py, serve/tool_parser.py).
 
 Kept free of Ray Serve so it can run over any engine with the EngineProtocol
 (serve/engine_protocol.py): the real Engine, or the in-process fake of the HTTP tests.
@@ -21,8 +26,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..checkpoint.chat_template import NO_TEMPLATE, ChatTemplateError
 from ..engine.request import EngineError, EngineFull
 from ..engine.sampling import InvalidRequest
+from .chat_options import ChatOptions
+from .chat_output import StreamDeltas, chat_message, finish_reason
 from .engine_protocol import EngineProtocol
 from .errors import APIError, bad_request, server_error
 from .protocol import ParsedRequest, has_images, parse_chat, parse_completion
@@ -37,7 +45,7 @@ class OpenAIService:
                  prompt_builder=None):
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.model_name = model_name
-        self.prompt_builder = prompt_builder  # (messages) -> (prompt ids, mm_inputs); images need it
+        self.prompt_builder = prompt_builder  # (messages, render kwargs) -> (prompt ids, mm_inputs); images
 
     # ---- request plumbing --------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -80,16 +88,7 @@ class OpenAIService:
         self.check_auth(request)
         req = parse_chat(await self.read_json(request))
         self.check_model(req)
-        if has_images(req.messages):
-            if self.prompt_builder is None:
-                raise bad_request("this model has no vision tower; image inputs are not supported", "messages",
-                                  "images_not_supported")
-            # Decoding and resizing images computes with torch: on the engine's preprocessing
-            # thread, not this event loop (engine.submit_preprocessing says why).
-            prompt_ids, mm = await asyncio.wrap_future(self.engine.submit_preprocessing(self.prompt_builder,
-                                                                                       req.messages))
-        else:
-            prompt_ids, mm = self._chat_ids(req.messages), None
+        prompt_ids, mm = await self.chat_prompt(req.messages, req.chat)
         return await self._run(request, req, prompt_ids, mm, chat=True)
 
     async def completions(self, request: Request):
@@ -99,11 +98,22 @@ class OpenAIService:
         ids = req.prompt if isinstance(req.prompt, list) else self.tokenizer.encode(req.prompt, add_bos=True)
         return await self._run(request, req, ids, None, chat=False)
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    async def chat_prompt(self, messages: list[dict], chat: ChatOptions) -> tuple[list[int], dict | None]:
+        """(prompt ids, image inputs) the engine runs for a conversation: the chat template's
+        rendering, each image placeholder expanded into its tile layout. 400 when the template
+        cannot render it (or the checkpoint has none)."""
+        render = chat.render_kwargs()
+        if has_images(messages):
+            if self.prompt_builder is None:
+                raise bad_request("this model has no vision tower; image inputs are not supported", "messages",
+                                  "images_not_supported")
+            # Decoding and resizing images computes with torch: on the engine's preprocessing
+            # thread, not this event loop (engine.submit_preprocessing says why).
+            return await asyncio.wrap_future(self.engine.submit_preprocessing(self.prompt_builder, messages, render))
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise bad_request(str(e), "messages") from None
+            return self.tokenizer.apply_chat_template(messages, **render), None
+        except ChatTemplateError as e:
+            raise template_error(e) from None
 
     async def _run(self, request: Request, req: ParsedRequest, prompt_ids: list[int], mm, chat: bool):
         params = req.params
@@ -111,7 +121,9 @@ class OpenAIService:
             room = self.settings.engine().max_model_len - len(prompt_ids)
             params.max_tokens = max(1, min(self.settings.default_max_tokens, room))
         request_id = request_id_of(request)  # what the client quotes; rid: the engine's, unique
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        rid = prefix + uuid.uuid4().hex
+        reply_id = prefix + request_id      # the reply's `id`, as vLLM names it: from X-Request-Id
         try:
             stream = self.engine.add_request(prompt_ids, params, request_id=rid, mm_inputs=mm, timeout_s=req.timeout)
         except InvalidRequest as e:
@@ -119,8 +131,9 @@ class OpenAIService:
         except EngineError as e:
             raise self._unavailable(e, request_id) from None
         if req.stream:
-            return StreamingResponse(self._sse(rid, request_id, stream, req, chat), media_type="text/event-stream")
-        return await self._collect(rid, request_id, stream, chat)
+            return StreamingResponse(self._sse(rid, request_id, reply_id, stream, req, chat),
+                                     media_type="text/event-stream")
+        return await self._collect(rid, request_id, reply_id, stream, req, chat)
 
     def _unavailable(self, e: EngineError, request_id: str) -> APIError:
         """503 with Retry-After: the engine's queue is full, or the engine failed (Serve replaces
@@ -135,16 +148,21 @@ class OpenAIService:
                             "engine_unavailable", retry)
 
     def _failed(self, ev, rid: str, request_id: str) -> APIError:
-        """The client's error for a request that ended with "timeout" (504) or "error" (500); the
-        engine's detail goes to the log only (a timeout's message is the engine's own, for users)."""
+        """The client's error for a request that ended with "timeout" (504) or "error": 503 with
+        Retry-After when the engine has failed for good (Serve replaces the replica: a retry
+        succeeds), else 500. The engine's detail goes to the log only (a timeout's message is
+        the engine's own, for users)."""
         if ev.finish_reason == "timeout":
             log.info("request %s (%s) timed out: %s", request_id, rid, ev.error)
             return server_error(504, ev.error or "the request passed its deadline", request_id, "request_timeout")
+        if self.engine.error is not None:
+            return self._unavailable(EngineError(ev.error or self.engine.error), request_id)
         log.error("request %s (%s) failed: %s", request_id, rid, ev.error)
         return server_error(500, "the server failed while generating this response; retry the request",
                             request_id)
 
-    async def _collect(self, rid: str, request_id: str, stream, chat: bool) -> JSONResponse:
+    async def _collect(self, rid: str, request_id: str, reply_id: str, stream, req: ParsedRequest,
+                       chat: bool) -> JSONResponse:
         text, reason, usage, finished = [], None, None, False
         try:
             async for ev in stream:
@@ -158,23 +176,26 @@ class OpenAIService:
             if not finished:  # the client went away (cancelled): free the sequence
                 self.engine.abort(rid)
         content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": content, "logprobs": None, "finish_reason": reason})
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+        if chat:
+            message, called = chat_message(content, req.chat.tool_parser())
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(reason, called)}
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+        return JSONResponse({"id": reply_id, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_name, "choices": [choice],
                              "usage": usage})
 
-    async def _sse(self, rid: str, request_id: str, stream, req: ParsedRequest, chat: bool):
+    async def _sse(self, rid: str, request_id: str, reply_id: str, stream, req: ParsedRequest, chat: bool):
         created, finished = int(time.time()), False
         obj = "chat.completion.chunk" if chat else "text_completion"
+        deltas = StreamDeltas(req.chat.tool_parser() if chat else None)
 
         def chunk(delta_or_text, reason=None, usage=None, choices=True):
             if chat:
                 c = [{"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": reason}]
             else:
                 c = [{"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": reason}]
-            body = {"id": rid, "object": obj, "created": created, "model": self.model_name,
+            body = {"id": reply_id, "object": obj, "created": created, "model": self.model_name,
                     "choices": c if choices else []}
             if usage is not None:
                 body["usage"] = usage
@@ -189,14 +210,20 @@ class OpenAIService:
                     if ev.finish_reason in ("error", "timeout"):
                         yield f"data: {json.dumps(self._failed(ev, rid, request_id).body())}\n\n"
                         break
-                    if ev.text:
-                        yield chunk({"content": ev.text} if chat else ev.text)
-                    yield chunk({} if chat else "", reason=ev.finish_reason)
+                    if chat:
+                        for d in deltas.feed(ev.text) + deltas.finish():
+                            yield chunk(d)
+                    elif ev.text:
+                        yield chunk(ev.text)
+                    yield chunk({} if chat else "", reason=finish_reason(ev.finish_reason, deltas.called))
                     if req.include_usage:
                         yield chunk(None, usage=_usage(ev), choices=False)
                     break
-                if ev.text:
-                    yield chunk({"content": ev.text} if chat else ev.text)
+                if chat:
+                    for d in deltas.feed(ev.text):
+                        yield chunk(d)
+                elif ev.text:
+                    yield chunk(ev.text)
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # client disconnected mid-stream
@@ -209,7 +236,7 @@ def image_prompt_builder(ckpt: Path, engine: EngineProtocol, tokenizer, settings
     if not engine.model_config.is_multimodal:
         return None
 
-    def build(messages):
+    def build(messages, render: dict | None = None):
         from ..multimodal.images import ImageError
         from ..multimodal.prompt import chat_prompt_with_images
 
@@ -217,10 +244,17 @@ def image_prompt_builder(ckpt: Path, engine: EngineProtocol, tokenizer, settings
             return chat_prompt_with_images(messages, tokenizer, engine.model_config, ckpt,
                                            max_images=settings.max_images,
                                            allow_remote=settings.allow_remote_images,
-                                           max_pixels=settings.max_image_pixels)
+                                           max_pixels=settings.max_image_pixels, render=render)
         except ImageError as e:
             raise bad_request(str(e), "messages", "invalid_image") from None
+        except ChatTemplateError as e:
+            raise template_error(e) from None
     return build
+
+
+def template_error(e: ChatTemplateError) -> APIError:
+    """The 400 for a conversation the chat template cannot render (or a checkpoint without one)."""
+    return bad_request(str(e), "messages", "no_chat_template" if str(e) == NO_TEMPLATE else "invalid_messages")
 
 
 def _usage(ev) -> dict:

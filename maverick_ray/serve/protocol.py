@@ -10,9 +10,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint.chat import ROLES
 from ..engine.sampling import SamplingParams
+from .chat_options import ChatOptions, parse_chat_options
 from .errors import bad_request
+
+ROLES = ("system", "user", "assistant", "developer", "tool", "ipython")  # the chat roles the API takes
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ParsedRequest:
     prompt: str | list[int] | None = None                 # completions
     max_tokens_given: bool = False
     timeout: float | None = None   # seconds until the engine ends the request (finish_reason "timeout")
+    chat: ChatOptions = field(default_factory=ChatOptions)  # chat: tools, template options
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
@@ -107,6 +110,14 @@ def _common(body: Any) -> ParsedRequest:
 
 def parse_chat(body: Any) -> ParsedRequest:
     req = _common(body)
+    req.messages = parse_messages(body)
+    req.chat = parse_chat_options(body)
+    return req
+
+
+def parse_messages(body: dict) -> list[dict]:
+    """`messages`, checked: roles, content (a string or text / image_url parts; null only for an
+    assistant message), an assistant's `tool_calls`, a tool message's `tool_call_id`."""
     messages = body.get("messages")
     if messages is None:
         raise bad_request("'messages' is required", "messages")
@@ -132,8 +143,25 @@ def parse_chat(body: Any) -> ParsedRequest:
         elif not isinstance(content, str) and not (content is None and role == "assistant"):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts",
                               f"messages[{i}].content")
-    req.messages = messages
-    return req
+        if "tool_calls" in m and m["tool_calls"] is not None:
+            _check_tool_calls(m, i)
+        if role == "tool" and not isinstance(m.get("tool_call_id", ""), str):
+            raise bad_request(f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
+    return messages
+
+
+def _check_tool_calls(m: dict, i: int) -> None:
+    p = f"messages[{i}].tool_calls"
+    if m.get("role") != "assistant":
+        raise bad_request(f"{p}: only assistant messages have tool calls", p)
+    calls = m["tool_calls"]
+    if not isinstance(calls, list):
+        raise bad_request(f"{p} must be a list", p)
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise bad_request(f"{p}[{j}] must be {{\"id\": ..., \"type\": \"function\", \"function\": "
+                              f"{{\"name\": str, \"arguments\": JSON string}}}}", f"{p}[{j}]")
 
 
 def parse_completion(body: Any) -> ParsedRequest:

@@ -15,10 +15,12 @@ class DeployError(RuntimeError):
     """The application could not be deployed; the message carries the cause."""
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """What a replica reads first, checked where the user is: config.json, the tokenizer and the
-    weight index. Raises ConfigError or CheckpointError naming the file and the fix."""
-    from ..checkpoint.chat import Llama4Tokenizer
+def check_checkpoint(path: str | Path, chat_template: str = "") -> None:
+    """What a replica reads first, checked where the user is: config.json, the tokenizer, the
+    chat template override (`chat_template`: readable, compiles) and the weight index. Raises
+    ConfigError or CheckpointError naming the file and the fix. A checkpoint without any chat
+    template passes: it serves completions, and chat requests get a 400 saying why."""
+    from ..checkpoint.tokenizer import ChatTokenizer
     from ..checkpoint.errors import CheckpointError
     from ..checkpoint.loader import weight_map
     from ..config import ModelConfig
@@ -27,7 +29,7 @@ def check_checkpoint(path: str | Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     ModelConfig.from_pretrained(path)
-    Llama4Tokenizer.from_pretrained(path)  # the server renders chat prompts: it needs tokenizer.json
+    ChatTokenizer.from_pretrained(path, chat_template or None)  # the server renders chat prompts
     weight_map(path)
 
 

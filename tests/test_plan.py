@@ -1,0 +1,165 @@
+"""`maverick-ray plan`: byte counts against hand arithmetic from Llama 4's published dimensions
+(../shared/LLAMA4.md), and the published fit / no-fit facts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from maverick_ray.cli import main
+from maverick_ray.config import ConfigError, ModelConfig
+from maverick_ray.plan import GIB, Cluster, Workload, kv_bytes, load_config, make_plan, weight_bytes
+
+# Published dimensions (text): hidden, heads, kv heads, head dim, layers, vocab, expert width, dense MLP width.
+C, H, KV, D, L, V, I, IM = 5120, 40, 8, 128, 48, 202048, 8192, 16384
+
+
+def attention_params() -> int:
+    return C * H * D + 2 * C * KV * D + H * D * C        # q, k, v, o
+
+
+def vision_params() -> int:
+    h, inter, patch_in, tokens = 1408, 5632, 3 * 14 * 14, (336 // 14) ** 2 + 1
+    block = 4 * (h * h + h) + (inter * h + inter) + (h * inter + h) + 4 * h   # attn (bias), fc1, fc2, 2 LayerNorms
+    return (h * patch_in + h + tokens * h + 4 * h + 34 * block
+            + 4096 * inter + 4096 * 4096 + C * 4096)                          # adapter fc1, fc2; projector
+
+
+def maverick_dense_params() -> int:
+    moe, dense = 24, 24                                   # MoE at odd layers (interleave step 2)
+    return (2 * V * C + C + L * (attention_params() + 2 * C)
+            + dense * 3 * C * IM + moe * (128 * C + 3 * C * I))   # router + shared expert
+
+
+def scout_dense_params() -> int:
+    return 2 * V * C + C + L * (attention_params() + 2 * C) + L * (16 * C + 3 * C * I)
+
+
+def test_maverick_bf16_bytes_by_hand():
+    cfg, _, _ = load_config("maverick")
+    wb = weight_bytes(cfg, "bf16")
+    assert wb.dense == 2 * maverick_dense_params()
+    assert wb.per_expert == 2 * 24 * 3 * C * I
+    assert wb.vision == 2 * vision_params()
+    params = wb.total // 2
+    assert 398e9 < params < 404e9, "Maverick is about 401B parameters"
+    assert 795e9 < wb.total < 810e9, "about 802 GB in bf16"
+
+
+def test_maverick_fp8_bytes_by_hand():
+    cfg, raw, _ = load_config("maverick-fp8")
+    from maverick_ray.plan import Fp8Scheme
+
+    scheme = Fp8Scheme.from_config(raw, cfg)
+    assert not scheme.assumed and scheme.strategy == "channel"
+    wb = weight_bytes(cfg, "fp8", scheme)
+    # Routed experts: 1 byte per weight plus one fp32 scale per output channel (gate I, up I, down C).
+    assert wb.per_expert == 24 * (3 * C * I + 4 * (2 * I + C))
+    assert wb.dense == 2 * maverick_dense_params()       # the ignore list keeps everything else in bf16
+    assert wb.vision == 2 * vision_params()
+    assert 380 * GIB < wb.total < 395 * GIB, "the FP8 release is about 389 GB"
+    # With no quantization_config, fp8 assumes the same layout.
+    assert weight_bytes(ModelConfig.from_pretrained(load_config("maverick")[2]), "fp8") == wb
+
+
+def test_scout_bytes_by_hand():
+    cfg, _, _ = load_config("scout")
+    wb = weight_bytes(cfg, "bf16")
+    assert wb.dense == 2 * scout_dense_params()
+    assert wb.per_expert == 2 * 48 * 3 * C * I
+    assert 105e9 < wb.total // 2 < 112e9, "Scout is about 109B parameters"
+
+
+def test_kv_bytes_full_and_windowed():
+    kv = kv_bytes(load_config("maverick")[0])
+    assert kv.per_token == L * KV * D * 2 * 2 == 196_608
+    assert kv.local_layers == 36 and kv.chunk == 8192
+    assert kv.full_per_seq(32768) == 196_608 * 32768
+    assert kv.windowed_per_seq(32768) == KV * D * 2 * 2 * (12 * 32768 + 36 * 8192)
+    assert kv.windowed_per_seq(4096) == kv.full_per_seq(4096)    # shorter than one chunk: no saving
+    assert kv.windowed_per_seq(1 << 20) < kv.full_per_seq(1 << 20) * 0.26   # long contexts: about a quarter
+
+
+def rank_bytes(dense: int, per_expert: int, experts: int, vision: int) -> int:
+    return dense + per_expert * experts + vision
+
+
+def test_published_fact_bf16_maverick_does_not_fit_8_x_80gb():
+    p = make_plan("maverick", Cluster(gpus=8, gpu_memory_gib=80))
+    assert p.ep == 8 and p.experts_per_rank == 16
+    assert p.rank_weights == rank_bytes(2 * maverick_dense_params(), 2 * 24 * 3 * C * I, 16, 4 * vision_params())
+    assert p.rank_weights > 80 * GIB and not p.fits and "before any KV cache" in p.verdict
+    assert p.reference_even_split > 80 * GIB       # no layout holds 802 GB on 640
+
+
+def test_published_fact_fp8_maverick_fits_8_x_h100_with_25_to_30_gb_left():
+    p = make_plan("maverick-fp8", Cluster(gpus=8, gpu_memory_gib=80), Workload(max_model_len=4096))
+    assert p.dtype == "fp8" and p.fits, p.verdict
+    # The published figure spreads every weight over the 8 GPUs (vLLM -tp 8): ~49 GB each, 25-30 GB left.
+    assert 47 * GIB < p.reference_even_split < 50 * GIB
+    assert 25 * GIB <= p.reference_even_split_left <= 30 * GIB
+    # This engine replicates the dense weights on every rank, which leaves far less for KV.
+    assert p.rank_weights == rank_bytes(2 * maverick_dense_params(), 24 * (3 * C * I + 4 * (2 * I + C)), 16,
+                                        4 * vision_params())   # the engine runs the vision tower in fp32
+    assert 0 < p.kv_budget < 5 * GIB and p.seqs_full >= 1
+
+
+@pytest.mark.parametrize("cluster, length", [(Cluster(gpus=8, nodes=2, gpu_memory_gib=80), 4096),
+                                             (Cluster(gpus=8, gpu_memory_gib=141), 8192)],
+                         ids=["2x8xH100", "8xH200"])
+def test_published_fact_bf16_maverick_fits_16_x_h100_and_8_x_h200(cluster, length):
+    p = make_plan("maverick", cluster, Workload(max_model_len=length))
+    assert p.fits, p.verdict
+    share = 128 // cluster.total_gpus
+    assert p.rank_experts == share * 2 * 24 * 3 * C * I
+    expected_budget = (int(cluster.gpu_memory_gib * GIB) - p.overhead - p.activations
+                       - rank_bytes(2 * maverick_dense_params(), 2 * 24 * 3 * C * I, share, 4 * vision_params()))
+    assert p.kv_budget == expected_budget
+    assert p.seqs_full == expected_budget // (196_608 * length) >= 1
+
+
+def test_too_many_sequences_is_refused_with_the_number_that_fits():
+    wl = Workload(max_model_len=8192, max_num_seqs=64)
+    p = make_plan("maverick", Cluster(gpus=8, gpu_memory_gib=141), wl)
+    assert not p.fits and f"at most {p.seqs_full} fit" in p.verdict and p.max_num_seqs == p.seqs_full
+
+
+def test_shapes_that_cannot_run_and_uneven_experts():
+    with pytest.raises(ConfigError, match="ranks need 16 GPUs"):
+        make_plan("maverick", Cluster(gpus=8, ep=16))
+    with pytest.raises(ConfigError, match="at least one"):
+        make_plan("scout", Cluster(gpus=8, nodes=4))
+    p = make_plan("scout", Cluster(gpus=3, gpu_memory_gib=141))
+    assert p.experts_per_rank == 6 and any("do not split evenly" in n for n in p.notes)
+    with pytest.raises(ConfigError, match="known: maverick"):
+        make_plan("no-such-model", Cluster())
+
+
+def test_text_only_drops_the_vision_tower():
+    with_v = make_plan("maverick", Cluster(gpus=8, nodes=2), Workload(max_model_len=4096))
+    without = make_plan("maverick", Cluster(gpus=8, nodes=2), Workload(max_model_len=4096, vision=False))
+    assert with_v.rank_vision == 4 * vision_params() and without.rank_vision == 0   # fp32 on the rank
+    # The budget grows by the tower (less the larger decode batch's logits in the activation estimate).
+    assert (without.kv_budget + without.activations) - (with_v.kv_budget + with_v.activations) == with_v.rank_vision
+    assert without.seqs_full > with_v.seqs_full
+
+
+def test_cli_json_gives_serve_args_serve_accepts(tmp_path, capsys):
+    from maverick_ray.serve.settings import ServeSettings
+
+    rc = main(["plan", "maverick", "--nodes", "2", "--gpus", "8", "--max-model-len", "4096", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] and out["ep"] == 16
+    assert out["rank_dense"] == 2 * maverick_dense_params()
+    serve = out["serve"]
+    settings = ServeSettings.from_args(serve["args"])     # every arg is one the app accepts
+    assert settings.placement_group_bundles() == serve["deployment"]["placement_group_bundles"]
+    assert len(serve["deployment"]["placement_group_bundles"]) == 17
+    assert serve["args"]["placement_strategy"] == "SPREAD"
+    assert out["kuberay"]["worker_pods_per_engine"] == 2 and out["kuberay"]["gpus_per_pod"] == 8
+    # A config.json path works as well as a name; a plan that does not fit exits 1.
+    cfg_path = load_config("maverick")[2]
+    assert main(["plan", str(cfg_path), "--gpus", "8"]) == 1
+    text = capsys.readouterr().out
+    assert "does not fit" in text and "dense weights (replicated on every rank)" in text
