@@ -413,7 +413,7 @@ def wait_idle(url: str, timeout: float = 30.0) -> dict | None:
     stats = None
     while time.monotonic() < deadline:
         stats = engine_stats(url)
-        if stats and stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_slots_used"] == 0:
+        if stats and stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_pages_used"] == 0:
             return stats
         time.sleep(0.5)
     return stats
@@ -554,7 +554,7 @@ def report(args, load: Load, samples, procs_seen, wall, final_stats, interrupted
 
     checked = [r for r in mem_rows if r["verdict"] in ("flat", "GROWS", "shrinks")]
     mem_ok = bool(checked) and len(checked) == len(mem_rows) and all(r["verdict"] != "GROWS" for r in checked)
-    idle_ok = bool(final_stats) and final_stats["running"] == 0 and final_stats["kv_slots_used"] == 0
+    idle_ok = bool(final_stats) and final_stats["running"] == 0 and final_stats["kv_pages_used"] == 0
     aborts_sent = len(load.latency["abort"])
     notes = [
         f"requests served: {served} in {wall / 60:.1f} min ({served / wall if wall else 0:.1f}/s), "

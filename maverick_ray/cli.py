@@ -1,4 +1,4 @@
-"""maverick-ray command line: generate | make-checkpoint | serve | top | plan.
+"""maverick-ray command line: generate | make-checkpoint | serve | top | record-load | plan.
 
 Every subcommand works with no checkpoint argument: the tiny checkpoint is created on first
 use in the user cache directory.
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--experts-layout", default="fused", choices=["fused", "split"],
                    help="fused experts.gate_up_proj (HF default) or split experts.{i}.*_proj.weight")
     m.add_argument("--max-shard-mb", type=float, default=2048.0, help="shard safetensors above this size (MB)")
+    m.add_argument("--fp8", action="store_true",
+                   help="routed experts in FP8 through compressed-tensors, as the official FP8 release "
+                        "(experts split, per-channel scales, quantization_config in config.json)")
     m.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
 
     s = sub.add_parser("serve", help="serve the OpenAI-compatible API on a local or existing Ray cluster",
@@ -82,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--interval", type=float, default=2.0, help="refresh seconds (default: 2)")
     t.add_argument("--once", action="store_true", help="print one snapshot and exit")
     t.add_argument("--api-key", default=None, help="API key, when the server requires one")
+
+    rl = sub.add_parser("record-load", help="save a running deployment's expert load, to start the next one balanced",
+                        description="Write the routing load of a running deployment (GET /v1/expert-load: tokens per "
+                                    "MoE layer and expert over the metrics window) to a file; start the next "
+                                    "deployment with --init-expert-location FILE to begin with the placement the "
+                                    "EPLB policy computes from it.")
+    rl.add_argument("url", nargs="?", default="http://127.0.0.1:8000",
+                    help="Serve endpoint (default: http://127.0.0.1:8000)")
+    rl.add_argument("--out", required=True, metavar="FILE", help="expert-load file to write (JSON)")
+    rl.add_argument("--samples", type=int, default=1,
+                    help="windows to add up, each taken after a whole window of new steps (default: 1)")
+    rl.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default: 5)")
+    rl.add_argument("--api-key", default=None, help="API key, when the server requires one")
 
     pl = sub.add_parser(
         "plan", help="size a deployment: per-GPU memory, KV budget, fit verdict, Serve and KubeRay values",
@@ -112,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sequences per rank to check (default: report as many as fit)")
     pl.add_argument("--max-prefill-tokens", type=int, default=4096,
                     help="prompt tokens admitted per rank per step (default: 4096, the engine's default)")
+    pl.add_argument("--kv-block-size", type=int, default=16,
+                    help="tokens per KV cache page, the engine's kv_block_size (default: 16)")
     pl.add_argument("--text-only", action="store_true",
                     help="no image prompts (Serve max_images: 0): the vision tower is never loaded")
     pl.add_argument("--overhead-gb", type=float, default=3.0,
@@ -207,7 +225,7 @@ def cmd_make_checkpoint(args) -> int:
         print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
         return 2
     write_checkpoint(out, preset=args.preset, seed=args.seed, experts_layout=args.experts_layout,
-                     max_shard_bytes=int(args.max_shard_mb * 2**20), progress=True)
+                     max_shard_bytes=int(args.max_shard_mb * 2**20), progress=True, fp8=args.fp8)
     print(f"wrote {args.preset} checkpoint to {out}")
     return 0
 
@@ -224,18 +242,28 @@ def cmd_top(args) -> int:
     return run(args.url, args.interval, args.once, args.api_key)
 
 
+def cmd_record_load(args) -> int:
+    from .record_load import run
+
+    if args.samples < 1:
+        print("error: --samples must be at least 1", file=sys.stderr)
+        return 2
+    return run(args.url, args.out, args.samples, args.interval, args.api_key)
+
+
 def cmd_plan(args) -> int:
     from .plan import Cluster, Workload, make_plan
     from .plan_output import plan_json, render
 
-    for name in ("gpus", "nodes", "max_model_len", "max_prefill_tokens"):
+    for name in ("gpus", "nodes", "max_model_len", "max_prefill_tokens", "kv_block_size"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     cluster = Cluster(gpus=args.gpus, nodes=args.nodes, gpu_memory_gib=args.gpu_memory, ep=args.ep)
     workload = Workload(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_prefill_tokens=args.max_prefill_tokens, vision=not args.text_only,
-                        overhead_gib=args.overhead_gb, cpus_per_worker=args.cpus_per_worker)
+                        overhead_gib=args.overhead_gb, cpus_per_worker=args.cpus_per_worker,
+                        kv_block_size=args.kv_block_size)
     plan = make_plan(args.model, cluster, workload, dtype=args.dtype)
     print(plan_json(plan) if args.json else render(plan))
     return 0 if plan.fits else 1
@@ -251,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from .multimodal.images import ImageError
 
     handlers = {"generate": cmd_generate, "make-checkpoint": cmd_make_checkpoint, "serve": cmd_serve,
-                "top": cmd_top, "plan": cmd_plan}
+                "top": cmd_top, "record-load": cmd_record_load, "plan": cmd_plan}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, ChatTemplateError, ImageError) as e:

@@ -325,6 +325,12 @@ class ParallelConfig:
     num_cpus_per_worker: float = knob(1, "CPUs per EP worker", flag="--cpus-per-worker")
     expert_owner: tuple[int, ...] | None = knob(
         None, "expert -> rank map (a list with one rank per routed expert); null = contiguous blocks", cli=False)
+    redundant_experts: int = knob(0, "extra expert slots over all EP ranks, holding copies of the busiest experts (of "
+                                     "the init_expert_location load; without one, experts 0..N-1); experts + N must "
+                                     "divide evenly by ep_size. EP > 1 only")
+    init_expert_location: str = knob("", "an expert-load file recorded from real traffic (maverick-ray record-load): "
+                                         "start with the balanced placement the EPLB policy computes from it. EP > 1 "
+                                         "only; empty: contiguous blocks of experts")
     worker_resources: dict[str, float] | None = knob(
         None, "extra Ray resources each EP worker bundle asks for, e.g. {expert_host: 1} to keep the expert "
               "shards on nodes started with ray start --resources='{\"expert_host\": 4}'", cli=False)
@@ -333,6 +339,10 @@ class ParallelConfig:
         _require(isinstance(self.ep_size, int) and self.ep_size >= 1, "ep_size",
                  f"must be a positive integer, got {self.ep_size!r}")
         check_choices(self)
+        _require(isinstance(self.redundant_experts, int) and self.redundant_experts >= 0, "redundant_experts",
+                 f"must be a non-negative integer, got {self.redundant_experts!r}")
+        _require(isinstance(self.init_expert_location, str), "init_expert_location",
+                 f"must be a file path (or empty), got {self.init_expert_location!r}")
         _require(self.num_gpus_per_worker >= 0 and self.num_cpus_per_worker >= 0, "num_gpus_per_worker",
                  "resources must be non-negative")
         extra = self.worker_resources or {}
@@ -356,10 +366,21 @@ class EngineConfig:
     """Capacity, numerics, timeouts and prompt rendering of one engine (one Serve replica). Each field is a knob
     (maverick_ray/knobs.py): the CLI flags and the Serve app's args are derived from it."""
 
-    max_num_seqs: int = knob(32, "concurrent sequences per EP rank (KV cache slots per rank)")
-    max_model_len: int = knob(2048, "prompt + output tokens of one sequence (KV positions per slot)")
+    max_num_seqs: int = knob(32, "concurrent sequences per EP rank")
+    max_model_len: int = knob(0, "prompt + output tokens of one sequence. 0: the checkpoint's context "
+                                 "(max_position_embeddings), capped by what the KV cache holds for one sequence")
     max_waiting: int = knob(1024, "queued requests beyond which new ones are refused (HTTP 503)")
-    max_prefill_tokens: int = knob(4096, "prompt tokens admitted per rank per step")
+    max_prefill_tokens: int = knob(4096, "prompt tokens each rank runs per step: longer prompts are prefilled in "
+                                         "chunks over several steps while running sequences keep decoding")
+    kv_cache_memory_gb: float = knob(0.0, "KV cache memory per rank, GiB. 0: on GPU kv_cache_fraction of the "
+                                          "memory free after the weights; on CPU room for max_num_seqs sequences "
+                                          "of min(max_model_len, 2048) tokens")
+    kv_cache_fraction: float = knob(0.9, "on GPU with kv_cache_memory_gb 0: the fraction of free device memory "
+                                         "(after the weights) the KV cache takes")
+    kv_block_size: int = knob(16, "tokens per KV cache block (page)")
+    prefix_caching: str = knob("on", "reuse the KV blocks of a prompt prefix computed before (shared system "
+                                     "prompts, multi-turn chats, the same image): on or off",
+                               choices=("on", "off"))
     dtype: str = knob("auto", "weights and activations (auto: float32 on CPU, bfloat16 on GPU)",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("auto", "where the ranks compute (auto: cuda when the worker has a GPU, else cpu)",
@@ -374,7 +395,7 @@ class EngineConfig:
                                   "within recovery_window_s, before it reports unhealthy (0: fail-stop)")
     recovery_window_s: float = knob(600.0, "the window max_recoveries counts over")
     request_deadline_s: float = knob(0.0, "seconds from arrival (time queued included) after which a request is "
-                                          "ended with a timeout error and its KV slot freed; a request's own "
+                                          "ended with a timeout error and its KV pages freed; a request's own "
                                           "`timeout` may only shorten it. 0: no deadline")
     cpu_kernels: str = knob("auto", "auto: compile (once, ~1 s, needs a C compiler) and use the native CPU "
                                     "kernels for the routed experts of decode steps and for RMSNorm, falling back "
@@ -387,9 +408,14 @@ class EngineConfig:
                                   "chat_template.jinja or chat_template.json)")
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_model_len", "max_waiting", "max_prefill_tokens"):
+        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens", "kv_block_size"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+        _require(isinstance(self.max_model_len, int) and self.max_model_len >= 0, "max_model_len",
+                 f"must be a positive integer, or 0 for the checkpoint's context; got {self.max_model_len!r}")
+        _require(math.isfinite(self.kv_cache_memory_gb) and self.kv_cache_memory_gb >= 0, "kv_cache_memory_gb",
+                 f"must be a number of GiB >= 0 (0: automatic), got {self.kv_cache_memory_gb!r}")
+        _require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", f"must be in (0, 1], got {self.kv_cache_fraction}")
         _require(isinstance(self.max_recoveries, int) and self.max_recoveries >= 0, "max_recoveries",
                  f"must be a non-negative integer, got {self.max_recoveries!r}")
         _require(self.recovery_window_s > 0, "recovery_window_s", "must be positive")

@@ -17,6 +17,7 @@ EXPERT_SERIES_MODES = ("on", "off", "summary")
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
 RECOVERY_BUCKETS = [1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600]  # a new rank group: seconds to 10 minutes
+PREFILL_BUCKETS = [1, 16, 64, 256, 1024, 4096, 16384]  # prompt tokens in one step (chunked prefill)
 
 
 class RoutingWindow:
@@ -82,6 +83,12 @@ class _Defs:
     recovery_seconds: object
     replayed: object
     recovering: object
+    preemptions: object
+    kv_pages: object
+    kv_bytes: object
+    prefix_queried: object
+    prefix_hit: object
+    prefill_tokens: object
 
 
 def _define() -> _Defs:
@@ -119,7 +126,7 @@ def _define() -> _Defs:
         generation_tokens=Counter("maverick_generation_tokens_total", "Tokens generated.", tag_keys=r),
         running=Gauge("maverick_running_sequences", "Sequences generating.", tag_keys=r),
         waiting=Gauge("maverick_waiting_sequences", "Requests waiting for a KV cache slot.", tag_keys=r),
-        kv_usage=Gauge("maverick_kv_cache_usage_ratio", "Fraction of KV cache slots in use.", tag_keys=r),
+        kv_usage=Gauge("maverick_kv_cache_usage_ratio", "Fraction of KV cache pages in use.", tag_keys=r),
         rank_failures=Counter("maverick_rank_failures_total", "Rank failures by cause: died, hung or raised.",
                               tag_keys=r + ("cause",)),
         recoveries=Counter("maverick_recoveries_total", "Restarts of the rank group after a failure, by outcome.",
@@ -130,6 +137,18 @@ def _define() -> _Defs:
                          "Sequences requeued to prefill prompt + produced tokens again on new ranks.", tag_keys=r),
         recovering=Gauge("maverick_recovery_in_progress", "1 while the engine replaces its ranks after a failure.",
                          tag_keys=r),
+        kv_pages=Gauge("maverick_kv_cache_pages", "KV cache pages (blocks) of all ranks, by state: used or free.",
+                       tag_keys=r + ("state",)),
+        kv_bytes=Gauge("maverick_kv_cache_bytes", "KV cache bytes of all ranks, by state: used or free.",
+                       tag_keys=r + ("state",)),
+        preemptions=Counter("maverick_preemptions_total",
+                            "Sequences preempted when KV pages ran out (prefilled again later).", tag_keys=r),
+        prefix_queried=Counter("maverick_prefix_cache_queried_tokens_total",
+                               "Prompt tokens looked up in the prefix cache at admission.", tag_keys=r),
+        prefix_hit=Counter("maverick_prefix_cache_hit_tokens_total",
+                           "Prompt tokens found in the prefix cache (not prefilled again).", tag_keys=r),
+        prefill_tokens=Histogram("maverick_prefill_tokens_per_step", "Prompt tokens prefilled in one step.",
+                                 boundaries=PREFILL_BUCKETS, tag_keys=r),
     )
 
 
@@ -146,6 +165,7 @@ class EngineMetrics:
         engine.add_step_listener(self.on_step)
         engine.add_finish_listener(self.on_finish)
         self.last_failure_cause: str | None = None
+        self._totals: dict[str, int] = {}  # engine counters already exported (preemptions, prefix cache)
         self.m.recovering.set(0.0, tags=self.tags)
         engine.add_recovery_listener(self.on_recovery)
 
@@ -178,7 +198,17 @@ class EngineMetrics:
         st = self.engine.stats()
         m.running.set(st["running"], tags=t)
         m.waiting.set(st["waiting"], tags=t)
-        m.kv_usage.set(st["kv_slots_used"] / max(st["kv_slots_total"], 1), tags=t)
+        m.kv_usage.set(st["kv_pages_used"] / max(st["kv_pages_total"], 1), tags=t)
+        for state, pages in (("used", st["kv_pages_used"]), ("free", st["kv_pages_total"] - st["kv_pages_used"])):
+            m.kv_pages.set(pages, tags=dict(t, state=state))
+            m.kv_bytes.set(pages * st["kv_page_bytes"], tags=dict(t, state=state))
+        m.prefill_tokens.observe(st["prefill_tokens_last_step"], tags=t)
+        for name, key in (("preemptions", "preemptions"), ("prefix_queried", "prefix_cache_queried_tokens"),
+                          ("prefix_hit", "prefix_cache_hit_tokens")):  # engine totals -> counter increments
+            new = st[key] - self._totals.get(key, 0)
+            if new > 0:
+                getattr(m, name).inc(new, tags=t)
+            self._totals[key] = st[key]
 
     def on_finish(self, req, reason: str, now: float) -> None:
         m, t = self.m, self.tags

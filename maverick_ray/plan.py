@@ -7,13 +7,17 @@ The byte counts follow what the code allocates, not a rule of thumb:
   attention: each rank holds all of them), 1/EP of the routed experts (`ExpertPlacement`
   contiguous blocks: the largest block sizes the plan), and the vision tower, which a rank loads
   on its first image prompt (in fp32 today: engine/multimodal.py builds it in the default dtype);
-- KV: `model/kv_cache.py` reserves max_num_seqs x max_model_len positions in every layer at start
-  (the "full reservation" figures). Llama 4's chunked-attention layers (RoPE layers, 3 of every 4)
-  never look back further than attention_chunk_size tokens, so a paged cache that frees what a
-  chunk no longer sees would hold min(len, chunk) positions there (the "windowed" figures: what
-  such a cache would hold, not what this engine does today);
-- activations: an estimate of the largest step, a prefill of max(max_prefill_tokens,
-  max_model_len) tokens (the engine has no chunked prefill: a long prompt runs in one step);
+- KV: the paged cache the engine allocates (`model/kv_cache.py` KVLayout, `engine/kv_budget.py`):
+  the Serve values set `kv_cache_memory_gb` to what is left after everything else, so a rank gets
+  that many GiB in pages of kv_block_size tokens for the layers of one group. A sequence of n
+  tokens holds at most `KVLayout.pages_for_length(n)` pages: every token in the global (NoPE)
+  group, only the current attention chunk's blocks (plus the one a chunk boundary shares) in each
+  chunked (RoPE) group. The sequences that fit are the pages over the pages of one sequence of
+  max_model_len. The slot design before paging (every slot reserved max_model_len positions in
+  every layer) is printed for contrast;
+- activations: an estimate of the largest step: a prefill chunk of max_prefill_tokens (prompts are
+  split into chunks of that size, chunked prefill) beside one decode token for each sequence, the
+  chunk's mask over up to max_model_len keys, and the keys and values a decode gathers from pages;
 - overhead: what the card reports less than its label, the CUDA context, NCCL buffers and
   allocator slack (a flat allowance).
 
@@ -30,8 +34,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoint.names import TEXT_PREFIX, expected_text_tensors, expected_vision_tensors, is_routed_expert
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, EngineConfig, ModelConfig, TextConfig
+from .engine.kv_budget import kv_pages, resolve_max_model_len
+from .model.kv_cache import DEFAULT_BLOCK_SIZE, KVLayout
 from .parallel.placement import ExpertPlacement
 
 GIB = 2 ** 30
@@ -41,6 +49,7 @@ ALIASES = {"maverick": "Llama-4-Maverick-17B-128E-Instruct",
            "scout": "Llama-4-Scout-17B-16E-Instruct"}
 DTYPES = ("bf16", "fp8")
 ACT_BYTES = 2          # bf16 activations and KV on GPU (the engine's dtype: auto -> bfloat16 on CUDA)
+KV_DTYPE = torch.bfloat16
 VISION_BYTES = 4       # engine/multimodal.py builds the vision tower in fp32 and moves it as is
 MOE_IMBALANCE = 2.0    # a rank's routed rows in the activation estimate: this many times its fair share
 # The compressed-tensors class names an ignore list may hold, as module-name patterns.
@@ -215,42 +224,60 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", scheme: Fp8Scheme | None
 # ---- KV cache and activations ---------------------------------------------------------------
 @dataclass(frozen=True)
 class KVBytes:
+    """One rank's paged KV cache as the engine lays it out (model/kv_cache.py KVLayout, bf16), and
+    the slot design before paging, for contrast."""
+
+    layout: KVLayout
+    page_bytes: int        # one page: K and V of one block for the layers of one group (KVLayout.page_bytes)
     per_token_layer: int   # K and V of one token in one layer: 2 x KV x D x 2 B
     layers: int
-    local_layers: int      # chunked-attention layers (RoPE layers with attention_chunk_size)
+    local_layers: int      # layers of the chunked (local) groups
     chunk: int | None
 
     @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    def pages_per_seq(self, length: int) -> int:
+        """Pages one sequence of `length` tokens holds at most (KVLayout.pages_for_length)."""
+        return self.layout.pages_for_length(length)
+
+    def paged_per_seq(self, length: int) -> int:
+        """Bytes one sequence of `length` tokens holds at most in the paged cache."""
+        return self.pages_per_seq(length) * self.page_bytes
+
+    @property
     def per_token(self) -> int:
-        """One token in every layer: what today's cache reserves per position."""
+        """One token in every layer."""
         return self.per_token_layer * self.layers
 
-    def full_per_seq(self, max_model_len: int) -> int:
-        """Today's slot: max_model_len positions in every layer (model/kv_cache.py)."""
+    def slot_per_seq(self, max_model_len: int) -> int:
+        """The slot design before paging: every slot reserved max_model_len positions in every layer."""
         return self.per_token * max_model_len
 
-    def windowed_per_seq(self, length: int) -> int:
-        """A paged cache keeping only each chunked layer's window: min(len, chunk) positions there."""
-        window = length if self.chunk is None else min(length, self.chunk)
-        return self.per_token_layer * ((self.layers - self.local_layers) * length + self.local_layers * window)
 
-
-def kv_bytes(cfg: ModelConfig) -> KVBytes:
+def kv_bytes(cfg: ModelConfig, block_size: int = DEFAULT_BLOCK_SIZE) -> KVBytes:
     t = cfg.text
-    local = sum(1 for i in range(t.num_hidden_layers) if t.uses_rope(i)) if t.attention_chunk_size else 0
-    return KVBytes(per_token_layer=2 * t.num_key_value_heads * t.head_dim * ACT_BYTES, layers=t.num_hidden_layers,
-                   local_layers=local, chunk=t.attention_chunk_size)
+    layout = KVLayout.from_config(t, block_size)
+    local = sum(len(g) for g, is_local in zip(layout.groups, layout.local) if is_local)
+    return KVBytes(layout=layout, page_bytes=layout.page_bytes(KV_DTYPE),
+                   per_token_layer=2 * t.num_key_value_heads * t.head_dim * ACT_BYTES, layers=t.num_hidden_layers,
+                   local_layers=local, chunk=layout.chunk)
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, max_num_seqs: int) -> int:
-    """Estimate of the largest step's transient memory for `tokens` new tokens on one rank.
+def activation_bytes(cfg: ModelConfig, prefill_tokens: int, max_num_seqs: int, context: int) -> int:
+    """Estimate of the largest step's transient memory on one rank: a prefill chunk of
+    `prefill_tokens` beside one decode token for each of `max_num_seqs` sequences, contexts up to
+    `context` tokens.
 
-    Per token (bf16): the residual stream and its norm (3C), plus the widest sublayer: a dense
+    Per new token (bf16): the residual stream and its norm (3C), plus the widest sublayer: a dense
     MLP (gate/up out 2Im, SwiGLU Im, out C), the routed path (MOE_IMBALANCE x its share: rows,
     packed rows, received rows, 2I, I, out, combined ~ 5C + 3I) with the shared expert (3I), or
     attention (qkv (H + 2KV) D, RoPE and output 2 H D); plus fp32 temporaries of RMSNorm and RoPE
-    (C + (H + KV) D). Plus the prefill's (n, n) boolean attention mask and fp32 logits of a full
-    decode batch for sampling (max_num_seqs x V x 4 B, twice)."""
+    (C + (H + KV) D). Plus the chunk's boolean mask over its keys (min(chunk, context) x
+    context), the keys and values the decode gathers from the pages for one layer (max_num_seqs
+    x context x 2 KV D, bf16), and fp32 logits of a full decode batch for sampling (max_num_seqs
+    x V x 4 B, twice)."""
     t = cfg.text
     C, I, D = t.hidden_size, t.intermediate_size, t.head_dim
     H, KV = t.num_attention_heads, t.num_key_value_heads
@@ -258,7 +285,32 @@ def activation_bytes(cfg: ModelConfig, tokens: int, max_num_seqs: int) -> int:
     k = t.num_experts_per_tok
     widest = max(3 * Im + C, int(MOE_IMBALANCE * k * (5 * C + 3 * I)) + 3 * I, (H + 2 * KV) * D + 2 * H * D)
     per_token = ACT_BYTES * (3 * C + widest) + 4 * (C + (H + KV) * D)
-    return per_token * tokens + tokens * tokens + 8 * max_num_seqs * t.vocab_size
+    tokens = prefill_tokens + max_num_seqs
+    mask = min(prefill_tokens, context) * context
+    gathered = max_num_seqs * context * 2 * KV * D * ACT_BYTES
+    return per_token * tokens + mask + gathered + 8 * max_num_seqs * t.vocab_size
+
+
+def kv_cache_memory_gb(budget: int) -> float:
+    """The Serve value for a KV budget in bytes: GiB rounded down to 0.01 (0 when nothing is left)."""
+    return math.floor(budget / GIB * 100) / 100 if budget > 0 else 0.0
+
+
+def rank_kv_pages(memory_gb: float, text: TextConfig, layout: KVLayout, max_model_len: int) -> int:
+    """The pages a rank's KV cache gets with kv_cache_memory_gb = memory_gb on GPU: the engine's
+    own rule (engine/kv_budget.py kv_pages). 0 when memory_gb is 0."""
+    if memory_gb <= 0:
+        return 0
+    engine = EngineConfig(kv_cache_memory_gb=memory_gb, kv_block_size=layout.block_size, max_model_len=max_model_len)
+    return kv_pages(engine, text, layout, KV_DTYPE, torch.device("cuda"))
+
+
+def longest_context(text: TextConfig, layout: KVLayout, pages: int) -> int:
+    """The longest sequence `pages` hold (capped at the checkpoint's context), by the engine's rule
+    for max_model_len 0 (engine/kv_budget.py resolve_max_model_len); 0 when not one block fits."""
+    if pages < layout.num_groups:
+        return 0
+    return resolve_max_model_len(EngineConfig(max_model_len=0), text, layout, pages, KV_DTYPE)
 
 
 # ---- the plan -------------------------------------------------------------------------------
@@ -285,6 +337,7 @@ class Workload:
     overhead_gib: float = 3.0
     cpus_per_worker: float = 4
     replica_cpus: float = 2
+    kv_block_size: int = DEFAULT_BLOCK_SIZE   # tokens per KV page (the engine's kv_block_size)
 
 
 @dataclass
@@ -306,8 +359,12 @@ class Plan:
     overhead: int
     gpu_bytes: int
     kv_budget: int                  # what is left for the KV cache on the fullest rank (may be < 0)
-    seqs_full: int                  # sequences of max_model_len per rank, today's full reservation
-    seqs_windowed: int              # the same with a windowed paged cache (not built yet)
+    kv_cache_memory_gb: float       # the Serve value: kv_budget in GiB, rounded down to 0.01
+    kv_pages: int                   # the pages a rank's cache gets with it (engine/kv_budget.py)
+    kv_pages_per_seq: int           # pages of one sequence of max_model_len (KVLayout.pages_for_length)
+    seqs_paged: int                 # sequences of max_model_len that kv_pages hold at once
+    seqs_slots: int                 # the same in the slot design before paging (max_model_len reserved per slot)
+    kv_at_fraction: int             # KV bytes with kv_cache_memory_gb 0: kv_cache_fraction of what the weights leave
     max_num_seqs: int               # what the Serve values use
     fits: bool
     verdict: str
@@ -334,10 +391,11 @@ class Plan:
         d.update(cluster=asdict(self.cluster), workload=asdict(self.workload), weights=asdict(self.weights),
                  weights_total=self.weights.total, rank_weights=self.rank_weights,
                  kv_per_token=self.kv.per_token, kv_per_token_layer=self.kv.per_token_layer,
-                 kv_local_layers=self.kv.local_layers, kv_chunk=self.kv.chunk,
-                 kv_full_per_seq=self.kv.full_per_seq(self.workload.max_model_len),
-                 kv_windowed_per_seq=self.kv.windowed_per_seq(self.workload.max_model_len),
-                 kv_full_reserved=self.max_num_seqs * self.kv.full_per_seq(self.workload.max_model_len),
+                 kv_local_layers=self.kv.local_layers, kv_chunk=self.kv.chunk, kv_block_size=self.kv.block_size,
+                 kv_groups=[list(g) for g in self.kv.layout.groups], kv_page_bytes=self.kv.page_bytes,
+                 kv_cache_bytes=self.kv_pages * self.kv.page_bytes,
+                 kv_paged_per_seq=self.kv.paged_per_seq(self.workload.max_model_len),
+                 kv_slot_per_seq=self.kv.slot_per_seq(self.workload.max_model_len),
                  reference_even_split=self.reference_even_split,
                  reference_even_split_left=self.reference_even_split_left)
         return d
@@ -358,8 +416,9 @@ def make_plan(source: str | Path, cluster: Cluster, workload: Workload = Workloa
         if scheme.assumed:
             notes.append("config.json has no quantization_config: FP8 assumes the official release's layout "
                          "(routed experts FP8 with per-channel fp32 scales, everything else bf16)")
-        notes.append("FP8 checkpoints do not load yet (issue 20, item 4): these are the bytes the FP8 layout "
-                     "will hold once they do")
+        notes.append("FP8 checkpoints load (checkpoint/fp8.py), but the engine dequantizes their routed experts "
+                     "to bf16 at load (the FP8 expert matmuls of model/fp8_experts.py are not wired in yet): these "
+                     "are the FP8 layout's bytes, as a rank reads them; a rank holds the bf16 plan's (--dtype bf16)")
     elif has_q:
         notes.append("bf16 plan of an FP8 checkpoint: the weights dequantized to bf16 at load")
     wb = weight_bytes(cfg, dtype, scheme)
@@ -379,27 +438,36 @@ def make_plan(source: str | Path, cluster: Cluster, workload: Workload = Workloa
     if rank_vision:
         notes.append("the vision tower is counted in fp32, as engine/multimodal.py loads it on a rank's first "
                      "image prompt (2x its bf16 size; --text-only leaves it out)")
-    kv = kv_bytes(cfg)
-    prefill = max(wl.max_prefill_tokens, wl.max_model_len)
+    kv = kv_bytes(cfg, wl.kv_block_size)
+    L = wl.max_model_len
+    per_seq = kv.pages_per_seq(L)
     gpu = int(cluster.gpu_memory_gib * GIB)
     overhead = int(wl.overhead_gib * GIB)
     rank_weights = wb.dense + share * wb.per_expert + rank_vision
     seqs = wl.max_num_seqs or 1
-    for _ in range(2):  # the decode batch's logits depend on how many sequences fit: settle it once
-        act = activation_bytes(cfg, prefill, seqs)
+    for _ in range(2):  # the decode batch's activations depend on how many sequences fit: settle it once
+        act = activation_bytes(cfg, wl.max_prefill_tokens, seqs, L)
         budget = gpu - overhead - act - rank_weights
-        seqs_full = max(0, budget // kv.full_per_seq(wl.max_model_len))
-        seqs = wl.max_num_seqs or max(1, seqs_full)
-    seqs_win = max(0, budget // kv.windowed_per_seq(wl.max_model_len))
+        memory_gb = kv_cache_memory_gb(budget)
+        pages = rank_kv_pages(memory_gb, cfg.text, kv.layout, L)
+        seqs_paged = pages // per_seq
+        seqs = wl.max_num_seqs or max(1, seqs_paged)
+    # Left at 0, the engine takes kv_cache_fraction of the device memory free once the weights are
+    # in (the vision tower comes later, on the first image prompt).
+    at_fraction = int(max(0, gpu - overhead - wb.dense - share * wb.per_expert) * EngineConfig().kv_cache_fraction)
     plan = Plan(model=path.stem if path.name != "config.json" else path.parent.name, dtype=dtype, ep=ep,
                 cluster=cluster, workload=wl, weights=wb, kv=kv, experts_per_rank=share, rank_dense=wb.dense,
                 rank_experts=share * wb.per_expert, rank_vision=rank_vision, activations=act, overhead=overhead,
-                gpu_bytes=gpu, kv_budget=budget, seqs_full=int(seqs_full), seqs_windowed=int(seqs_win),
-                max_num_seqs=0, fits=False, verdict="", notes=notes)
-    plan.fits, plan.verdict, plan.max_num_seqs = _verdict(plan)
-    if prefill > wl.max_prefill_tokens:
-        notes.append(f"a prompt up to max_model_len ({wl.max_model_len}) prefills in one step (no chunked "
-                     f"prefill): activations are sized for {prefill} tokens")
+                gpu_bytes=gpu, kv_budget=budget, kv_cache_memory_gb=memory_gb, kv_pages=pages,
+                kv_pages_per_seq=per_seq, seqs_paged=seqs_paged, seqs_slots=max(0, budget // kv.slot_per_seq(L)),
+                kv_at_fraction=at_fraction, max_num_seqs=0, fits=False, verdict="", notes=notes)
+    plan.fits, plan.verdict, plan.max_num_seqs = _verdict(plan, cfg.text)
+    if plan.fits and at_fraction > budget:
+        notes.append(f"kv_cache_memory_gb left at 0 would size the KV cache as kv_cache_fraction "
+                     f"({EngineConfig().kv_cache_fraction:g}) of the memory the weights leave, {_gib(at_fraction)}: "
+                     f"{_gib(at_fraction - budget)} more than the budget above, taken from the activations"
+                     + (" and the vision tower (loaded after the cache)" if rank_vision else "")
+                     + "; set kv_cache_memory_gb as below")
     return plan
 
 
@@ -407,7 +475,7 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def _verdict(p: Plan) -> tuple[bool, str, int]:
+def _verdict(p: Plan, text: TextConfig) -> tuple[bool, str, int]:
     """(fits, why, the max_num_seqs to configure)."""
     wl = p.workload
     fixed = p.rank_weights + p.overhead + p.activations
@@ -415,16 +483,17 @@ def _verdict(p: Plan) -> tuple[bool, str, int]:
         return False, (f"does not fit: each rank needs {_gib(p.rank_weights)} of weights + {_gib(p.activations)} "
                        f"of activations + {_gib(p.overhead)} overhead = {_gib(fixed)}, more than the "
                        f"{_gib(p.gpu_bytes)} of one GPU, before any KV cache"), 0
-    per_seq = p.kv.full_per_seq(wl.max_model_len)
-    if p.seqs_full == 0:
-        hint = (f"; a windowed paged cache would hold {p.seqs_windowed}" if p.seqs_windowed else "")
+    per_seq = p.kv.paged_per_seq(wl.max_model_len)
+    if p.seqs_paged == 0:
+        longest = longest_context(text, p.kv.layout, p.kv_pages)
+        hint = f" (the {p.kv_pages} pages left hold one sequence of {longest} tokens)" if longest else ""
         return False, (f"does not fit: the weights fit, but one sequence of {wl.max_model_len} tokens needs "
-                       f"{_gib(per_seq)} of KV and {_gib(p.kv_budget)} is left per rank; lower --max-model-len"
-                       f"{hint}"), 0
-    if wl.max_num_seqs is not None and wl.max_num_seqs > p.seqs_full:
+                       f"{_gib(per_seq)} of KV ({p.kv_pages_per_seq} pages) and {_gib(p.kv_budget)} is left per "
+                       f"rank; lower --max-model-len{hint}"), 0
+    if wl.max_num_seqs is not None and wl.max_num_seqs > p.seqs_paged:
         return False, (f"does not fit as configured: {wl.max_num_seqs} sequences of {wl.max_model_len} tokens per "
                        f"rank need {_gib(wl.max_num_seqs * per_seq)} of KV, {_gib(p.kv_budget)} is left; at most "
-                       f"{p.seqs_full} fit (--max-num-seqs {p.seqs_full})"), p.seqs_full
-    seqs = wl.max_num_seqs or p.seqs_full
+                       f"{p.seqs_paged} fit (--max-num-seqs {p.seqs_paged})"), p.seqs_paged
+    seqs = wl.max_num_seqs or p.seqs_paged
     return True, (f"fits: {_gib(p.rank_weights)} of weights per rank, {_gib(p.kv_budget)} left for KV: "
                   f"{seqs} sequences of {wl.max_model_len} tokens per rank ({seqs * p.ep} per engine)"), seqs

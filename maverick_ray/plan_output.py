@@ -11,13 +11,16 @@ from .plan import GIB, Plan
 
 
 def serve_values(p: Plan) -> dict:
-    """The Serve application's args and deployment options for this plan."""
+    """The Serve application's args and deployment options for this plan. kv_cache_memory_gb is the
+    plan's KV budget, so each rank's cache gets the pages the plan counts (kv_cache_fraction, used
+    only when it is 0, is left out)."""
     wl = p.workload
     worker = {"CPU": wl.cpus_per_worker, "GPU": 1}
     args = {"ep_size": p.ep, "placement_strategy": "PACK" if p.cluster.nodes == 1 else "SPREAD",
             "num_gpus_per_worker": 1, "num_cpus_per_worker": wl.cpus_per_worker, "dtype": "bfloat16",
             "max_model_len": wl.max_model_len, "max_num_seqs": p.max_num_seqs,
-            "max_prefill_tokens": wl.max_prefill_tokens, "replica_num_cpus": wl.replica_cpus}
+            "max_prefill_tokens": wl.max_prefill_tokens, "kv_cache_memory_gb": p.kv_cache_memory_gb,
+            "kv_block_size": wl.kv_block_size, "replica_num_cpus": wl.replica_cpus}
     if not wl.vision:
         args["max_images"] = 0
     deployment = {"ray_actor_options": {"num_cpus": wl.replica_cpus},
@@ -65,16 +68,20 @@ def render(p: Plan) -> str:
         f"  vision tower + projector                   {_g(p.rank_vision)}"
         + ("" if wl.vision else "   (text only: never loaded)"),
         f"  activations, largest step (estimate)       {_g(p.activations)}"
-        f"   (prefill of {max(wl.max_prefill_tokens, L)} tokens)",
+        f"   (prefill chunk of {wl.max_prefill_tokens} tokens + decodes, context {L})",
         f"  overhead (CUDA context, NCCL, slack)       {_g(p.overhead)}",
         f"  left for the KV cache                      {_g(p.kv_budget)}",
         "",
-        f"KV cache (bf16): {kv.per_token:,} B per token over {kv.layers} layers; {kv.local_layers} layers are "
-        f"chunked (local window {kv.chunk}), {kv.layers - kv.local_layers} global",
-        f"  today (slots reserve max_model_len in every layer): {kv.full_per_seq(L) / GIB:.2f} GiB per sequence "
-        f"of {L} -> {p.seqs_full} sequences per rank, {p.seqs_full * p.ep} per engine",
-        f"  paged cache with local windows (not built yet):     {kv.windowed_per_seq(L) / GIB:.2f} GiB per "
-        f"sequence of {L} -> {p.seqs_windowed} per rank, {p.seqs_windowed * p.ep} per engine",
+        f"KV cache (bf16, paged): blocks of {kv.block_size} tokens; {kv.layers} layers in {kv.layout.num_groups} "
+        f"groups of {kv.layout.layers_per_group}: {kv.layers - kv.local_layers} global layers keep every token, "
+        + (f"{kv.local_layers} chunked layers only the current {kv.chunk}-token attention chunk; "
+           if kv.local_layers else "")
+        + f"a page (one block of a group) is {kv.page_bytes:,} B",
+        f"  paged (what the engine allocates): {p.kv_pages_per_seq} pages, {kv.paged_per_seq(L) / GIB:.2f} GiB per "
+        f"sequence of {L}; kv_cache_memory_gb {p.kv_cache_memory_gb:g} -> {p.kv_pages} pages -> {p.seqs_paged} "
+        f"sequences per rank, {p.seqs_paged * p.ep} per engine",
+        f"  slot design before paging (max_model_len reserved in every layer): {kv.slot_per_seq(L) / GIB:.2f} GiB "
+        f"per sequence -> {p.seqs_slots} per rank, {p.seqs_slots * p.ep} per engine",
         "",
         f"verdict: {p.verdict}",
         f"reference (not this engine's layout): all weights spread evenly over the {c.total_gpus} GPUs, as "

@@ -47,3 +47,21 @@ def ray_local():
     init_ray("local", num_cpus=5)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_ckpt):
+    """The tiny checkpoint's ChatTokenizer (chat template, encode, decode)."""
+    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
+
+    return ChatTokenizer.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture
+def fake(tiny_ckpt, tokenizer):
+    """A FakeEngine (tests/fake_engine.py) behind the HTTP layer: scripted replies, no model."""
+    from fake_engine import FakeEngine
+
+    engine = FakeEngine(tiny_ckpt, tokenizer)
+    yield engine
+    engine.close()

@@ -28,7 +28,7 @@ def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[
         return outs
     from maverick_ray.checkpoint.loader import load_state_dict
     from maverick_ray.model.batch import ForwardBatch
-    from maverick_ray.model.kv_cache import KVCache
+    from maverick_ray.model.kv_cache import PagedKVCache
     from maverick_ray.model.text import TextModel
 
     cfg = ModelConfig.from_pretrained(ckpt)
@@ -37,7 +37,7 @@ def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[
     outs = []
     for p in prompts:
         t = cfg.text
-        cache = KVCache(t.num_hidden_layers, 1, len(p) + max_tokens, t.num_key_value_heads, t.head_dim)
+        cache = PagedKVCache.for_sequences(t, 1, len(p) + max_tokens)
         logits = model(torch.tensor(p), ForwardBatch.single(len(p)), cache)
         out = []
         for i in range(max_tokens):
@@ -45,3 +45,22 @@ def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[
             logits = model(torch.tensor(out[-1:]), ForwardBatch.single(1, start=len(p) + i), cache)
         outs.append(out)
     return outs
+
+
+def worker_tables(worker, reverse: bool = False):
+    """Block tables over a RankWorker's KV pages, as the scheduler keeps them (reverse: hand out
+    pages from the other end of the pool)."""
+    from maverick_ray.engine.kv_blocks import BlockTables
+
+    tables = BlockTables(worker.cache.layout, worker.cache.num_pages)
+    if reverse:
+        tables.free.reverse()
+    return tables
+
+
+def paged_work(tables, seq_id: str, start: int, tokens: list[int], params=None):
+    """A SeqWork for positions start.. of a sequence, its pages allocated from `tables`."""
+    from maverick_ray.engine.step_types import SeqWork
+
+    first, pages = tables.allocate(seq_id, start, start + len(tokens))
+    return SeqWork(seq_id, start, tokens, params, first=first, pages=pages)

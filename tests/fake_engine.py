@@ -30,7 +30,7 @@ from typing import Any
 from maverick_ray.config import ModelConfig
 from maverick_ray.engine.request import EngineError, TokenEvent
 from maverick_ray.engine.sampling import InvalidRequest, SamplingParams
-from maverick_ray.engine.text_output import advance
+from maverick_ray.engine.text_output import TextOutput
 
 REPLY = " The quick brown fox jumps over the lazy dog."
 
@@ -53,6 +53,7 @@ class FakeRequest:
 class FakeEngine:
     def __init__(self, ckpt: str | Path, tokenizer):
         self.model_config = ModelConfig.from_pretrained(ckpt)
+        self.max_model_len = 2048
         self.tokenizer = tokenizer
         self.stop_ids = set(self.model_config.text.eos_token_ids)
         self.script: list[int] = tokenizer.encode(REPLY)
@@ -62,6 +63,7 @@ class FakeEngine:
         self.fail_message = ("engine failed: RankFailed: rank 1 failed: ConnectionError: the step channel closed; "
                              "Ray: The actor is dead because its node 10.0.3.7 died")
         self.time_out_after: int | None = None
+        self.cached_tokens = 0  # prompt tokens every request reports found in the prefix cache
         self.refuse: EngineError | None = None
         self.reject: InvalidRequest | None = None
         self.requests: dict[str, FakeRequest] = {}
@@ -87,6 +89,12 @@ class FakeEngine:
             raise self.refuse
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.model_config.text.vocab_size   # the real engine's input checks
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                 f"the context length {self.max_model_len}", "max_tokens")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
@@ -153,7 +161,8 @@ class FakeStream:
     def _event(self, token: int | None, text: str, reason: str | None = None, error: str | None = None):
         req = self.req
         return TokenEvent(req.request_id, token, text, finished=reason is not None, finish_reason=reason,
-                          error=error, prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
+                          error=error, prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
+                          cached_tokens=min(self.engine.cached_tokens, len(req.prompt_ids)))
 
     def _finish(self, reason: str, tail: str = "", error: str | None = None) -> TokenEvent:
         self.req.finish_reason = reason
@@ -161,7 +170,7 @@ class FakeStream:
 
     async def _events(self):
         eng, req, p = self.engine, self.req, self.req.params
-        emitted = 0
+        text = TextOutput(eng.tokenizer.decode, p.stop)  # the engine's own detokenizer and stop strings
         for token in itertools.cycle(eng.script):
             await asyncio.sleep(0)
             if not req.running:  # aborted, or the engine went unhealthy
@@ -175,15 +184,14 @@ class FakeStream:
                 yield self._finish("timeout", error=f"the request passed its deadline of {req.timeout_s} s")
                 return
             if token in p.stop_token_ids or (not p.ignore_eos and token in eng.stop_ids):
-                yield self._finish("stop", eng.tokenizer.decode(req.output_ids)[emitted:])
+                yield self._finish("stop", text.tail(req.output_ids))
                 return
             req.output_ids.append(token)
-            full = eng.tokenizer.decode(req.output_ids)
-            delta, emitted, stopped = advance(full, emitted, p.stop)
+            delta, stopped = text.add(req.output_ids)
             yield self._event(token, delta)
             if stopped:
                 yield self._finish("stop")
                 return
             if len(req.output_ids) >= p.max_tokens:
-                yield self._finish("length", full[emitted:])
+                yield self._finish("length", text.tail(req.output_ids))
                 return

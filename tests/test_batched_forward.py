@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from maverick_ray.model.batch import ForwardBatch
-from maverick_ray.model.kv_cache import KVCache
+from maverick_ray.model.kv_cache import PagedKVCache
 
 from hf_reference import hf_text_model, ours_from_hf
 
@@ -19,7 +19,7 @@ def test_mixed_prefill_and_batched_decode_match_single_sequences():
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (5, 12, 1, 9)]
 
     def new_cache(slots):
-        return KVCache(cfg.num_hidden_layers, slots, 64, cfg.num_key_value_heads, cfg.head_dim)
+        return PagedKVCache.for_sequences(cfg, slots, 64)
 
     # Reference: each sequence alone, greedy for 10 steps.
     ref = []
@@ -39,17 +39,17 @@ def test_mixed_prefill_and_batched_decode_match_single_sequences():
     got = [[] for _ in prompts]
     toks = [None] * 4
     pos = [0] * 4
-    first = model(torch.cat(prompts[:2]), ForwardBatch.build(slots[:2], [0, 0], [5, 12]), cache)
+    first = model(torch.cat(prompts[:2]), ForwardBatch.build([0, 0], [5, 12], slots=slots[:2]), cache)
     for i in range(2):
         got[i].append(first[i]); toks[i] = int(first[i].argmax()); pos[i] = prompts[i].numel()
     mixed_ids = torch.cat([torch.tensor([toks[0], toks[1]]), prompts[2], prompts[3]])
-    mixed = model(mixed_ids, ForwardBatch.build(slots, [pos[0], pos[1], 0, 0], [1, 1, 1, 9]), cache)
+    mixed = model(mixed_ids, ForwardBatch.build([pos[0], pos[1], 0, 0], [1, 1, 1, 9], slots=slots), cache)
     for i in range(4):
         got[i].append(mixed[i])
         toks[i] = int(mixed[i].argmax())
     pos = [pos[0] + 1, pos[1] + 1, 1, 9]
     for _ in range(10):
-        out = model(torch.tensor(toks), ForwardBatch.build(slots, pos, [1] * 4), cache)
+        out = model(torch.tensor(toks), ForwardBatch.build(pos, [1] * 4, slots=slots), cache)
         for i in range(4):
             got[i].append(out[i]); toks[i] = int(out[i].argmax()); pos[i] += 1
     for i in range(4):
@@ -63,11 +63,11 @@ def test_tokens_past_the_kv_cache_length_are_refused_before_any_write():
     hf, d = hf_text_model({})
     model = ours_from_hf(hf, d)
     cfg = model.cfg
-    cache = KVCache(cfg.num_hidden_layers, 2, 8, cfg.num_key_value_heads, cfg.head_dim)
-    model(torch.arange(3, 10), ForwardBatch.build([0, 1], [0, 0], [7, 0]), cache)  # fits: positions 0..6
+    cache = PagedKVCache.for_sequences(cfg, 2, 8, block_size=4)
+    model(torch.arange(3, 10), ForwardBatch.build([0, 0], [7, 0], slots=[0, 1]), cache)  # fits: positions 0..6
     before = [k.clone() for k in cache.k]
     try:
-        model(torch.arange(3, 5), ForwardBatch.build([1, 0], [0, 7], [0, 2]), cache)  # slot 0 positions 7, 8
+        model(torch.arange(3, 5), ForwardBatch.build([0, 7], [0, 2], slots=[1, 0]), cache)  # slot 0 positions 7, 8
     except IndexError as e:
         assert "position 8 is beyond the KV cache length 8" in str(e)
     else:
@@ -87,7 +87,7 @@ def test_one_step_mixing_decodes_fresh_prompts_and_a_continued_prompt_matches_ea
     done = [5, 3, 0, 0, 5]  # tokens already cached before the mixed step
 
     def cache_for(slots):
-        return KVCache(cfg.num_hidden_layers, slots, 32, cfg.num_key_value_heads, cfg.head_dim)
+        return PagedKVCache.for_sequences(cfg, slots, 32)
 
     want = []
     for s, c in zip(seqs, done):
@@ -99,8 +99,8 @@ def test_one_step_mixing_decodes_fresh_prompts_and_a_continued_prompt_matches_ea
     slots = [4, 0, 2, 1, 3]
     for i, (s, c) in enumerate(zip(seqs, done)):
         if c:
-            model(s[:c], ForwardBatch.build([slots[i]], [0], [c]), cache)
+            model(s[:c], ForwardBatch.build([0], [c], slots=[slots[i]]), cache)
     ids = torch.cat([s[c:] for s, c in zip(seqs, done)])
-    got = model(ids, ForwardBatch.build(slots, done, [s.numel() - c for s, c in zip(seqs, done)]), cache)
+    got = model(ids, ForwardBatch.build(done, [s.numel() - c for s, c in zip(seqs, done)], slots=slots), cache)
     for i in range(5):
         assert (got[i] - want[i]).abs().max() <= 1e-4, f"sequence {i}"

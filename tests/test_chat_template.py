@@ -75,15 +75,11 @@ def hf(tiny_ckpt):
     return AutoTokenizer.from_pretrained(tiny_ckpt)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ckpt):
-    return ChatTokenizer.from_pretrained(tiny_ckpt)
-
-
 def make_http(ckpt, tokenizer):
     fake = FakeEngine(ckpt, tokenizer)
     settings = ServeSettings.from_args({"model": str(ckpt), "served_model_name": "tiny", "ep_size": 1,
                                         "max_model_len": 4096, "default_max_tokens": 4})
+    fake.max_model_len = settings.engine().max_model_len  # as an engine resolves an explicit one
     service = OpenAIService(fake, tokenizer, settings, "tiny", image_prompt_builder(ckpt, fake, tokenizer, settings))
     return TestClient(make_api(lambda: Backend(service))), fake
 

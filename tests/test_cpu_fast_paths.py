@@ -1,5 +1,4 @@
-"""CPU inference fast paths give the plain torch results: grouped experts writing in place,
-KV-cache reads as views."""
+"""CPU inference fast paths give the plain torch results: grouped experts writing in place."""
 
 from __future__ import annotations
 
@@ -7,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maverick_ray.model.kv_cache import KVCache
 from maverick_ray.model.moe import Experts
 
 
@@ -53,17 +51,6 @@ def test_output_major_experts_keep_values_and_results(rows):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("slots", [[0, 1, 2], [2, 3], [3, 0, 2], [1]])
-def test_kv_cache_reads_views_or_gathers_the_same_values(slots):
-    cache = KVCache(1, 4, 10, 2, 3)
-    cache.k[0].copy_(torch.randn(4, 10, 2, 3))
-    cache.v[0].copy_(torch.randn(4, 10, 2, 3))
-    k, v = cache.read(0, slots, 6)
-    idx = torch.tensor(slots)
-    assert torch.equal(k, cache.k[0][idx, :6]) and torch.equal(v, cache.v[0][idx, :6])
-
-
-
 def test_experts_keep_autograd_outside_inference():
     ex = make_experts()
     x, ids = torch.randn(6, 32, requires_grad=True), torch.randint(0, 12, (6,))
@@ -74,41 +61,33 @@ def test_experts_keep_autograd_outside_inference():
         assert torch.allclose(out, reference(ex, x, ids), atol=1e-5)
 
 
-def test_worker_orders_sequences_by_slot_so_decode_reads_cache_views(tiny_ckpt, monkeypatch):
-    """A plan listing sequences out of slot order gives the same tokens as one in slot order, and
-    decode attention reads the (consecutive) slots as views of the cache, never gathers them."""
+def test_worker_gives_the_same_tokens_whatever_the_order_of_the_plan(tiny_ckpt):
+    """A plan listing its sequences in another order (and their pages elsewhere in the pool)
+    gives the same tokens."""
     from maverick_ray.config import EngineConfig
     from maverick_ray.engine.sampling import SamplingParams
-    from maverick_ray.engine.step_types import RankPlan, SeqWork
+    from maverick_ray.engine.step_types import RankPlan
     from maverick_ray.engine.worker import RankWorker
     from maverick_ray.parallel.placement import ExpertPlacement
 
-    gathered = []
-    plain_read = KVCache.read
+    from engine_helpers import paged_work, worker_tables
 
-    def spy_read(self, layer, slots, length):
-        k, v = plain_read(self, layer, slots, length)
-        gathered.append(k.untyped_storage().data_ptr() != self.k[layer].untyped_storage().data_ptr())
-        return k, v
-
-    monkeypatch.setattr(KVCache, "read", spy_read)
     prompts = {"a": [5, 6, 7], "b": [8, 9], "c": [10, 11, 12, 13], "d": [14]}
-    slot_of = {"a": 2, "b": 0, "c": 3, "d": 1}
     runs = {}
-    for order in (["a", "b", "c", "d"], sorted(prompts, key=slot_of.get)):
-        w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64))
+    w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64))
+    for order in (["a", "b", "c", "d"], ["c", "a", "d", "b"]):
+        tables = worker_tables(w, reverse=order[0] == "c")
         params = SamplingParams(max_tokens=6, temperature=0)
-        work = [SeqWork(s, slot_of[s], 0, prompts[s], params) for s in order]
+        work = [paged_work(tables, s, 0, prompts[s], params) for s in order]
         got = {s: [] for s in order}
         for _ in range(6):
             tokens = w.step(RankPlan(work=work)).tokens
             for s in order:
                 got[s].append(tokens[s])
-            work = [SeqWork(s, slot_of[s], len(prompts[s]) + len(got[s]) - 1, [got[s][-1]]) for s in order]
+            work = [paged_work(tables, s, len(prompts[s]) + len(got[s]) - 1, [got[s][-1]]) for s in order]
         runs[tuple(order)] = got
     first, second = runs.values()
     assert first == second
-    assert gathered and not any(gathered)
 
 
 def test_nope_layers_share_one_temperature_scale_per_forward_and_decode_keeps_row_order(monkeypatch):
@@ -119,6 +98,7 @@ def test_nope_layers_share_one_temperature_scale_per_forward_and_decode_keeps_ro
 
     from maverick_ray.model import attention
     from maverick_ray.model.batch import ForwardBatch
+    from maverick_ray.model.kv_cache import PagedKVCache
 
     hf, d = hf_text_model({"num_hidden_layers": 8, "floor_scale": 2})
     ours = ours_from_hf(hf, d)
@@ -128,11 +108,11 @@ def test_nope_layers_share_one_temperature_scale_per_forward_and_decode_keeps_ro
     ids = torch.randint(3, 97, (2, 9))
     with torch.no_grad():
         want = hf(ids).logits                                             # (2, 9, V)
-        cache = KVCache(8, 2, 16, d["num_key_value_heads"], d["head_dim"])
-        prefill = ForwardBatch.build([0, 1], [0, 0], [8, 8])
+        cache = PagedKVCache.for_sequences(ours.cfg, 2, 16)
+        prefill = ForwardBatch.build([0, 0], [8, 8])
         got_prefill = ours(ids[:, :8].reshape(-1), batch=prefill, cache=cache)  # (2, V) last tokens
         assert len(calls) == 1
-        got_decode = ours(ids[:, 8], batch=ForwardBatch.build([0, 1], [8, 8], [1, 1]), cache=cache)
+        got_decode = ours(ids[:, 8], batch=ForwardBatch.build([8, 8], [1, 1]), cache=cache)
         assert len(calls) == 2
     assert torch.allclose(got_prefill, want[:, 7], atol=1e-4)
     assert torch.allclose(got_decode, want[:, 8], atol=1e-4)
@@ -144,9 +124,11 @@ def test_phase_timing_hooks_report_each_phase_and_come_off(tiny_ckpt):
     disabling leaves steps with no phase times."""
     from maverick_ray.config import EngineConfig
     from maverick_ray.engine.sampling import SamplingParams
-    from maverick_ray.engine.step_types import RankPlan, SeqWork
+    from maverick_ray.engine.step_types import RankPlan
     from maverick_ray.engine.worker import RankWorker
     from maverick_ray.parallel.placement import ExpertPlacement
+
+    from engine_helpers import paged_work, worker_tables
 
     w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64))
     params = SamplingParams(max_tokens=4, temperature=0)
@@ -154,9 +136,10 @@ def test_phase_timing_hooks_report_each_phase_and_come_off(tiny_ckpt):
     hooks = len(w._profile_hooks)
     w.enable_phase_timing()
     assert len(w._profile_hooks) == hooks > 0
-    timed = w.step(RankPlan(work=[SeqWork("a", 0, 0, [5, 6, 7], params)]))
+    tables = worker_tables(w)
+    timed = w.step(RankPlan(work=[paged_work(tables, "a", 0, [5, 6, 7], params)]))
     assert set(timed.phase_seconds) == {"attention", "router", "experts", "shared_expert", "dense_mlp"}
     assert all(v > 0 for v in timed.phase_seconds.values()) and sum(timed.phase_seconds.values()) < timed.step_seconds
     w.disable_phase_timing()
-    plain = w.step(RankPlan(work=[SeqWork("a", 0, 3, [timed.tokens["a"]])]))
+    plain = w.step(RankPlan(work=[paged_work(tables, "a", 3, [timed.tokens["a"]])]))
     assert plain.phase_seconds == {} and not w._profile_hooks

@@ -8,7 +8,7 @@ import torch
 from hf_reference import hf_text_model, ours_from_hf
 from maverick_ray.model.batch import ForwardBatch
 from maverick_ray.model.fused import fuse_projections
-from maverick_ray.model.kv_cache import KVCache
+from maverick_ray.model.kv_cache import PagedKVCache
 
 
 def test_fused_model_matches_transformers_prefill_and_decode():
@@ -17,7 +17,7 @@ def test_fused_model_matches_transformers_prefill_and_decode():
     ids = torch.randint(3, d["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(input_ids=ids).logits[0]  # (T, V)
-        cache = KVCache(d["num_hidden_layers"], 1, 32, d["num_key_value_heads"], d["head_dim"])
+        cache = PagedKVCache.for_sequences(ours.cfg, 1, 32)
         prefill = ours(ids[0, :11], batch=ForwardBatch.single(11), cache=cache, all_logits=True)
         step = ours(ids[0, 11:], batch=ForwardBatch.single(1, start=11), cache=cache)
     assert torch.allclose(prefill, want[:11], atol=1e-4)

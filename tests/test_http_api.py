@@ -24,20 +24,6 @@ API_KEY = "s3cret-test-key"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three experts."}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ckpt):
-    from maverick_ray.checkpoint.tokenizer import ChatTokenizer
-
-    return ChatTokenizer.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture
-def fake(tiny_ckpt, tokenizer):
-    engine = FakeEngine(tiny_ckpt, tokenizer)
-    yield engine
-    engine.close()
-
-
 @pytest.fixture
 def make_client(fake, tiny_ckpt, tokenizer, monkeypatch):
     """make_client(**app args) -> a TestClient on the HTTP app over `fake`."""
@@ -48,6 +34,7 @@ def make_client(fake, tiny_ckpt, tokenizer, monkeypatch):
         settings = ServeSettings.from_args({"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": 1,
                                             "max_model_len": 256, "default_max_tokens": 16,
                                             "max_request_bytes": 200_000, **kw})
+        fake.max_model_len = settings.engine().max_model_len  # as an engine resolves an explicit one
         builder = image_prompt_builder(tiny_ckpt, fake, tokenizer, settings) if images else None
         backend = Backend(OpenAIService(fake, tokenizer, settings, "tiny", builder), metrics)
         client = TestClient(make_api(lambda: backend), raise_server_exceptions=raise_server_exceptions)
@@ -139,7 +126,7 @@ def test_chat_runs_the_chat_template_and_returns_the_reply(http, fake, tokenizer
     assert choice["message"] == {"role": "assistant", "content": fake.reply_text(6)}
     assert choice["finish_reason"] == "length" and choice["index"] == 0
     assert body["usage"] == {"prompt_tokens": len(req.prompt_ids), "completion_tokens": 6,
-                             "total_tokens": len(req.prompt_ids) + 6}
+                             "total_tokens": len(req.prompt_ids) + 6, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_default_max_tokens_is_capped_by_the_context_left(http, fake):
@@ -237,7 +224,8 @@ def test_chat_stream_chunk_shapes_with_usage(http, fake):
     assert "".join(c["choices"][0]["delta"]["content"] for c in content) == fake.reply_text(5)
     assert finish["choices"][0]["finish_reason"] == "length" and finish["choices"][0]["delta"] == {}
     assert usage["choices"] == [] and usage["usage"] == {
-        "prompt_tokens": len(req.prompt_ids), "completion_tokens": 5, "total_tokens": len(req.prompt_ids) + 5}
+        "prompt_tokens": len(req.prompt_ids), "completion_tokens": 5, "total_tokens": len(req.prompt_ids) + 5,
+        "prompt_tokens_details": {"cached_tokens": 0}}
     assert not any("usage" in c for c in chunks[:-1])
 
 
@@ -406,7 +394,7 @@ BAD = [
     ("stream_options wrong type", {"model": "tiny", "messages": MESSAGES, "stream_options": 1}, 400,
      "stream_options"),
     ("too many stop strings", {"model": "tiny", "messages": MESSAGES, "stop": list("abcde")}, 400, "stop"),
-    ("n > 1", {"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "n"),
+    ("n > 16", {"model": "tiny", "messages": MESSAGES, "n": 17}, 400, "n"),
     ("timeout zero", {"model": "tiny", "messages": MESSAGES, "timeout": 0}, 400, "timeout"),
     ("timeout negative", {"model": "tiny", "messages": MESSAGES, "timeout": -5}, 400, "timeout"),
     ("timeout wrong type", {"model": "tiny", "messages": MESSAGES, "timeout": "30s"}, 400, "timeout"),
@@ -616,3 +604,13 @@ def test_images_on_a_text_only_model_get_400(make_client, fake):
     r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": image_message(png_url(20, 20))})
     assert_openai_error(r, 400, "messages", "images_not_supported")
     assert fake.preprocessed == 0
+
+
+def test_usage_reports_the_prompt_tokens_found_in_the_prefix_cache(fake, make_client):
+    fake.cached_tokens = 16
+    client = make_client()
+    body = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 3,
+                                                     "messages": [{"role": "user", "content": "hello there"}]}).json()
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
+    body = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3}).json()
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == min(16, body["usage"]["prompt_tokens"])

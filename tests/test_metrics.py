@@ -4,6 +4,7 @@ dashboard. The module's tests share one deployment; the last one kills a rank of
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -45,9 +46,12 @@ def load(url: str, n: int = 6) -> int:
                 "max_tokens": 6 + i, "temperature": 0}
         r = requests.post(url + "/v1/chat/completions", json=body, timeout=60).json()
         u, reason = r["usage"], r["choices"][0]["finish_reason"]
-        # Every prompt token and every sampled token but the last is fed back; an eos is not counted
-        # in completion_tokens but its predecessor was fed.
-        fed += u["prompt_tokens"] + u["completion_tokens"] - (1 if reason == "length" else 0)
+        # Every prompt token not found in the prefix cache (the chat template's shared opening is)
+        # and every sampled token but the last is fed through; an eos is not counted in
+        # completion_tokens but its predecessor was fed.
+        cached = u["prompt_tokens_details"]["cached_tokens"]
+        assert 0 <= cached < u["prompt_tokens"]
+        fed += u["prompt_tokens"] - cached + u["completion_tokens"] - (1 if reason == "length" else 0)
     return fed
 
 
@@ -102,7 +106,9 @@ def recovery_exprs() -> list[str]:
 
 
 def test_dashboard_promql_returns_data(stack):
-    exprs = [e for e in dashboard_exprs() if e not in recovery_exprs()]  # those need a rank failure: the last test
+    # Recovery series need a rank failure (the last test); preemptions a KV budget that runs out
+    # (engine level: test_kv_scheduling).
+    exprs = [e for e in dashboard_exprs() if e not in recovery_exprs() and "preemptions_total" not in e]
     assert len(exprs) >= 8
     load(stack["url"], 2)
     dashboard_queries_return_data(stack["prom"], exprs)
@@ -148,6 +154,9 @@ def test_dashboard_draws_heatmap_under_load(stack):
     assert shot["png"].exists() and shot["png"].stat().st_size > 5000
     assert shot["nonzero_cells"] > 1, "the heatmap drew no routed tokens"
     assert "balancedness" in shot["dom"] and "EP=2" in shot["dom"]
+    # the KV card: pages of the cache, and the prefix cache found the chat template's shared opening
+    assert "<th>pages in use</th>" in shot["dom"] and "<th>preemptions</th><td>0</td>" in shot["dom"]
+    assert re.search(r"<th>prefix cache hit rate</th><td>[0-9.]+% of [0-9]+ prompt tokens</td>", shot["dom"])
 
 
 def test_top_shows_the_same_view_in_the_terminal(stack):
@@ -184,7 +193,6 @@ def test_killed_rank_counts_one_failure_and_one_recovery_in_prometheus(stack):
         return {float(r["metric"]["le"]): float(r["value"][1])
                 for r in query(prom, "sum by (le) (ray_maverick_recovery_seconds_bucket)")}
     before, buckets_before = {k: value(q) for k, q in totals.items()}, buckets()
-    pid = next(r["pid"] for r in requests.get(url + "/v1/engine/stats").json()["ranks"] if r["rank"] == 1)
     recovering_causes: list = []  # what the live page read (/v1/expert-load) while the ranks were replaced
     stop = threading.Event()
 
@@ -204,7 +212,9 @@ def test_killed_rank_counts_one_failure_and_one_recovery_in_prometheus(stack):
     finish = None
     try:
         for n, chunk in enumerate(chunks):  # an error chunk raises
-            if n == 5:
+            if n == 5:  # kill the rank the stream runs on: it is replayed (the other rank keeps its sequences)
+                ranks = requests.get(url + "/v1/engine/stats").json()["ranks"]
+                pid = next(r["pid"] for r in ranks if r["running"])
                 watcher.start()
                 os.kill(pid, signal.SIGKILL)
             finish = chunk.choices[0].finish_reason if chunk.choices else finish

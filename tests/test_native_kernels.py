@@ -108,8 +108,10 @@ def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, tiny_ckpt, 
 
 
 def test_worker_greedy_tokens_same_with_and_without_kernel(tiny_ckpt):
-    from maverick_ray.engine.step_types import RankPlan, SeqWork
+    from maverick_ray.engine.step_types import RankPlan
     from maverick_ray.engine.sampling import SamplingParams
+
+    from engine_helpers import paged_work, worker_tables
 
     outs = {}
     for mode in ("auto", "off"):
@@ -118,14 +120,15 @@ def test_worker_greedy_tokens_same_with_and_without_kernel(tiny_ckpt):
         assert w.info()["native_rms_norm"] == (mode == "auto")
         prompts = {f"s{i}": list(range(5 + i, 12 + 2 * i)) for i in range(6)}
         params = SamplingParams(max_tokens=8, temperature=0)
-        work = [SeqWork(sid, i, 0, toks, params) for i, (sid, toks) in enumerate(prompts.items())]
+        tables = worker_tables(w)
+        work = [paged_work(tables, sid, 0, toks, params) for sid, toks in prompts.items()]
         got = {sid: [] for sid in prompts}
         for _ in range(8):
             res = w.step(RankPlan(work=work))
             work = []
             for i, sid in enumerate(prompts):
                 got[sid].append(res.tokens[sid])
-                work.append(SeqWork(sid, i, len(prompts[sid]) + len(got[sid]) - 1, [res.tokens[sid]], None))
+                work.append(paged_work(tables, sid, len(prompts[sid]) + len(got[sid]) - 1, [res.tokens[sid]]))
         outs[mode] = got
     assert outs["auto"] == outs["off"]
 

@@ -16,10 +16,14 @@ import torch
 from maverick_ray.checkpoint.loader import load_state_dict, weight_map
 from maverick_ray.checkpoint.names import TEXT_PREFIX, expected_text_tensors, is_routed_expert, split_expert_names
 from maverick_ray.checkpoint.read_plan import plan_reads, read_header
-from maverick_ray.model.kv_cache import KVCache
+from maverick_ray.engine.kv_blocks import BlockTables, OutOfPages
+from maverick_ray.engine.kv_budget import kv_pages
+from maverick_ray.model.kv_cache import KVLayout, PagedKVCache
 from maverick_ray.model.text import TextModel
 from maverick_ray.parallel.placement import ExpertPlacement
 from maverick_ray.plan import Cluster, Workload, load_config, make_plan
+from maverick_ray.plan_output import serve_values
+from maverick_ray.serve.settings import ServeSettings
 
 C, I, E, MOE_LAYERS = 5120, 8192, 128, 24
 EXPERT_BYTES = 2 * MOE_LAYERS * 3 * C * I          # one routed expert over every MoE layer, bf16
@@ -42,9 +46,35 @@ def test_meta_rank_model_bytes_equal_the_plan(maverick, ep):
         dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in experts)
         assert routed == plan.rank_experts == (E // ep) * EXPERT_BYTES
         assert dense == plan.rank_dense
-    seqs = plan.max_num_seqs
-    cache = KVCache(48, seqs, 4096, 8, 128, torch.bfloat16, "meta")   # as RankWorker builds it
-    assert cache.nbytes == seqs * plan.kv.full_per_seq(4096)
+
+
+@pytest.mark.parametrize("length", [4096, 32768])
+def test_meta_paged_kv_cache_is_the_plans(maverick, length):
+    """The KV cache a rank builds from the plan's Serve args (engine/kv_budget.py, as
+    RankWorker._new_cache does) on the meta device: its pages and bytes are the plan's, and its
+    block tables hold the plan's sequences of max_model_len at once."""
+    plan = make_plan("maverick", Cluster(gpus=8, gpu_memory_gib=141), Workload(max_model_len=length))
+    engine = ServeSettings.from_args(serve_values(plan)["args"]).engine_config
+    layout = KVLayout.from_config(maverick.text, engine.kv_block_size)
+    pages = kv_pages(engine, maverick.text, layout, torch.bfloat16, torch.device("cuda"))
+    assert pages == plan.kv_pages
+    cache = PagedKVCache(layout, pages, torch.bfloat16, "meta")
+    assert cache.nbytes == plan.kv_pages * plan.kv.page_bytes <= plan.kv_budget
+    assert cache.nbytes > plan.kv_budget - 0.01 * 2**30 - plan.kv.page_bytes
+    # 12 buffers (one per layer of a group) of K and V: pages x 16 rows of (8 kv heads, 128).
+    assert len(cache.k) == len(cache.v) == 12 and cache.k[0].shape == (pages * 16, 8, 128)
+    # Each sequence's last decode step (position length - 1): the global group reads every block,
+    # the chunked groups the blocks of the chunk that position is in.
+    tables = BlockTables(layout, pages)
+    for i in range(plan.seqs_paged):
+        tables.allocate(f"s{i}", length - 1, length)
+    held = {tables.held(f"s{i}") for i in range(plan.seqs_paged)}
+    chunk_blocks = ((length - 1) % 8192 + 1) // 16   # blocks of the current chunk up to the last token
+    assert held == {length // 16 + 3 * chunk_blocks} and max(held) <= plan.kv_pages_per_seq
+    if length <= 8192:   # one chunk: the plan's count is exact, and one more sequence does not fit
+        assert held == {plan.kv_pages_per_seq}
+        with pytest.raises(OutOfPages):
+            tables.allocate("one-more", length - 1, length)
 
 
 # ---- synthetic real-size checkpoints ----------------------------------------------------------

@@ -34,6 +34,7 @@ class StandInRanks:
         self.entered = threading.Event()
         self.start_seconds = {"release": 0.01, "actor_start": 0.02}
         self.infos: list[dict] = []
+        self.kv_pages = 64
 
     def recover(self, failure: Exception | None, timeout: float) -> list[int]:
         self.restarts += 1

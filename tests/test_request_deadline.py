@@ -70,7 +70,7 @@ def test_deadline_ends_running_and_queued_requests_and_frees_the_slot(tiny_ckpt)
         assert events[0].error == "the request passed its deadline of 0.2 s while waiting in the queue"
         stats = eng.stats()
         assert stats["finished"] == {"timeout": 2}
-        assert (stats["running"], stats["waiting"], stats["kv_slots_used"]) == (0, 0, 0)
+        assert (stats["running"], stats["waiting"], stats["kv_pages_used"]) == (0, 0, 0)
         # The slot is free again: a request with no timeout of its own still gets request_deadline_s,
         # which three tokens on the tiny model do not come near.
         out = eng.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
@@ -79,6 +79,6 @@ def test_deadline_ends_running_and_queued_requests_and_frees_the_slot(tiny_ckpt)
         eng.ranks.call("stall_after", 0, 0.6)
         with pytest.raises(RequestTimedOut, match="deadline of 0.2 s"):
             eng.generate(PROMPT, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), timeout_s=0.2)
-        assert eng.healthy and eng.stats()["kv_slots_used"] == 0
+        assert eng.healthy and eng.stats()["kv_pages_used"] == 0
     finally:
         eng.shutdown()

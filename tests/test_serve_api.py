@@ -150,16 +150,16 @@ def test_disconnect_mid_stream_aborts_and_frees_cache(server):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith(b"data: ") for line in got)
-        busy = requests.get(server + "/v1/engine/stats").json()
-        assert busy["running"] == 1 and busy["kv_slots_used"] == 1
+        busy = requests.get(server + "/v1/engine/stats", headers=AUTH).json()
+        assert busy["running"] == 1 and busy["kv_pages_used"] > 0
         aborted_before = busy["finished"].get("abort", 0)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        stats = requests.get(server + "/v1/engine/stats").json()
-        if stats["running"] == 0 and stats["kv_slots_used"] == 0:
+        stats = requests.get(server + "/v1/engine/stats", headers=AUTH).json()
+        if stats["running"] == 0 and stats["kv_pages_used"] == 0:
             break
         time.sleep(0.2)
-    assert stats["running"] == 0 and stats["kv_slots_used"] == 0 and stats["kv_tokens_used"] == 0
+    assert stats["running"] == 0 and stats["kv_pages_used"] == 0 and stats["kv_tokens_used"] == 0
     assert stats["finished"].get("abort", 0) == aborted_before + 1, "the sequence was not aborted"
     good_request(server)
 
@@ -173,8 +173,8 @@ def test_deadline_and_request_id_through_the_serve_proxy(server):
     err = r.json()["error"]
     assert err["code"] == "request_timeout" and err["message"].startswith("the request passed its deadline of 0.001 s")
     assert err["message"].endswith("(request id serve-deadline-1)")
-    stats = requests.get(server + "/v1/engine/stats").json()
-    assert stats["finished"].get("timeout", 0) >= 1 and stats["kv_slots_used"] == 0
+    stats = requests.get(server + "/v1/engine/stats", headers=AUTH).json()
+    assert stats["finished"].get("timeout", 0) >= 1 and stats["kv_pages_used"] == 0
     made = good_request(server).headers["x-request-id"]
     assert made and "," not in made  # Serve made one id and it was not sent twice
 
@@ -203,13 +203,13 @@ def test_full_serve_queue_gets_503_with_retry_after(server):
 
 
 def test_every_route_is_served_by_the_replica(server):
-    stats = requests.get(server + "/v1/engine/stats").json()
+    stats = requests.get(server + "/v1/engine/stats", headers=AUTH).json()
     assert stats["healthy"] and stats["ep_size"] == 1 and len(stats["ranks"]) == 1
-    load = requests.get(server + "/v1/expert-load")
+    load = requests.get(server + "/v1/expert-load", headers=AUTH)
     assert load.status_code == 200 and isinstance(load.json(), dict)
-    dash = requests.get(server + "/dashboard")
+    dash = requests.get(server + "/dashboard")  # a static page: it asks for the key itself
     assert dash.status_code == 200 and dash.headers["content-type"].startswith("text/html")
-    assert requests.post(server + "/v1/debug/force-expert", json={"expert": 1}).status_code == 404  # hooks off
+    assert requests.post(server + "/v1/debug/force-expert", json={"expert": 1}, headers=AUTH).status_code == 404
 
 
 def test_api_key_required_on_the_real_server(server):
@@ -219,7 +219,32 @@ def test_api_key_required_on_the_real_server(server):
     r = requests.post(server + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
     assert requests.get(server + "/v1/models").status_code == 401
+    for path in ("/v1/engine/stats", "/v1/expert-load", "/docs"):
+        r = requests.get(server + path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
+        assert requests.post(server + path, json=body).status_code == 401, path
     assert requests.get(server + "/health").status_code == 200  # probes need no key
+
+
+def test_strict_fields_and_bad_values_through_serve(server, client):
+    """Unknown fields and bad values get OpenAI-shaped 4xx through the Serve proxy; CORS is off;
+    the replica keeps serving (test_request_strictness.py has the long list)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, extra_body={"best_of": 2})
+    assert e.value.code == "unknown_parameter" and e.value.param == "best_of"
+    url = server + "/v1/chat/completions"
+    for extra, status, param in [({"temperature": "hot"}, 400, "temperature"), ({"max_tokens": 10**9}, 400, "max_tokens"),
+                                 ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+                                 ({"timeout": -1}, 400, "timeout"), ({"messages": []}, 400, "messages"),
+                                 ({"model": "gpt-17"}, 404, "model")]:
+        r = requests.post(url, json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **extra}, headers=AUTH)
+        assert r.status_code == status, (extra, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"} and r.json()["error"]["param"] == param
+    pre = requests.options(url, headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0, user="u1")
+    assert reply.usage.completion_tokens >= 1
 
 
 def test_readme_python_example_runs_against_the_server(server, capsys):

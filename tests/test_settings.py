@@ -15,6 +15,7 @@ from maverick_ray.serve.settings import ServeSettings
 
 KNOBS = [(cls, f) for cls in (EngineConfig, ParallelConfig) for f in knobs.knobs(cls)]
 STRUCTURED = {"expert_owner": [0, 1] * 8, "worker_resources": {"expert_host": 2}}
+BOUNDED = {"kv_cache_fraction": 0.5}  # knobs whose valid range excludes default + 2.5
 
 
 def other_value(f: dataclasses.Field):
@@ -23,6 +24,8 @@ def other_value(f: dataclasses.Field):
         return next(c for c in reversed(f.metadata["choices"]) if c != f.default)
     if f.name in STRUCTURED:
         return STRUCTURED[f.name]
+    if f.name in BOUNDED:
+        return BOUNDED[f.name]
     return {"int": 3, "float": 2.5, "str": "x"}[f.type] + (f.default if f.type != "str" else "")
 
 

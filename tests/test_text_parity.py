@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maverick_ray.model.batch import ForwardBatch
-from maverick_ray.model.kv_cache import KVCache
+from maverick_ray.model.kv_cache import PagedKVCache
 
 from hf_reference import hf_text_model, ours_from_hf
 
@@ -41,7 +41,7 @@ def test_prefill_and_cached_decode_logits_match(pair):
     ids = _prompt(name, ours.cfg.vocab_size)
     n = ids.numel()
     hf_out = hf(ids[None], use_cache=True)
-    cache = KVCache(ours.cfg.num_hidden_layers, 1, 64, ours.cfg.num_key_value_heads, ours.cfg.head_dim)
+    cache = PagedKVCache.for_sequences(ours.cfg, 1, 64)
     our_logits = ours(ids, ForwardBatch.single(n), cache, all_logits=True)
     assert (our_logits - hf_out.logits[0]).abs().max() <= 1e-4
     past, nxt = hf_out.past_key_values, int(hf_out.logits[0, -1].argmax())
@@ -61,7 +61,7 @@ def test_greedy_generation_identical(pair):
     ids = _prompt(name, ours.cfg.vocab_size)
     hf_gen = hf.generate(ids[None], max_new_tokens=16, do_sample=False, eos_token_id=None,
                          pad_token_id=0)[0, ids.numel():].tolist()
-    cache = KVCache(ours.cfg.num_hidden_layers, 1, 64, ours.cfg.num_key_value_heads, ours.cfg.head_dim)
+    cache = PagedKVCache.for_sequences(ours.cfg, 1, 64)
     logits = ours(ids, ForwardBatch.single(ids.numel()), cache)
     out, pos = [], ids.numel()
     for _ in range(16):

@@ -13,8 +13,6 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from fake_engine import FakeEngine
-from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 from maverick_ray.serve.http_api import Backend, make_api
 from maverick_ray.serve.openai_service import OpenAIService
 from maverick_ray.serve.settings import ServeSettings
@@ -28,22 +26,11 @@ ASK = [{"role": "user", "content": "Weather in Paris and the time in CET?"}]
 TWO_CALLS = '[get_weather(city="Paris"), get_time(zone="CET")]'
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ckpt):
-    return ChatTokenizer.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture
-def fake(tiny_ckpt, tokenizer):
-    engine = FakeEngine(tiny_ckpt, tokenizer)
-    yield engine
-    engine.close()
-
-
 @pytest.fixture
 def http(fake, tiny_ckpt, tokenizer):
     settings = ServeSettings.from_args({"model": str(tiny_ckpt), "ep_size": 1, "max_model_len": 2048,
                                         "default_max_tokens": 64})
+    fake.max_model_len = settings.engine().max_model_len  # as an engine resolves an explicit one
     with TestClient(make_api(lambda: Backend(OpenAIService(fake, tokenizer, settings, "tiny")))) as client:
         yield client
 

@@ -5,6 +5,10 @@ Which tensors, rows and byte ranges a rank reads is decided first, from the head
 
 Experts come back fused whatever the on-disk layout: gate_up_proj (n_sel, C, 2I) and
 down_proj (n_sel, I, C), ordered by sorted(expert_ids).
+
+FP8 checkpoints (compressed-tensors, fp8.py): every FP8 weight is read with its weight_scale and
+dequantized in fp32 (W = weight * scale), then cast to `dtype`. With keep_fp8_experts the routed
+experts stay FP8 instead, for FP8 matmuls (model/fp8_experts.py); see load_state_dict.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from ..config import ModelConfig
 from .errors import CheckpointError
+from .fp8 import channel_scales, dequantize
 from .names import TEXT_PREFIX, is_routed_expert
 from .read_plan import TensorRead, plan_reads
 
@@ -94,9 +99,16 @@ class _Reader:
 
 def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids: Iterable[int] | None = None,
                     dtype: torch.dtype = torch.float32, include_vision: bool = True,
-                    progress: bool = True, include_text: bool = True) -> dict[str, torch.Tensor]:
+                    progress: bool = True, include_text: bool = True,
+                    keep_fp8_experts: bool = False) -> dict[str, torch.Tensor]:
     """Reads a checkpoint directory into {internal name: tensor} (see names.py): the reads that
-    read_plan.plan_reads lists for these experts, and nothing else."""
+    read_plan.plan_reads lists for these experts, and nothing else. FP8 weights (a compressed-tensors
+    checkpoint) come back dequantized to `dtype`.
+
+    keep_fp8_experts: FP8 routed experts are not dequantized. Each expert target then holds the
+    FP8 weights output-major, gate_up_proj (n_sel, 2I, C) and down_proj (n_sel, C, I) (the
+    transpose of the dequantized form), and `<target>_scale` fp32 (n_sel, 2I) / (n_sel, C), one
+    scale per output row; model/fp8_experts.py runs them. Ignored unless the experts are FP8."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -114,11 +126,14 @@ def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids
     with ExitStack() as stack:
         reader = _Reader(path, wm, stack)
         for name, reads in targets.items():
-            t = _assemble(reader, reads, plan.shapes[name])
-            if tuple(t.shape) != plan.shapes[name]:
-                raise CheckpointError(f"{reads[0].disk}: shape {tuple(t.shape)} in {reads[0].file} does not match "
-                                      f"the config's {plan.shapes[name]}")
-            out[name] = t.to(dtype)
+            if keep_fp8_experts and reads and reads[0].expert is not None and _all_fp8(reads):
+                out[name], out[name + "_scale"] = _assemble_fp8_experts(reader, reads)
+            else:
+                t = _assemble(reader, reads, plan.shapes[name])
+                if tuple(t.shape) != plan.shapes[name]:
+                    raise CheckpointError(f"{reads[0].disk}: shape {tuple(t.shape)} in {reads[0].file} does not "
+                                          f"match the config's {plan.shapes[name]}")
+                out[name] = t.to(dtype)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -127,25 +142,51 @@ def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids
     return out
 
 
+def _all_fp8(reads: list[TensorRead]) -> bool:
+    """Whether every weight among these reads is FP8 (has its scale read)."""
+    return sum(r.kind == "scale" for r in reads) * 2 == len(reads)
+
+
+def _read_weights(reader: "_Reader", reads: list[TensorRead]) -> dict[tuple[int | None, str | None], torch.Tensor]:
+    """(expert, part) -> the on-disk weight, FP8 ones dequantized with the scale read after them."""
+    out: dict[tuple[int | None, str | None], torch.Tensor] = {}
+    for r in reads:
+        key = (r.expert, r.part)
+        if r.kind == "scale":
+            out[key] = dequantize(out[key], reader.read(r.disk))
+        else:
+            out[key] = reader.read(r.disk, list(r.rows) if r.rows is not None else None)
+    return out
+
+
 def _assemble(reader: "_Reader", reads: list[TensorRead], shape: tuple[int, ...]) -> torch.Tensor:
     """One internal tensor from its planned reads: a whole tensor, the owned rows of fused experts,
-    or split per-expert tensors fused into (n, C, 2I) / (n, I, C)."""
+    or split per-expert tensors fused into (n, C, 2I) / (n, I, C); FP8 weights dequantized."""
     if not reads:   # no experts on this rank
         return torch.empty(*shape)
+    weights = _read_weights(reader, reads)
     if reads[0].expert is None:
-        r = reads[0]
-        return reader.read(r.disk, list(r.rows) if r.rows is not None else None)
-    per_expert: dict[int, dict[str, torch.Tensor]] = {}
-    for r in reads:
-        per_expert.setdefault(r.expert, {})[r.part] = reader.read(r.disk)
+        return weights[(None, None)]
     parts = []
-    for e in sorted(per_expert):
-        p = per_expert[e]
-        if "down_proj" in p:
-            parts.append(p["down_proj"].T)                                   # (I, C)
+    for e in sorted({r.expert for r in reads}):
+        if (e, "down_proj") in weights:
+            parts.append(weights[(e, "down_proj")].T)                                        # (I, C)
         else:
-            parts.append(torch.cat([p["gate_proj"].T, p["up_proj"].T], dim=-1))  # (C, 2I)
+            parts.append(torch.cat([weights[(e, "gate_proj")].T, weights[(e, "up_proj")].T], dim=-1))  # (C, 2I)
     return torch.stack(parts)
+
+
+def _assemble_fp8_experts(reader: "_Reader", reads: list[TensorRead]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split FP8 experts kept FP8: (n, 2I, C) or (n, C, I) weights, output-major, and (n, rows) fp32 scales."""
+    raw = {(r.expert, r.part, r.kind): reader.read(r.disk) for r in reads}
+    experts = sorted({r.expert for r in reads})
+    parts = ("down_proj",) if (experts[0], "down_proj", "weight") in raw else ("gate_proj", "up_proj")
+    weights, scales = [], []
+    for e in experts:
+        ws = [raw[(e, p, "weight")] for p in parts]
+        weights.append(torch.cat(ws, dim=0))
+        scales.append(torch.cat([channel_scales(raw[(e, p, "scale")], w.shape[0]) for p, w in zip(parts, ws)]))
+    return torch.stack(weights), torch.stack(scales)
 
 
 def _warn_unexpected(wm, used, prefix, include_vision):

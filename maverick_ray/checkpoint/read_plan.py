@@ -12,6 +12,11 @@ bytes begin + a * row_bytes .. begin + b * row_bytes.
 
 Experts on disk come fused (`experts.gate_up_proj` (E, C, 2I), `experts.down_proj` (E, I, C)) or
 split (`experts.{e}.{gate,up,down}_proj.weight`, (I, C) / (I, C) / (C, I)).
+
+FP8 checkpoints (compressed-tensors, fp8.py): every weight that config.json's quantization_config
+quantizes must be stored as F8_E4M3 beside its `weight_scale`; the plan reads the scale too (a
+read of kind "scale" right after its weight), so a rank still reads only its own experts' bytes,
+scales included. FP8 experts come split only (that is the format's layout).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Iterable
 
 from ..config import ModelConfig
 from .errors import CheckpointError
+from .fp8 import FP8_DTYPE, SCALE_SUFFIX, Fp8Config, check_scale_shape, module_classes, read_quant_config
 from .names import TEXT_PREFIX, expected_text_tensors, expected_vision_tensors, is_routed_expert, split_expert_names
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -76,6 +82,7 @@ class TensorRead:
     byte_ranges: tuple[tuple[int, int], ...]    # absolute [start, stop) offsets in `file`
     expert: int | None = None                   # split layout: the expert this tensor holds
     part: str | None = None                     # split layout: gate_proj | up_proj | down_proj
+    kind: str = "weight"                        # "weight", or "scale": the FP8 weight_scale of the read before
 
     @property
     def nbytes(self) -> int:
@@ -142,11 +149,13 @@ def _shape_error(disk: str, got, fname: str, want) -> CheckpointError:
 
 
 def plan_reads(path: str | Path, cfg: ModelConfig, wm: dict[str, str], expert_ids: Iterable[int] | None = None,
-               include_vision: bool = True, include_text: bool = True) -> ReadPlan:
+               include_vision: bool = True, include_text: bool = True, quant: Fp8Config | None = None) -> ReadPlan:
     """The reads that load the model's tensors with only `expert_ids` of the routed experts (all
-    when None), from the headers named by `wm` (loader.weight_map). Checks names and shapes; raises
-    CheckpointError naming the tensor and file."""
+    when None), from the headers named by `wm` (loader.weight_map). Checks names, shapes and, for
+    FP8 checkpoints, dtypes and scales; raises CheckpointError naming the tensor and file.
+    quant: the FP8 config; None reads it from the directory's config.json (fp8.read_quant_config)."""
     path = Path(path)
+    quant = quant if quant is not None else read_quant_config(path)
     prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in wm) else ""
     E = cfg.text.num_local_experts
     experts = sorted(set(range(E) if expert_ids is None else expert_ids))
@@ -161,7 +170,7 @@ def plan_reads(path: str | Path, cfg: ModelConfig, wm: dict[str, str], expert_id
     for disk, target, shape in expected:
         if is_routed_expert(target):
             plan.shapes[target] = (len(experts),) + tuple(shape[1:])
-            plan.reads += _expert_reads(heads, disk, target, shape, experts, runs)
+            plan.reads += _expert_reads(heads, quant, disk, target, shape, experts, runs)
             continue
         plan.shapes[target] = tuple(shape)
         found = heads.entry(disk)
@@ -170,16 +179,52 @@ def plan_reads(path: str | Path, cfg: ModelConfig, wm: dict[str, str], expert_id
         fname, entry = found
         if entry.shape != tuple(shape):
             raise _shape_error(disk, entry.shape, fname, shape)
-        plan.reads.append(TensorRead(target, disk, fname, None, ((entry.start, entry.end),)))
+        plan.reads += _whole_reads(heads, quant, target, disk, fname, entry)
     return plan
 
 
-def _expert_reads(heads: _Headers, disk: str, target: str, shape, experts: list[int], runs) -> list[TensorRead]:
+def _whole_reads(heads: _Headers, quant: Fp8Config | None, target: str, disk: str, fname: str, entry: TensorEntry,
+                 expert: int | None = None, part: str | None = None) -> list[TensorRead]:
+    """The read of one whole on-disk tensor, followed by its weight_scale read when the FP8
+    config quantizes its module; checks that the stored dtype agrees with the config."""
+    read = TensorRead(target, disk, fname, None, ((entry.start, entry.end),), expert, part)
+    module, _, param = disk.rpartition(".")
+    group = None
+    if quant is not None and param == "weight":
+        group = quant.group_of(module, module_classes(module, len(entry.shape)))
+    if group is None:
+        if entry.dtype == FP8_DTYPE:
+            why = ("config.json has no quantization_config" if quant is None
+                   else f"config.json's quantization_config does not quantize {module} (ignored or not targeted)")
+            raise CheckpointError(f"{disk}: stored as {FP8_DTYPE} in {fname}, but {why}")
+        return [read]
+    if entry.dtype != FP8_DTYPE:
+        raise CheckpointError(f"{disk}: stored as {entry.dtype} in {fname}, but config.json's quantization_config "
+                              f"(group {group.name}) quantizes {module}: expected {FP8_DTYPE} with a weight_scale")
+    if len(entry.shape) != 2:
+        raise CheckpointError(f"{disk}: FP8 weight of shape {entry.shape} in {fname}; FP8 weights are 2-D (out, in)")
+    scale = disk + SCALE_SUFFIX
+    found = heads.entry(scale)
+    if found is None:
+        raise CheckpointError(f"{scale}: missing tensor (the scale of the FP8 weight {disk} in {fname})")
+    sfile, sentry = found
+    if sentry.dtype not in ("F32", "BF16", "F16"):
+        raise CheckpointError(f"{scale}: dtype {sentry.dtype} in {sfile}; weight scales are F32, BF16 or F16")
+    check_scale_shape(scale, sentry.shape, sfile, entry.shape, group.weight_strategy)
+    return [read, TensorRead(target, scale, sfile, None, ((sentry.start, sentry.end),), expert, part, "scale")]
+
+
+def _expert_reads(heads: _Headers, quant: Fp8Config | None, disk: str, target: str, shape, experts: list[int],
+                  runs) -> list[TensorRead]:
     found = heads.entry(disk)
     if found is not None:   # fused (E, ...): the owned rows only
         fname, entry = found
         if entry.shape != tuple(shape):
             raise _shape_error(disk, entry.shape, fname, shape)
+        if entry.dtype == FP8_DTYPE:
+            raise CheckpointError(f"{disk}: fused experts stored as {FP8_DTYPE} in {fname}; FP8 experts load only "
+                                  "in compressed-tensors' layout, one Linear per expert "
+                                  "(experts.{e}.{gate,up,down}_proj.weight with .weight_scale)")
         return [TensorRead(target, disk, fname, runs, tuple(entry.row_range(a, b) for a, b in runs))]
     first = split_expert_names(disk, experts[0] if experts else 0)
     if not any(n in heads.wm for n in first.values()):
@@ -199,6 +244,6 @@ def _expert_reads(heads: _Headers, disk: str, target: str, shape, experts: list[
             if entry.shape != want:
                 raise CheckpointError(f"{names[part]}: shape {entry.shape} in {fname} does not match the "
                                       f"config's expert shape {want}")
-            reads.append(TensorRead(target, names[part], fname, None, ((entry.start, entry.end),), e, part))
+            reads += _whole_reads(heads, quant, target, names[part], fname, entry, e, part)
     return reads
 

@@ -3,6 +3,8 @@
 Output: config.json (Llama4Config form), generation_config.json, tokenizer files, and
 safetensors under the on-disk names (`language_model.` prefix), sharded with an index above
 `max_shard_bytes`. transformers' Llama4ForConditionalGeneration and AutoTokenizer load it.
+With fp8=True the routed experts are written split and FP8 through compressed-tensors, as in
+the official FP8 release (fp8_writer.py), and config.json gets its quantization_config.
 """
 
 from __future__ import annotations
@@ -102,12 +104,15 @@ def _save_shards(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: i
 
 def write_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, max_shard_bytes: int = 2 * 2**30,
                      progress: bool = True, dtype: torch.dtype = torch.float32,
-                     experts_layout: str = "fused") -> Path:
-    """Writes a checkpoint of the named preset into `out` (created); returns the path."""
+                     experts_layout: str = "fused", fp8: bool = False) -> Path:
+    """Writes a checkpoint of the named preset into `out` (created); returns the path.
+    fp8: routed experts FP8 (compressed-tensors FP8_DYNAMIC), always split; the rest in `dtype`."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if experts_layout not in ("fused", "split"):
         raise ValueError("experts_layout must be 'fused' or 'split'")
+    if fp8:
+        experts_layout = "split"   # compressed-tensors quantizes Linear modules: one per expert
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok, ids = build_tokenizer()
@@ -117,8 +122,15 @@ def write_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, max_s
     if progress:
         print(f"writing {preset} checkpoint to {out} ...", flush=True)
     tensors = _tensors(cfg, seed, dtype, experts_layout)
+    compressor = None
+    if fp8:
+        from .fp8_writer import quantize_experts_fp8
+
+        tensors, compressor = quantize_experts_fp8(tensors)
     _save_shards(out, tensors, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    if compressor is not None:
+        compressor.update_config(str(out))   # adds quantization_config
     t = cfg_dict["text_config"]
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": t["bos_token_id"], "eos_token_id": t["eos_token_id"], "pad_token_id": t["pad_token_id"]},

@@ -28,14 +28,26 @@ from .deadline import StepDeadline
 from .ranks import RankGroup
 from .step_channel import RankFailed
 from .request import EngineError, Request, RequestState, RequestStream, RequestTimedOut, TokenEvent
-from .sampling import InvalidRequest, SamplingParams
+from .sampling import InvalidRequest, SamplingParams, TokenLogprobs
 from .scheduler import Scheduler
-from .text_output import advance
+from .seq_history import attach_history
+from .text_output import TextOutput
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # while idle, the engine checks this often that every rank is alive
 RANK_START_TIMEOUT_S = 600.0  # a replacement rank group must be up within this (weights load)
+
+
+def _image_key(mm_inputs: Any) -> int | None:
+    """The images' content as one number (prefix caching keys image blocks by it)."""
+    pixels = mm_inputs.get("pixel_values") if isinstance(mm_inputs, dict) else None
+    if pixels is None:
+        return None
+    import hashlib
+
+    data = pixels.detach().contiguous().cpu().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 def failure_cause(exc: Exception) -> str:
@@ -97,6 +109,9 @@ class Engine:
         self._finish_listeners: list[Callable[[Request, str, float], None]] = []
         self._recovery_listeners: list[Callable[[str, str | None, float | None, int], None]] = []
         self.ranks: RankGroup | None = None
+        self.max_model_len = self.engine_cfg.max_model_len  # resolved from the KV cache by start()
+        self.kv_layout = None
+        self.kv_page_bytes = 0
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -109,9 +124,28 @@ class Engine:
                 raise ValueError("expert parallelism over several ranks needs Ray (use_ray=True)")
             self.ranks = LocalRanks(self.checkpoint, self.engine_cfg, self.progress)
         self.ranks.start(self.model_config.text.num_local_experts)
+        self._set_kv()
         self._thread = threading.Thread(target=self._loop, name="maverick-engine", daemon=True)
         self._thread.start()
         return self
+
+    def _set_kv(self) -> None:
+        """The ranks' paged KV caches: the scheduler's page tables and the context length."""
+        from ..model.kv_cache import KVLayout
+        from .kv_budget import resolve_max_model_len
+        from .worker import resolve_device_dtype
+
+        text = self.model_config.text
+        layout = KVLayout.from_config(text, self.engine_cfg.kv_block_size)
+        try:
+            self.max_model_len = resolve_max_model_len(self.engine_cfg, text, layout, self.ranks.kv_pages,
+                                                       resolve_device_dtype(self.engine_cfg)[1])
+        except Exception:
+            self.ranks.shutdown()
+            raise
+        self.kv_layout = layout
+        self.kv_page_bytes = layout.page_bytes(resolve_device_dtype(self.engine_cfg)[1])
+        self.scheduler.set_kv(layout, self.ranks.kv_pages, self.model_config.image_token_id)
 
     def shutdown(self) -> None:
         with self._cv:
@@ -156,8 +190,12 @@ class Engine:
         return self.ranks.submit_host_work(fn, *args)
 
     def force_expert(self, expert: int | None) -> None:
-        """Test hook: every rank routes every token to `expert` (None restores the router)."""
+        """Test hook: every rank routes every token to `expert` (None restores the router). The
+        prefix cache is dropped: blocks computed with the other routing would not match."""
         self.ranks.call("force_expert", expert)
+        with self._cv:
+            for tables in self.scheduler.blocks:
+                tables.forget_cached()
 
     def _new_deadline(self) -> StepDeadline:
         cfg = self.engine_cfg
@@ -170,7 +208,7 @@ class Engine:
         """Queues a request; raises InvalidRequest for bad input, EngineError when unhealthy or
         EngineFull when full. `timeout_s`: seconds from now after which the request ends with
         finish_reason "timeout", queued or running (never later than request_deadline_s)."""
-        params = (params or SamplingParams()).validate()
+        params = (params or SamplingParams()).validate(self.model_config.text.vocab_size)
         if params.seed is None and not params.greedy:  # a seed of its own: a replay draws the same tokens
             params = dataclasses.replace(params, seed=secrets.randbits(62))
         timeout_s = self._request_timeout(timeout_s)
@@ -181,7 +219,7 @@ class Engine:
         vocab = self.model_config.text.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        limit = self.engine_cfg.max_model_len
+        limit = self.max_model_len
         if len(prompt_ids) >= limit:
             raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is {limit}",
                                  "messages")
@@ -196,7 +234,8 @@ class Engine:
             raise InvalidRequest("stop strings need a tokenizer; this checkpoint has none", "stop")
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id)
-        req = Request(request_id, list(prompt_ids), params, stream, mm_inputs, timeout_s=timeout_s)
+        req = Request(request_id, list(prompt_ids), params, stream, mm_inputs, timeout_s=timeout_s,
+                      image_key=_image_key(mm_inputs))
         with self._cv:
             if self.error is not None:  # checked again under the lock the failure path holds
                 raise EngineError(f"engine is unhealthy: {self.error}")
@@ -217,14 +256,14 @@ class Engine:
 
     def _expire_deadlines(self) -> None:
         """Ends every request past its deadline, queued or running (under _cv, before a plan):
-        finish_reason "timeout", and its KV slot is freed like an abort's."""
+        finish_reason "timeout", and its KV pages are freed like an abort's."""
         for req in self.scheduler.expired(time.monotonic()):
             where = ("while waiting in the queue" if req.state is RequestState.WAITING
                      else f"after {len(req.output_ids)} generated tokens")
             self._finish(req, "timeout", error=f"the request passed its deadline of {req.timeout_s:g} s {where}")
 
     def abort(self, request_id: str) -> None:
-        """Stops a request; its KV cache slot is freed at the next step."""
+        """Stops a request; its KV cache pages are freed at the next step."""
         with self._cv:
             self._aborts.append(request_id)
             self._cv.notify_all()
@@ -247,21 +286,28 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cv:
-            used = sum(self.scheduler.load(r) for r in range(self.parallel.ep_size))
-            slots = self.engine_cfg.max_num_seqs * self.parallel.ep_size
-            cached = self.scheduler.cached_tokens
+            ep = self.parallel.ep_size
+            pages = (self.ranks.kv_pages or 0) if self.ranks else 0
+            block = self.engine_cfg.kv_block_size
             return {"healthy": self.healthy, "error": self.error, "steps": self.step_count,
                     "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
-                    "kv_slots_used": used, "kv_slots_total": slots,
-                    "kv_tokens_used": cached, "kv_tokens_total": slots * self.engine_cfg.max_model_len,
+                    "max_model_len": self.max_model_len,
+                    "kv_pages_used": sum(self.scheduler.pages_used(r) for r in range(ep)), "kv_pages_total": pages * ep,
+                    "kv_block_size": block, "kv_page_bytes": self.kv_page_bytes,
+                    "kv_tokens_used": self.scheduler.cached_tokens,
+                    "preemptions": self.scheduler.preemptions,
+                    "prefix_cache_queried_tokens": self.scheduler.prefix_queried,
+                    "prefix_cache_hit_tokens": self.scheduler.prefix_hit,
+                    "prefill_tokens_last_step": self.scheduler.prefill_tokens_last_step,
                     "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
                     "rank_failures": dict(self.failures), "recoveries": dict(self.recoveries),
                     "recovering": self.recovering, "replayed_sequences": self.replayed_sequences,
                     "replaced_ranks": self.replaced_ranks,
                     "last_recovery_seconds": self.last_recovery_seconds,
                     "rank_start_seconds": dict(self.ranks.start_seconds) if self.ranks else {},
-                    "ranks": [{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives")}
-                              for i in (self.ranks.infos if self.ranks else [])]}
+                    "ranks": [{**{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives")},
+                               "running": self.scheduler.load(r), "kv_pages_used": self.scheduler.pages_used(r)}
+                              for r, i in enumerate(self.ranks.infos if self.ranks else [])]}
 
     # ---- the step loop ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -290,6 +336,7 @@ class Engine:
                 idle = False
                 decoding = self.scheduler.num_decoding
                 plans, admitted = self.scheduler.plan()
+                attach_history(plans, self._requests)  # penalties / grammar state for new sequences
         t0 = time.perf_counter()
         try:
             if idle:
@@ -366,11 +413,12 @@ class Engine:
 
     def _finish_step(self, plans, results, admitted, decoding, seconds) -> None:
         with self._cv:
+            self.scheduler.commit(plans)
             for res in results:
                 for seq_id, token in res.tokens.items():
                     req = self._requests.get(seq_id)
                     if req is not None:
-                        self._on_token(req, token)
+                        self._on_token(req, token, res.logprobs.get(seq_id))
             self.step_count += 1
             stats = self._step_stats(results, admitted, decoding, seconds)
             self.last_step = stats
@@ -394,34 +442,36 @@ class Engine:
                          a2a_seconds=[r.a2a_seconds for r in results], a2a_bytes=[r.a2a_bytes for r in results],
                          phase_seconds=phases)
 
-    def _on_token(self, req: Request, token: int) -> None:
+    def _on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         if req.state.done:
             return
         self.scheduler.first_token(req)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         p = req.params
+        if req.text is None and self.tokenizer is not None:  # incremental detokenizer + stop strings
+            req.text = TextOutput(self.tokenizer.decode, p.stop)
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_ids):
-            held = self.tokenizer.decode(req.output_ids)[req.emitted:] if self.tokenizer and req.output_ids else ""
-            self._finish(req, "stop", tail=held)  # text held back for a stop string that never completed
+            self._finish(req, "stop", tail=self._text_tail(req))  # text held back (partial character or stop)
             return
         req.output_ids.append(token)
-        full, delta, stopped = "", "", False
-        if self.tokenizer is not None:
-            full = self.tokenizer.decode(req.output_ids)
-            delta, req.emitted, stopped = advance(full, req.emitted, p.stop)
-        self._emit(req, token, delta)
+        delta, stopped = req.text.add(req.output_ids) if req.text is not None else ("", False)
+        self._emit(req, token, delta, logprobs)
         if stopped:
             self._finish(req, "stop")
         elif len(req.output_ids) >= p.max_tokens:
-            self._finish(req, "length", tail=full[req.emitted:])
+            self._finish(req, "length", tail=self._text_tail(req))
 
-    def _emit(self, req: Request, token: int | None, text: str) -> None:
-        req.stream.put(TokenEvent(req.request_id, token, text, prompt_tokens=len(req.prompt_ids),
-                                  completion_tokens=len(req.output_ids)))
+    @staticmethod
+    def _text_tail(req: Request) -> str:
+        return req.text.tail(req.output_ids) if req.text is not None else ""
+
+    def _emit(self, req: Request, token: int | None, text: str, logprobs: TokenLogprobs | None = None) -> None:
+        req.stream.put(TokenEvent(req.request_id, token, text, logprobs=logprobs, prompt_tokens=len(req.prompt_ids),
+                                  completion_tokens=len(req.output_ids), cached_tokens=req.cached_prompt_tokens or 0))
 
     def _finish(self, req: Request, reason: str, error: str | None = None, tail: str = "") -> None:
-        """Ends a request: frees its slot and sends the final event, carrying `tail` (text held
+        """Ends a request: frees its KV pages and sends the final event, carrying `tail` (text held
         back for a stop string that never completed)."""
         if req.state.done:
             return
@@ -435,7 +485,8 @@ class Engine:
                 log.exception("finish listener failed")
         self._requests.pop(req.request_id, None)
         req.stream.put(TokenEvent(req.request_id, None, tail, finished=True, finish_reason=reason, error=error,
-                                  prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids)))
+                                  prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
+                                  cached_tokens=req.cached_prompt_tokens or 0))
 
     def _mark_unhealthy(self, exc: Exception) -> None:
         self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -52,10 +52,11 @@ def fuse_images(worker, embeds: torch.Tensor, ids: torch.Tensor, plan) -> torch.
     offset = 0
     for w in plan.work:
         n = len(w.token_ids)
-        if w.mm_inputs is not None:
+        pos = (ids[offset:offset + n] == image_id).nonzero().squeeze(1) + offset if w.mm_inputs is not None else None
+        if pos is not None and pos.numel():
+            # the patch tokens of this step are features mm_offset.. (those before came from the prefix cache)
             pixels = w.mm_inputs["pixel_values"].to(worker.device, worker.dtype)
-            feats = _vision(worker)(pixels).to(embeds.dtype)                  # (n_tiles*K, C)
-            pos = (ids[offset:offset + n] == image_id).nonzero().squeeze(1) + offset
+            feats = _vision(worker)(pixels).to(embeds.dtype)[w.mm_offset:]  # (n_tiles*K - mm_offset, C)
             if pos.numel() != feats.shape[0]:
                 raise ValueError(f"{w.seq_id}: {pos.numel()} patch tokens for {feats.shape[0]} image features")
             embeds = embeds.index_copy(0, pos, feats)

@@ -63,6 +63,7 @@ class RankGroup(Protocol):
     (Ray actors) implement it with the same semantics, which the engine relies on."""
 
     placement: ExpertPlacement | None
+    kv_pages: int | None       # KV cache pages of every rank (set by start; replacements get the same)
     infos: list[dict]          # what each rank reported at start (rank, node, experts, collectives, ...)
     start_seconds: dict[str, float]  # where the last start or restart went (kill, actor_start, weight_load, ...)
 
@@ -107,13 +108,16 @@ class LocalRanks:
         self.start_seconds: dict[str, float] = {}
         self._args = (checkpoint, engine, progress)
         self._compute: ComputeThread | None = None
+        self.kv_pages: int | None = None
 
     def start(self, num_experts: int) -> None:
         checkpoint, engine, progress = self._args
         self.placement = ExpertPlacement.contiguous(num_experts, 1)
         self._compute = ComputeThread("maverick-rank0")
-        self.worker = self._compute.run(RankWorker, checkpoint, 0, self.placement, engine, None, progress)
+        self.worker = self._compute.run(RankWorker, checkpoint, 0, self.placement, engine, None, progress,
+                                        self.kv_pages)
         self.infos = [self._compute.run(self.worker.info)]
+        self.kv_pages = self.infos[0]["kv_pages"]
         self.start_seconds = dict(self.infos[0]["start_seconds"])
 
     def _wait(self, future: Future, timeout: float, what: str) -> Any:
@@ -182,7 +186,7 @@ class _RankActor:
         ip = ray.util.get_node_ip_address()
         return f"tcp://{ip}:{_free_port(ip)}"
 
-    def setup(self, checkpoint, rank, placement, engine, address, token, progress=False):
+    def setup(self, checkpoint, rank, placement, engine, address, token, progress=False, kv_pages=None):
         """Builds the rank and opens its step channel; returns the rank's info with the
         channel's address under "step_address"."""
         import ray
@@ -193,7 +197,7 @@ class _RankActor:
         # the rank's compute goes to one thread of its own instead.
         self.compute = ComputeThread(f"maverick-rank{rank}")
         self.worker = self.compute.run(lambda: RankWorker(checkpoint, rank, placement, engine, dist_address=address,
-                                                          progress=progress))
+                                                          progress=progress, kv_pages=kv_pages))
         self.channel = StepServer(ip, token, lambda plan: self.compute.run(self.worker.step, plan))
         return {**self.compute.run(self.worker.info), "step_address": self.channel.address}
 
@@ -238,6 +242,7 @@ class RayRanks:
         self.start_seconds: dict[str, float] = {}  # where the last start or restart went
         self._host: ComputeThread | None = None  # host-side work; the ranks compute in other processes
         self._channel: StepClient | None = None  # the per-step plans and results
+        self.kv_pages: int | None = None  # every rank's KV cache pages (the fewest any rank got at start)
 
     def _bundles(self):
         return [self.parallel.worker_bundle()] * self.parallel.ep_size
@@ -246,12 +251,10 @@ class RayRanks:
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group
 
+        from ..parallel.initial_placement import bundle_nodes, initial_placement
+
         p = self.parallel
-        owner = p.expert_owner
-        self.placement = (ExpertPlacement.from_map(list(owner), p.ep_size) if owner
-                          else ExpertPlacement.contiguous(num_experts, p.ep_size))
-        if self.placement.num_experts != num_experts:
-            raise ValueError(f"expert_owner names {self.placement.num_experts} experts; the model has {num_experts}")
+        self.placement = initial_placement(p, num_experts)  # a bad map or load file fails before any actor
         current = get_current_placement_group()
         if current is not None and len(current.bundle_specs) >= p.ep_size + 1:
             check_worker_bundles(current.bundle_specs[1:p.ep_size + 1], p.worker_bundle())
@@ -267,6 +270,9 @@ class RayRanks:
                     f"the cluster cannot place {p.ep_size} workers of {self._bundles()[0]} with strategy "
                     f"{p.placement_strategy} within {ready_timeout:.0f}s (see `ray status`)") from None
         self._first_bundle = first
+        nodes = bundle_nodes(self.pg, first, p.ep_size)
+        if nodes and len(set(nodes)) > 1:  # ranks on several nodes: the policy places experts node by node
+            self.placement = initial_placement(p, num_experts, nodes)
         self._launch(ready_timeout, self.progress)
 
     def _launch(self, timeout: float, progress: bool, replace: list[int] | None = None) -> None:
@@ -295,7 +301,7 @@ class RayRanks:
             t_up = time.perf_counter()
             token = new_token()
             infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
-                                            progress and r == 0) if r in replace
+                                            progress and r == 0, self.kv_pages) if r in replace
                              else a.rejoin.remote(address, token)
                              for r, a in enumerate(self.actors)], timeout=timeout)
             self._channel = StepClient([tuple(info["step_address"]) for info in infos], token)
@@ -303,6 +309,8 @@ class RayRanks:
             self._kill_actors()
             raise
         self.infos = infos
+        if self.kv_pages is None:  # replacement ranks get the group's size, whatever memory they find free
+            self.kv_pages = min(i["kv_pages"] for i in infos)
         # Where the start went, the slowest rank's figures: actor start (process, imports), the
         # collective group's init, weight loading, and the rest of setup (step channel).
         ranks = [i.get("start_seconds", {}) for i in infos]

@@ -40,6 +40,8 @@ class TokenEvent:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0        # prompt tokens served from the prefix cache (usage.prompt_tokens_details)
+    logprobs: Any = None          # sampling.TokenLogprobs of token_id, when the request asked for logprobs
 
 
 _END = object()
@@ -89,11 +91,11 @@ class RequestStream:
 class RequestState(enum.Enum):
     """Where a request is in its life. Only the Scheduler changes it (engine/scheduler.py)."""
 
-    WAITING = "waiting"        # queued: no rank or KV slot yet
-    PREFILLING = "prefilling"  # admitted to a rank and slot; its prompt runs in the next step
+    WAITING = "waiting"        # queued (new, preempted or replayed): no rank or KV pages
+    PREFILLING = "prefilling"  # admitted to a rank; its prompt runs in the next step(s), chunk by chunk
     RUNNING = "running"        # has its first token; decodes one token per step
-    FINISHED = "finished"      # ended: stop, length, timeout or error (slot freed)
-    ABORTED = "aborted"        # ended by the client going away (slot freed)
+    FINISHED = "finished"      # ended: stop, length, timeout or error (pages freed)
+    ABORTED = "aborted"        # ended by the client going away (pages freed)
 
     @property
     def done(self) -> bool:
@@ -110,10 +112,13 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     rank: int | None = None
-    slot: int | None = None
+    prefilled: int = 0      # while PREFILLING: context tokens already in its rank's KV cache (chunked prefill)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its context's full KV blocks
+    image_key: int | None = None   # its images' content hash (prefix caching), None without images
+    cached_prompt_tokens: int | None = None  # prompt tokens found in the prefix cache at its first admission
     state: RequestState = RequestState.WAITING
     first_token_time: float | None = None
-    emitted: int = 0        # characters of the decoded output already sent
+    text: Any = None        # engine/text_output.py TextOutput: detokenizer and stop strings (engine thread)
     timeout_s: float | None = None   # seconds from arrival until the engine ends it ("timeout")
 
     @property

@@ -19,12 +19,12 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..model.batch import ForwardBatch
 from ..model.fused import fuse_projections
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVLayout, KVView, PagedKVCache
 from ..model.moe import Dispatcher, LocalDispatcher
 from ..model.text import TextModel
 from ..parallel.all_to_all import AllToAllDispatcher
 from ..parallel.placement import ExpertPlacement
-from .sampling import SamplingParams, sample_token, token_seed
+from .sampling import SamplingParams
 from .step_types import RankPlan, RankResult
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def resolve_device_dtype(engine: EngineConfig) -> tuple[torch.device, torch.dtyp
 
 class RankWorker:
     def __init__(self, checkpoint: str | Path, rank: int, placement: ExpertPlacement, engine: EngineConfig,
-                 dist_address: str | None = None, progress: bool = False):
+                 dist_address: str | None = None, progress: bool = False, kv_pages: int | None = None):
+        """kv_pages: the KV cache's size in pages (a replacement rank gets its group's); None:
+        from the settings (engine/kv_budget.py)."""
         self.rank, self.world = rank, placement.world_size
         self.engine = engine
         self.placement = placement
@@ -65,9 +67,13 @@ class RankWorker:
         t0 = time.perf_counter()
         self.model = self._load(Path(checkpoint), progress)
         self.start_seconds["weight_load"] = time.perf_counter() - t0
-        text = self.config.text
-        self.cache = KVCache(text.num_hidden_layers, engine.max_num_seqs, engine.max_model_len,
-                             text.num_key_value_heads, text.head_dim, self.dtype, self.device)
+        self.cache = self._new_cache(kv_pages)
+        self.native_paged_attention = False  # decode attention reads pages in place (native kernel)
+        if self.engine.cpu_kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
+            from ..native.paged_attention import paged_decode_kernel
+
+            self.cache.decode_kernel = paged_decode_kernel()
+            self.native_paged_attention = self.cache.decode_kernel is not None
         self.params: dict[str, SamplingParams] = {}
         self._generator = torch.Generator()  # reseeded for every sampled token (token_seed)
         self.vision = None  # built lazily by the vision path when a prompt carries images
@@ -75,6 +81,15 @@ class RankWorker:
         self._fail_in: tuple[int, str] | None = None  # test hook: (steps left, message)
         self._stall_in: tuple[int, float] | None = None  # test hook: (steps left, seconds)
         self._profile_hooks = []
+
+    def _new_cache(self, pages: int | None) -> PagedKVCache:
+        from .kv_budget import kv_pages
+
+        layout = KVLayout.from_config(self.config.text, self.engine.kv_block_size)
+        if pages is None:
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            pages = kv_pages(self.engine, self.config.text, layout, self.dtype, self.device, free)
+        return PagedKVCache(layout, pages, self.dtype, self.device)
 
     def _init_distributed(self, address: str | None) -> None:
         import deepspeed
@@ -125,9 +140,12 @@ class RankWorker:
     def _load(self, checkpoint: Path, progress: bool) -> TextModel:
         from ..checkpoint.loader import load_state_dict
 
-        experts = self.placement.experts_of(self.rank)
+        from ..parallel.slot_weights import to_slot_order
+
+        experts = self.placement.experts_of(self.rank)  # the expert of each slot (replicas may repeat one)
         state = load_state_dict(checkpoint, self.config, expert_ids=experts, dtype=self.dtype,
                                 include_vision=False, progress=progress)
+        state = to_slot_order(state, experts)  # the loader reads each expert once, in id order
         with torch.device("meta"):
             model = TextModel(self.config.text, expert_ids=experts, dispatcher=self.dispatcher)
         model.load_state_dict(state, strict=True, assign=True)
@@ -173,7 +191,9 @@ class RankWorker:
                 "node_ip": node_ip,
                 "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device),
                 "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
+                "kv_pages": self.cache.num_pages,
                 "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
+                "native_paged_attention": self.native_paged_attention,
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
     # ---- one lockstep step ---------------------------------------------------------------
@@ -190,47 +210,51 @@ class RankWorker:
             self._fail_in = (left - 1, message) if left else None
             if not left:
                 raise RuntimeError(message)
-        # Sequences in slot order: when the running slots are consecutive (the usual case), decode
-        # attention then reads every sequence's keys as one view of the cache instead of gathering
-        # them (KVCache.read). Outputs are per sequence id, so the order is otherwise immaterial.
-        plan = dataclasses.replace(plan, work=sorted(plan.work, key=lambda w: w.slot))
         for seq_id in plan.release:
             self.params.pop(seq_id, None)
         for w in plan.work:
             if w.params is not None:
                 self.params[w.seq_id] = w.params
-        batch = ForwardBatch.build([w.slot for w in plan.work], [w.start for w in plan.work],
-                                   [len(w.token_ids) for w in plan.work], device=self.device)
+        starts, lengths = [w.start for w in plan.work], [len(w.token_ids) for w in plan.work]
+        groups = range(self.cache.layout.num_groups)
+        kv = KVView(self.cache.layout, starts, lengths, [[w.first[g] for w in plan.work] for g in groups],
+                    [[w.pages[g] for w in plan.work] for g in groups], self.device)
+        batch = ForwardBatch.build(starts, lengths, device=self.device, kv=kv)
         ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
         embeds = self._embed(ids, plan)
         self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
         counts: list[torch.Tensor] = []
         self._phase.clear()
         logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_counts=counts)
+        # A prefill chunk that is not its prompt's last samples nothing.
+        sampled = [i for i, w in enumerate(plan.work) if w.sample]
+        if len(sampled) < len(plan.work):
+            plan, logits = dataclasses.replace(plan, work=[plan.work[i] for i in sampled]), logits[sampled]
         tokens = self._sample(plan, logits)
         st = self.dispatcher.stats
         received = [st.received_per_layer.get(b.layer, 0) for b in self.model.moe_blocks]
         return RankResult(rank=self.rank, tokens=tokens, routed_counts=[c.tolist() for c in counts],
                           received=received, a2a_seconds=st.seconds, a2a_bytes=st.bytes_sent,
                           step_seconds=time.perf_counter() - t0, phase_seconds=dict(self._phase),
-                          num_tokens=int(ids.numel()))
+                          num_tokens=int(ids.numel()), logprobs=self._last_logprobs)
+
+    _sampler = None          # RankSampler, made on the first _sample (engine/rank_sampler.py)
+    _last_logprobs: dict = {}  # the last _sample's logprobs, for its RankResult
 
     def _sample(self, plan: RankPlan, logits: torch.Tensor) -> dict[str, int]:
-        """(B, V) logits -> the next token of each sequence. Greedy rows take one batched argmax
-        (one op and, on GPU, one device sync for all of them); the others sample one by one, each
-        draw seeded from (request seed, token position): a sequence replayed on new ranks after
-        a failure draws exactly what it would have drawn."""
-        greedy = [i for i, w in enumerate(plan.work) if self.params[w.seq_id].greedy]
-        picked = dict(zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist())) if greedy else {}
-        out = {}
-        for i, w in enumerate(plan.work):
-            if i in picked:
-                out[w.seq_id] = picked[i]
-                continue
-            params = self.params[w.seq_id]
-            self._generator.manual_seed(token_seed(params.seed, w.start + len(w.token_ids)))
-            out[w.seq_id] = sample_token(logits[i], params, self._generator)
-        return out
+        """(B, V) logits -> the next token of each sequence (engine/rank_sampler.py): greedy rows
+        take one batched argmax, the others draw one by one, each draw seeded from (request seed,
+        token position), so a sequence replayed on new ranks after a failure draws exactly what it
+        would have drawn. Penalties, bias, min_tokens and grammar masks read the per-sequence
+        state the sampler keeps (dropped once a sequence's params are released). The sequences'
+        logprobs, where asked, are left in _last_logprobs for the step's RankResult."""
+        if self._sampler is None:
+            from .rank_sampler import RankSampler
+
+            text = self.config.text
+            self._sampler = RankSampler(self.checkpoint, text.vocab_size, text.eos_token_ids)
+        tokens, self._last_logprobs = self._sampler.sample(plan.work, logits, self.params)
+        return tokens
 
     def _embed(self, ids: torch.Tensor, plan: RankPlan) -> torch.Tensor:
         """(T,) ids -> (T, C) embeddings, with image features fused at patch positions (vision path)."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .batch import ForwardBatch
-from .kv_cache import KVCache
+from .kv_cache import PagedKVCache
 from .norm import rms_normalize
 from .rope import apply_rope
 
@@ -26,6 +26,15 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     allowed = k_pos[None, :] <= q_pos[:, None]
     if chunk is not None:
         allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+    return allowed
+
+
+def paged_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """q_pos (B,) one query per sequence, k_pos (B, N) its gathered keys' positions (-1: none)
+    -> boolean (B, N), True where the query may attend the key."""
+    allowed = (k_pos >= 0) & (k_pos <= q_pos[:, None])
+    if chunk is not None:
+        allowed &= (k_pos // chunk) == (q_pos[:, None] // chunk)
     return allowed
 
 
@@ -55,6 +64,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
         self.qkv: torch.Tensor | None = None  # (C, (H + 2 KV) D) once fused (model/fused.py)
+        self.group = 0  # this layer's group in the paged KV cache (set from the cache on use)
 
     def fuse_projections(self) -> None:
         """One matmul for q, k and v at inference (model/fused.py); idempotent."""
@@ -76,7 +86,7 @@ class Attention(nn.Module):
         return qk.view(T, H + KV, D), v.view(T, KV, D)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: PagedKVCache | None) -> torch.Tensor:
         T = x.shape[0]
         qk, v = self._project(x)  # (T, H + KV, D), (T, KV, D)
         if self.use_rope:
@@ -89,14 +99,15 @@ class Attention(nn.Module):
                 batch.positions, self.floor_scale, self.attn_scale)[:, None, None])  # (T, 1, 1) fp32, once per forward
             q = (q * scale).to(q.dtype)
         if cache is not None:
-            cache.write(self.layer, batch.token_slots, batch.positions, k, v)
+            self.group = cache.group_of(self.layer)
+            cache.write(self.layer, batch.kv.write_rows[self.group], k, v)
         if cache is not None and batch.is_decode:
             out = self._decode(q, batch, cache)  # (B, H, D) with B == T
         else:
             out = self._mixed(q, k, v, batch, cache)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
-    def _mixed(self, q, k, v, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+    def _mixed(self, q, k, v, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
         """Prefill or mixed batches -> (T, H, D). Sequences adding one token over a cache go
         through one batched decode; fresh prompts (start 0) through one padded SDPA when padding
         costs little; the rest (and everything when neither applies) one sequence at a time."""
@@ -138,28 +149,30 @@ class Attention(nn.Module):
             attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
         return o.transpose(1, 2)[j[None, :] < n]                              # (rows, H, D), in order
 
-    def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """One new token per sequence: one batched SDPA over the slots' cached keys.
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """One new token per sequence: one batched SDPA over the sequences' gathered blocks.
 
         The G = H / KV query heads that share a key/value head go in as G query rows of that
         head, (B, KV, G, D) over (B, KV, N, D): SDPA then never expands k/v per query head
-        (about half the time of enable_gqa at decode sizes on CPU). When every sequence sits at
-        the same position inside its first attention chunk, every cached key is visible to every
-        query and the mask is dropped."""
-        B, n_ctx = q.shape[0], max(batch.starts) + 1
-        k, v = cache.read(self.layer, batch.slots, n_ctx)  # (B, N, KV, D)
-        mask = None
-        if min(batch.starts) != n_ctx - 1 or (self.chunk is not None and n_ctx > self.chunk):
-            k_pos = torch.arange(n_ctx, device=q.device)
-            mask = attention_mask(batch.positions, k_pos, self.chunk)[:, None, None, :]  # (B, 1, 1, N)
+        (about half the time of enable_gqa at decode sizes on CPU). Keys past a sequence's
+        length, padding blocks and (chunked layers) keys of an earlier chunk are masked."""
+        B = q.shape[0]
         group = self.n_heads // self.n_kv
+        kv = batch.kv
+        if cache.decode_kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+            # keys and values read in place from their pages (native/paged_attention.c)
+            out = cache.decode_kernel(q.reshape(B, self.n_kv, group, self.head_dim), *cache.pools(self.layer),
+                                      kv.table[self.group], kv.first[self.group], kv.end, kv.block_size, self.chunk)
+            return out.reshape(B, self.n_heads, self.head_dim)
+        k, v = cache.gather(self.layer, kv.read_rows[self.group])  # (B, N, KV, D)
+        mask = paged_mask(batch.positions, kv.key_pos[self.group], self.chunk)[:, None, None, :]  # (B, 1, 1, N)
         out = F.scaled_dot_product_attention(
             q.reshape(B, self.n_kv, group, self.head_dim),  # (B, KV, G, D): query head h -> kv head h // G
             k.transpose(1, 2), v.transpose(1, 2),           # (B, KV, N, D)
             attn_mask=mask)
         return out.reshape(B, self.n_heads, self.head_dim)  # (B, H, D)
 
-    def _per_sequence(self, q, k, v, batch: ForwardBatch, cache: KVCache | None) -> torch.Tensor:
+    def _per_sequence(self, q, k, v, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
         """Prefill or mixed batches: each sequence attends over its own prefix."""
         outs, offset = [], 0
         for i, n in enumerate(batch.lengths):
@@ -167,15 +180,16 @@ class Attention(nn.Module):
                 continue
             start = batch.starts[i]
             q_i = q[offset:offset + n].transpose(0, 1)[None]  # (1, H, n, D)
+            q_pos = batch.positions[offset:offset + n]
             if cache is not None:
-                k_i, v_i = cache.read(self.layer, [batch.slots[i]], start + n)  # (1, N, KV, D)
+                k_i, v_i = cache.gather(self.layer, batch.kv.read_rows[self.group][i:i + 1])  # (1, N, KV, D)
+                k_pos = batch.kv.key_pos[self.group][i]                                       # (N,), -1: none
+                mask = attention_mask(q_pos, k_pos, self.chunk) & (k_pos >= 0)[None, :]      # (n, N)
             else:
                 if start != 0:
                     raise ValueError("a sequence continuing from cached tokens needs a KV cache")
                 k_i, v_i = k[offset:offset + n][None], v[offset:offset + n][None]
-            q_pos = batch.positions[offset:offset + n]
-            k_pos = torch.arange(start + n, device=q.device)
-            mask = attention_mask(q_pos, k_pos, self.chunk)  # (n, N)
+                mask = attention_mask(q_pos, torch.arange(n, device=q.device), self.chunk)   # (n, n)
             o = F.scaled_dot_product_attention(q_i, k_i.transpose(1, 2), v_i.transpose(1, 2),
                                                attn_mask=mask[None, None], enable_gqa=self.n_heads != self.n_kv)
             outs.append(o[0].transpose(0, 1))  # (n, H, D)

@@ -1,6 +1,6 @@
 """Llama 4 mixture-of-experts block: router -> dispatch -> local experts -> combine (+ shared).
 
-Shape legend: T tokens, C hidden, E routed experts (global), El experts held here,
+Shape legend: T tokens, C hidden, E routed experts (global), El expert slots held here,
 I expert width, k experts per token (top_k; 1 for Llama 4), R = T*k routed rows,
 Rl rows that reach this process's experts.
 
@@ -58,7 +58,8 @@ class Dispatcher(Protocol):
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """x (R, C), global expert_ids (R,) -> (rows for my experts (Rl, C), LOCAL ids (Rl,), handle)."""
+        """x (R, C), global expert_ids (R,) -> (rows for my experts (Rl, C), LOCAL ids (Rl,), handle).
+        A local id indexes this process's `Experts` (one per physical slot, parallel/placement.py)."""
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         """y (Rl, C) outputs of my experts -> (R, C) outputs for the rows this process routed, in order."""

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import TextConfig
 from .attention import Attention
 from .batch import ForwardBatch
-from .kv_cache import KVCache
+from .kv_cache import PagedKVCache
 from .moe import MLP, Dispatcher, MoEBlock
 from .norm import RMSNorm
 from .rope import inverse_frequencies, rotation
@@ -60,15 +60,16 @@ class _Decoder(nn.Module):
 class TextModel(nn.Module):
     """The Llama 4 language model over a ForwardBatch of sequences.
 
-    `expert_ids` names the routed experts this process holds (default: all); the dispatcher
-    moves each routed row to whichever process holds its expert (default: all local).
+    `expert_ids` names the routed expert in each local slot of this process, in slot order (an
+    expert may appear twice; default: all experts, in id order); the dispatcher moves each
+    routed row to a process that holds its expert (default: all local).
     """
 
     def __init__(self, cfg: TextConfig, expert_ids: Iterable[int] | None = None,
                  dispatcher: Dispatcher | None = None):
         super().__init__()
         self.cfg = cfg
-        self.expert_ids = sorted(expert_ids) if expert_ids is not None else list(range(cfg.num_local_experts))
+        self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(cfg.num_local_experts))
         self.model = _Decoder(cfg, len(self.expert_ids), dispatcher)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
@@ -87,7 +88,7 @@ class TextModel(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None = None, batch: ForwardBatch | None = None,
-                cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                cache: PagedKVCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 all_logits: bool = False, routed_counts: list | None = None) -> torch.Tensor:
         """Runs the new tokens of `batch` and returns logits.
 
@@ -101,8 +102,8 @@ class TextModel(nn.Module):
             batch = ForwardBatch.single(x.shape[0], device=x.device)
         if x.shape[0] != batch.num_tokens:
             raise ValueError(f"got {x.shape[0]} tokens for a batch of {batch.num_tokens}")
-        if cache is not None:
-            cache.check_fits(batch.starts, batch.lengths)
+        if cache is not None and batch.kv is None:
+            batch.kv = cache.contiguous_view(batch.starts, batch.lengths, x.device, batch.slots)
         rot = rotation(batch.positions, self.inv_freq)  # (T, D/2) complex
         for layer in self.model.layers:
             x = layer(x, batch, rot, cache, routed_counts)

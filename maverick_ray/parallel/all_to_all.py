@@ -1,7 +1,15 @@
 """Expert-parallel dispatch over DeepSpeed's all-to-all (deepspeed.comm.all_to_all_single).
 
 Shape legend: R routed rows this rank sends, C hidden, W ranks, Rl rows this rank receives,
-B bytes of one packed row (C * itemsize + 8), K rows per destination in a padded exchange.
+B bytes of one packed row (C * itemsize + 8), K rows per destination in a padded exchange,
+E logical experts, S physical slots over all ranks (parallel/placement.py), M most replicas
+of any expert.
+Replicas: each row goes to one slot of its expert. The k-th row this rank routes to expert e
+in a layer of its n-th step goes to replica (k + rank + n) % replicas(e) of e: a hot expert's
+rows are spread evenly over its copies, single rows from different ranks go to different
+copies, and a lone decoding sequence alternates copies from step to step. The choice is the
+sender's, deterministic, and travels with the row as its slot's global id, so the receiver
+needs nothing beyond the placement itself.
 Dropless: no capacity factor, no row is ever dropped. Two ways to dispatch, chosen per step
 and the same on every rank:
 - padded (small steps, e.g. decode): every rank knows the most rows any rank routes this step
@@ -47,19 +55,50 @@ class AllToAllDispatcher:
 
         self.dist, self.group, self.rank = dist, group, rank
         self.world = placement.world_size
-        self.owner = placement.owner_tensor()
-        self.local_index = placement.local_index_tensor()
-        self._owner, self._local_index = self.owner.tolist(), self.local_index.tolist()  # host copies
+        self.set_placement(placement)
         self.stats = DispatchStats()
         self.padded_max_rows = padded_max_rows
         self.slots_per_peer: int | None = None  # K of this step's padded exchange; None: counted
         self.in_collective = False  # inside an all-to-all now: read by another thread when a step hangs
+        self.steps = 0  # begin_step calls so far: rotates which replica takes a row (module docstring)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Routes by `placement` from the next dispatch on (every rank must switch at the same step)."""
+        if placement.world_size != self.world:
+            raise ValueError(f"a placement over {placement.world_size} ranks for a group of {self.world}")
+        self.placement = placement
+        replicas = placement.replica_slots()
+        self._replicas = replicas                                        # host copies for the padded path
+        self._slot_rank, self._slot_local = placement.slot_ranks(), placement.slot_locals()
+        self.redundant = any(len(r) > 1 for r in replicas)
+        width = max(len(r) for r in replicas)
+        self.replica_table = torch.tensor([r + [r[0]] * (width - len(r)) for r in replicas], dtype=torch.long)  # (E, M)
+        self.replica_count = torch.tensor([len(r) for r in replicas], dtype=torch.long)                        # (E,)
+        self.slot_rank = torch.tensor(self._slot_rank, dtype=torch.long)                                      # (S,)
+        self.slot_local = torch.tensor(self._slot_local, dtype=torch.long)                                    # (S,)
+
+    def choose_slots(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """(R,) global expert ids -> (R,) global slot ids: the k-th row for expert e goes to
+        replica (k + rank + steps) % replicas(e) of e (module docstring)."""
+        table = self.replica_table.to(expert_ids.device)
+        if not self.redundant or expert_ids.numel() == 0:
+            return table[expert_ids, 0]
+        R = expert_ids.shape[0]
+        by_expert = torch.argsort(expert_ids, stable=True)                               # (R,)
+        counts = torch.bincount(expert_ids, minlength=table.shape[0])                    # (E,)
+        first = torch.cumsum(counts, 0) - counts                                         # (E,) first row of each run
+        sorted_ids = expert_ids[by_expert]
+        occurrence = torch.empty_like(expert_ids)
+        occurrence[by_expert] = torch.arange(R, device=expert_ids.device) - first[sorted_ids]   # (R,) k of each row
+        choice = (occurrence + self.rank + self.steps) % self.replica_count.to(expert_ids.device)[expert_ids]
+        return table[expert_ids, choice]
 
     def begin_step(self, max_rows_any_rank: int | None) -> None:
         """Starts a step: resets the step's stats and sets its exchange from the most routed rows
         any rank sends in one MoE layer (the same number on every rank; None when unknown).
         Every rank must call it alike."""
         self.stats.reset()
+        self.steps += 1
         k = max_rows_any_rank
         self.slots_per_peer = k if k and k * self.world <= self.padded_max_rows else None
 
@@ -75,14 +114,15 @@ class AllToAllDispatcher:
         self.stats.bytes_sent += inp.numel() * inp.element_size()
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
-        """x (R, C), global expert_ids (R,) -> (received rows (Rl, C), local expert ids (Rl,), handle)."""
+        """x (R, C), global expert_ids (R,) -> (received rows (Rl, C), local slot ids (Rl,), handle)."""
         if self.slots_per_peer is not None:
             return self._dispatch_padded(x, expert_ids, layer)
-        dest = self.owner.to(expert_ids.device)[expert_ids]                # (R,)
+        slots = self.choose_slots(expert_ids)                             # (R,) global slot ids
+        dest = self.slot_rank.to(slots.device)[slots]                     # (R,)
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.world)          # (W,)
-        # Rows and their expert ids travel in one message: each row's bytes followed by its id's.
-        packed = _pack(x[order], expert_ids[order])                       # (R, B) uint8
+        # Rows and their slot ids travel in one message: each row's bytes followed by its id's.
+        packed = _pack(x[order], slots[order])                            # (R, B) uint8
         recv_counts = torch.empty_like(send_counts)
         self._a2a(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
@@ -90,7 +130,7 @@ class AllToAllDispatcher:
         self._a2a(got, packed, recv, send)
         rows, ids = _unpack(got, x.dtype, x.shape[1])
         self.stats.received_per_layer[layer] = sum(recv)
-        return rows, self.local_index.to(ids.device)[ids], (order, send, recv)
+        return rows, self.slot_local.to(ids.device)[ids], (order, send, recv)
 
     def _dispatch_padded(self, x: torch.Tensor, expert_ids: torch.Tensor, layer: int):
         """The one-collective exchange of K row slots per peer (slot w*K + j: the j-th row this
@@ -102,14 +142,20 @@ class AllToAllDispatcher:
         R, nbytes = len(ids), x.shape[1] * x.element_size()
         if R > K:
             raise RuntimeError(f"rank {self.rank} routes {R} rows, more than the step's {K} slots per peer")
-        send, slot = [0] * W, []
+        send, slot, phys, seen = [0] * W, [], [], {}
         for e in ids:
-            d = self._owner[e]
+            copies = self._replicas[e]
+            k = seen.get(e, 0)
+            seen[e] = k + 1
+            g = copies[(k + self.rank + self.steps) % len(copies)]   # choose_slots' rule, on the host
+            d = self._slot_rank[g]
+            phys.append(g)
             slot.append(d * K + send[d])
             send[d] += 1
         buf = torch.full((W * K, nbytes + 8), 255, dtype=torch.uint8, device=dev)  # padding's id reads as -1
         if R:
-            buf.index_copy_(0, torch.tensor(slot, dtype=torch.long, device=dev), _pack(x, expert_ids))
+            buf.index_copy_(0, torch.tensor(slot, dtype=torch.long, device=dev),
+                            _pack(x, torch.tensor(phys, dtype=torch.long, device=dev)))
         got = torch.empty_like(buf)
         self._a2a(got, buf)
         got_ids = got[:, nbytes:].contiguous().view(torch.int64).view(-1).tolist()    # (W * K,)
@@ -118,7 +164,7 @@ class AllToAllDispatcher:
         for i in keep:
             recv[i // K] += 1
         rows = got[:, :nbytes].index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
-        local = torch.tensor([self._local_index[got_ids[i]] for i in keep], dtype=torch.long, device=dev)
+        local = torch.tensor([self._slot_local[got_ids[i]] for i in keep], dtype=torch.long, device=dev)
         self.stats.received_per_layer[layer] = len(keep)
         # Results come back grouped by destination, each group in row order: `order` maps them home.
         order = torch.tensor(sorted(range(R), key=slot.__getitem__), dtype=torch.long, device=dev)

@@ -106,7 +106,8 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> str | dict:
 
 def parse_chat_options(body: dict) -> ChatOptions:
     tools = _tools(body)
-    kwargs = body.get("chat_template_kwargs") or {}
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs  # not `or {}`: [] and "" are errors too
     if not isinstance(kwargs, dict):
         raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     opts = ChatOptions(tools=tools, tool_choice=_tool_choice(body, tools),

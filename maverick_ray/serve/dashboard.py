@@ -4,6 +4,12 @@ It polls `v1/expert-load` (relative, so it works under any route prefix) every 2
 layer x expert heatmap, balancedness per layer and per-rank load. From the engine's stats in the
 same reply it shows a banner while the engine replaces failed ranks, and the failure and
 recovery counters.
+
+API key (serve/auth.py): the page itself holds no data and loads without a key. When a poll gets
+a 401 it shows a login form; the key entered there (or given in the URL fragment,
+`/dashboard#key=...`, which browsers never send to the server; the page removes it from the
+address bar) is kept in the tab's sessionStorage and sent as `Authorization: Bearer` on every
+poll. `<body data-auth>` says where it stands: "none" (no key needed), "needed" or "ok".
 """
 
 DASHBOARD_HTML = """<!doctype html>
@@ -16,10 +22,14 @@ DASHBOARD_HTML = """<!doctype html>
  table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: right; }
  #recovery-banner { background: #f5a623; color: #222; font-weight: 600; padding: 8px 12px; border-radius: 6px;
  margin: 8px 0; }
+ #login { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px; margin: 8px 0; }
 </style></head>
 <body>
 <h1>maverick-ray: expert routing load</h1>
 <div id="status">loading...</div>
+<form id="login" hidden><label>This server needs its API key: <input id="api-key" type="password"
+ autocomplete="current-password" size="40"></label> <button type="submit">Show</button>
+ <span id="login-msg"></span></form>
 <div id="recovery-banner" hidden></div>
 <div class="row">
  <div class="card"><h2>Tokens per expert (rows: MoE layers, window)</h2>
@@ -28,8 +38,30 @@ DASHBOARD_HTML = """<!doctype html>
   <table id="layers"></table></div>
  <div class="card"><h2>Tokens per EP rank (all MoE layers)</h2><canvas id="ranks" width="360" height="200"></canvas></div>
  <div class="card"><h2>Rank failures and recoveries</h2><table id="recovery"></table></div>
+ <div class="card"><h2>KV cache</h2><table id="kv"></table></div>
 </div>
 <script>
+const KEY = 'maverick-ray-api-key';
+const fragmentKey = new URLSearchParams(location.hash.slice(1)).get('key');
+if (fragmentKey) {
+  sessionStorage.setItem(KEY, fragmentKey);
+  history.replaceState(null, '', location.pathname + location.search);
+}
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? {Authorization: 'Bearer ' + key} : {};
+}
+function showLogin(refused) {
+  document.getElementById('login').hidden = false;
+  document.getElementById('login-msg').textContent = refused ? 'that key was refused' : '';
+  document.getElementById('status').textContent = 'waiting for the API key';
+  document.body.dataset.auth = 'needed';
+}
+document.getElementById('login').addEventListener('submit', ev => {
+  ev.preventDefault();
+  sessionStorage.setItem(KEY, document.getElementById('api-key').value.trim());
+  refresh();
+});
 function color(v) {  // 0..1 -> white..deep blue
   const r = Math.round(255 - 215 * v), g = Math.round(255 - 175 * v), b = Math.round(255 - 55 * v);
   return `rgb(${r},${g},${b})`;
@@ -58,11 +90,30 @@ function showRecovery(s, cause) {
   document.getElementById('recovery').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
   document.body.dataset.recovering = s.recovering ? '1' : '0';
 }
+function showKV(s) {
+  const total = s.kv_pages_total || 0, used = s.kv_pages_used || 0;
+  const asked = s.prefix_cache_queried_tokens || 0, hit = s.prefix_cache_hit_tokens || 0;
+  const gib = n => (n * (s.kv_page_bytes || 0) / 2 ** 30).toFixed(2) + ' GiB';
+  const rows = [['pages in use', `${used} / ${total}` + (total ? ` (${(100 * used / total).toFixed(0)}%)` : '')],
+                ['bytes in use', `${gib(used)} of ${gib(total)}`],
+                ['tokens of block', s.kv_block_size], ['context per sequence', s.max_model_len],
+                ['preemptions', s.preemptions || 0],
+                ['prefix cache hit rate', asked ? `${(100 * hit / asked).toFixed(1)}% of ${asked} prompt tokens` : 'none yet'],
+                ['prompt tokens, last step', s.prefill_tokens_last_step || 0]];
+  document.getElementById('kv').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
+  document.body.dataset.kvPagesUsed = used;
+}
 async function refresh() {
-  let d;
-  try { d = await (await fetch('v1/expert-load')).json(); }
+  let r, d;
+  try { r = await fetch('v1/expert-load', {headers: authHeaders()}); }
   catch (e) { document.getElementById('status').textContent = 'cannot reach the server: ' + e; return; }
+  if (r.status === 401) { showLogin(sessionStorage.getItem(KEY) !== null); return; }
+  if (!r.ok) { document.getElementById('status').textContent = 'the server answered ' + r.status; return; }
+  document.getElementById('login').hidden = true;
+  document.body.dataset.auth = sessionStorage.getItem(KEY) ? 'ok' : 'none';
+  d = await r.json();
   showRecovery(d.stats, d.last_failure_cause);
+  showKV(d.stats);
   const hm = document.getElementById('heatmap'), c = hm.getContext('2d');
   c.clearRect(0, 0, hm.width, hm.height);
   let nonzero = 0;

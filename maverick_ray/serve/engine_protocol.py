@@ -28,6 +28,7 @@ class TokenStream(Protocol):
 class EngineProtocol(Protocol):
     model_config: "ModelConfig"   # read for `is_multimodal` (the image prompt builder)
     error: str | None             # why the engine is unhealthy (None while healthy)
+    max_model_len: int            # prompt + output tokens one sequence may use (resolved at start)
 
     @property
     def healthy(self) -> bool: ...

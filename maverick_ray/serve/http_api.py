@@ -5,7 +5,9 @@ serves. Under Ray Serve (serve/app.py) that is the replica's `MaverickServer`; i
 tests it is a `Backend` whose service runs over an in-process fake engine (tests/fake_engine.py).
 
 Every request gets a request id (serve/request_ids.py: the client's X-Request-Id, else a new
-one), which server errors quote and the server log records with their detail.
+one), which server errors quote and the server log records with their detail. With an API key
+configured every route but /health needs it (serve/auth.py; the /dashboard page asks for it).
+CORS is off unless `cors_allow_origins` is set (serve/cors.py).
 
 A backend is anything with these attributes (`Backend` is the plain one):
     service   OpenAIService (over an engine with the EngineProtocol: service.engine)
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from .auth import ApiKeyMiddleware
+from .cors import SettingsCORSMiddleware
 from .errors import APIError, error_body, with_request_id
 from .request_ids import RequestIdMiddleware, request_id_of
 
@@ -40,6 +44,10 @@ class Backend:
 def make_api(get_backend: Callable[[], Any], echo_request_id: bool = True) -> FastAPI:
     """`echo_request_id=False` under Ray Serve, whose proxy already sends X-Request-ID back."""
     api = FastAPI(title="maverick-ray", description="OpenAI-compatible Llama 4 MoE serving on Ray")
+    settings = lambda: get_backend().service.settings  # noqa: E731 (read per request: Serve builds them later)
+    # Outermost last: request id, then CORS (answers preflights, which carry no key), then the key check.
+    api.add_middleware(ApiKeyMiddleware, get_settings=settings)
+    api.add_middleware(SettingsCORSMiddleware, get_settings=settings)
     api.add_middleware(RequestIdMiddleware, echo=echo_request_id)
 
     @api.exception_handler(APIError)
@@ -62,10 +70,8 @@ def make_api(get_backend: Callable[[], Any], echo_request_id: bool = True) -> Fa
         return {"status": "ok"}
 
     @api.get("/v1/models")
-    async def models(request: Request):
-        service = get_backend().service
-        service.check_auth(request)
-        return service.models()
+    async def models():
+        return get_backend().service.models()
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -102,6 +108,7 @@ def make_api(get_backend: Callable[[], Any], echo_request_id: bool = True) -> Fa
 
     @api.get("/dashboard")
     async def dashboard():
+        """A static page (no data in it, so no key needed): it asks for the key when its polls get a 401."""
         from .dashboard import DASHBOARD_HTML
 
         return HTMLResponse(DASHBOARD_HTML)

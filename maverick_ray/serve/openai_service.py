@@ -29,10 +29,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..checkpoint.chat_template import NO_TEMPLATE, ChatTemplateError
 from ..engine.request import EngineError, EngineFull
 from ..engine.sampling import InvalidRequest
+from .auth import check_api_key
 from .chat_options import ChatOptions
 from .chat_output import StreamDeltas, chat_message, finish_reason
+from .choices import choice_ids, choice_params, merged
 from .engine_protocol import EngineProtocol
 from .errors import APIError, bad_request, server_error
+from .logprobs_format import LogprobsFormatter
 from .protocol import ParsedRequest, has_images, parse_chat, parse_completion
 from .request_ids import request_id_of
 from .settings import ServeSettings
@@ -49,13 +52,8 @@ class OpenAIService:
 
     # ---- request plumbing --------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
-        key = self.settings.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {key}":
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", None, "invalid_api_key")
+        """401 unless the bearer key matches (constant-time; http_api's middleware checks every route)."""
+        check_api_key(self.settings.api_key, request.headers.get("authorization"))
 
     async def read_json(self, request: Request) -> Any:
         limit = self.settings.max_request_bytes
@@ -118,22 +116,34 @@ class OpenAIService:
     async def _run(self, request: Request, req: ParsedRequest, prompt_ids: list[int], mm, chat: bool):
         params = req.params
         if not req.max_tokens_given:
-            room = self.settings.engine().max_model_len - len(prompt_ids)
-            params.max_tokens = max(1, min(self.settings.default_max_tokens, room))
-        request_id = request_id_of(request)  # what the client quotes; rid: the engine's, unique
+            room = self.engine.max_model_len - len(prompt_ids)
+            params.max_tokens = max(1, params.min_tokens, min(self.settings.default_max_tokens, room))
+        request_id = request_id_of(request)  # what the client quotes; rids: the engine's, unique
         prefix = "chatcmpl-" if chat else "cmpl-"
-        rid = prefix + uuid.uuid4().hex
+        rids = choice_ids(prefix + uuid.uuid4().hex, req.n)   # one engine sequence per choice
         reply_id = prefix + request_id      # the reply's `id`, as vLLM names it: from X-Request-Id
+        streams = []
         try:
-            stream = self.engine.add_request(prompt_ids, params, request_id=rid, mm_inputs=mm, timeout_s=req.timeout)
+            for i, rid in enumerate(rids):
+                streams.append(self.engine.add_request(prompt_ids, choice_params(params, i), request_id=rid,
+                                                       mm_inputs=mm, timeout_s=req.timeout))
         except InvalidRequest as e:
+            self._abort(rids[:len(streams)])
             raise bad_request(str(e), e.param) from None
         except EngineError as e:
+            self._abort(rids[:len(streams)])
             raise self._unavailable(e, request_id) from None
         if req.stream:
-            return StreamingResponse(self._sse(rid, request_id, reply_id, stream, req, chat),
+            return StreamingResponse(self._sse(rids, request_id, reply_id, streams, req, chat),
                                      media_type="text/event-stream")
-        return await self._collect(rid, request_id, reply_id, stream, req, chat)
+        return await self._collect(rids, request_id, reply_id, streams, req, chat)
+
+    def _abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            self.engine.abort(rid)
+
+    def _formatter(self, req: ParsedRequest) -> LogprobsFormatter | None:
+        return LogprobsFormatter(self.tokenizer.decode) if req.params.logprobs is not None else None
 
     def _unavailable(self, e: EngineError, request_id: str) -> APIError:
         """503 with Retry-After: the engine's queue is full, or the engine failed (Serve replaces
@@ -161,74 +171,93 @@ class OpenAIService:
         return server_error(500, "the server failed while generating this response; retry the request",
                             request_id)
 
-    async def _collect(self, rid: str, request_id: str, reply_id: str, stream, req: ParsedRequest,
+    async def _collect(self, rids: list[str], request_id: str, reply_id: str, streams: list, req: ParsedRequest,
                        chat: bool) -> JSONResponse:
-        text, reason, usage, finished = [], None, None, False
+        n = len(streams)
+        texts, lps, finals = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
         try:
-            async for ev in stream:
-                text.append(ev.text)
+            async for i, ev in merged(streams):
+                texts[i].append(ev.text)
+                if ev.logprobs is not None and ev.token_id is not None:
+                    lps[i].append((ev.token_id, ev.logprobs))
                 if ev.finished:
-                    finished = True
+                    finals[i] = ev
                     if ev.finish_reason in ("error", "timeout"):
-                        raise self._failed(ev, rid, request_id)
-                    reason, usage = ev.finish_reason, _usage(ev)
-        finally:
-            if not finished:  # the client went away (cancelled): free the sequence
-                self.engine.abort(rid)
-        content = "".join(text)
-        if chat:
-            message, called = chat_message(content, req.chat.tool_parser())
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(reason, called)}
-        else:
-            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
-        return JSONResponse({"id": reply_id, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": self.model_name, "choices": [choice],
-                             "usage": usage})
-
-    async def _sse(self, rid: str, request_id: str, reply_id: str, stream, req: ParsedRequest, chat: bool):
-        created, finished = int(time.time()), False
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        deltas = StreamDeltas(req.chat.tool_parser() if chat else None)
-
-        def chunk(delta_or_text, reason=None, usage=None, choices=True):
+                        raise self._failed(ev, rids[i], request_id)
+        finally:  # the client went away (cancelled), or a choice failed: free the other sequences
+            self._abort([rid for rid, f in zip(rids, finals) if f is None])
+        fmt = self._formatter(req)
+        choices = []
+        for i in range(n):
+            content, reason = "".join(texts[i]), finals[i].finish_reason
             if chat:
-                c = [{"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": reason}]
+                message, called = chat_message(content, req.chat.tool_parser())
+                choices.append({"index": i, "message": message, "logprobs": fmt.chat(lps[i]) if fmt else None,
+                                "finish_reason": finish_reason(reason, called)})
             else:
-                c = [{"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": reason}]
+                choices.append({"index": i, "text": content,
+                                "logprobs": fmt.completion(lps[i]) if fmt else None, "finish_reason": reason})
+        return JSONResponse({"id": reply_id, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "usage": _usage(finals)})
+
+    async def _sse(self, rids: list[str], request_id: str, reply_id: str, streams: list, req: ParsedRequest,
+                   chat: bool):
+        created, n = int(time.time()), len(streams)
+        finals: list = [None] * n
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        deltas = [StreamDeltas(req.chat.tool_parser() if chat else None) for _ in range(n)]
+        fmt, offsets = self._formatter(req), [0] * n
+
+        def chunk(i, delta_or_text, reason=None, lps=None, usage=None):
+            logprobs = None
+            if lps:
+                logprobs = fmt.chat(lps) if chat else fmt.completion(lps, offsets[i])
+            c = {"index": i, "delta" if chat else "text": delta_or_text, "logprobs": logprobs, "finish_reason": reason}
             body = {"id": reply_id, "object": obj, "created": created, "model": self.model_name,
-                    "choices": c if choices else []}
+                    "choices": [c] if usage is None else []}
             if usage is not None:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
+        def pieces(i, ev, final: bool):
+            """The chunks of one event's text; the token's logprobs ride on the first (an event
+            whose text is held back still sends them)."""
+            lps = [(ev.token_id, ev.logprobs)] if fmt and ev.logprobs is not None and ev.token_id is not None else None
+            if chat:
+                ds = deltas[i].feed(ev.text) + (deltas[i].finish() if final else [])
+                if not ds and lps:
+                    ds = [{"content": ""}]
+                for k, d in enumerate(ds):
+                    yield chunk(i, d, lps=lps if k == 0 else None)
+            elif ev.text or lps:
+                yield chunk(i, ev.text, lps=lps)
+                offsets[i] += len(ev.text)
+
         try:
             if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            async for ev in stream:
+                for i in range(n):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, ev in merged(streams):
                 if ev.finished:
-                    finished = True
+                    finals[i] = ev
                     if ev.finish_reason in ("error", "timeout"):
-                        yield f"data: {json.dumps(self._failed(ev, rid, request_id).body())}\n\n"
+                        yield f"data: {json.dumps(self._failed(ev, rids[i], request_id).body())}\n\n"
                         break
-                    if chat:
-                        for d in deltas.feed(ev.text) + deltas.finish():
-                            yield chunk(d)
-                    elif ev.text:
-                        yield chunk(ev.text)
-                    yield chunk({} if chat else "", reason=finish_reason(ev.finish_reason, deltas.called))
-                    if req.include_usage:
-                        yield chunk(None, usage=_usage(ev), choices=False)
-                    break
-                if chat:
-                    for d in deltas.feed(ev.text):
-                        yield chunk(d)
-                elif ev.text:
-                    yield chunk(ev.text)
+                    for c in pieces(i, ev, final=True):
+                        yield c
+                    yield chunk(i, {} if chat else "", reason=finish_reason(ev.finish_reason, deltas[i].called))
+                    continue
+                for c in pieces(i, ev, final=False):
+                    yield c
+            if all(f is not None for f in finals) and req.include_usage:
+                yield chunk(0, None, usage=_usage(finals))
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # client disconnected mid-stream
-                log.info("request %s (%s): client went away; aborting", request_id, rid)
-                self.engine.abort(rid)
+            unfinished = [rid for rid, f in zip(rids, finals) if f is None]
+            if unfinished:  # client disconnected mid-stream, or a choice failed
+                log.info("request %s (%s): ended early; aborting", request_id, ", ".join(unfinished))
+                self._abort(unfinished)
 
 
 def image_prompt_builder(ckpt: Path, engine: EngineProtocol, tokenizer, settings: ServeSettings):
@@ -257,6 +286,10 @@ def template_error(e: ChatTemplateError) -> APIError:
     return bad_request(str(e), "messages", "no_chat_template" if str(e) == NO_TEMPLATE else "invalid_messages")
 
 
-def _usage(ev) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+def _usage(finals: list) -> dict:
+    """Usage over the choices' final events: the prompt once, every choice's completion tokens."""
+    ev = finals[0]
+    completion = sum(f.completion_tokens for f in finals)
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": ev.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": getattr(ev, "cached_tokens", 0)}}

@@ -27,6 +27,12 @@ class ServeSettings:
     allow_remote_images: bool = False
     max_request_bytes: int = 20 * 2**20
     api_key: str | None = None            # or the MAVERICK_RAY_API_KEY environment variable
+    # With an API key: GET /dashboard and its data (GET /v1/expert-load) need no key (serve/auth.py)
+    dashboard_public: bool = False
+    # CORS (serve/cors.py), off by default: the origins browsers may call from ("*" for any)
+    cors_allow_origins: list[str] | None = None
+    cors_allow_headers: list[str] = field(default_factory=lambda: ["*"])  # request headers they may send
+    cors_allow_credentials: bool = False  # cookies / HTTP auth on cross-origin calls (needs listed origins)
     expert_metrics: str = "on"            # per-expert series: on | off | summary (max/min per layer)
     metrics_window_steps: int = 64        # steps in the routing-balance window
     enable_test_hooks: bool = False       # POST /v1/debug/force-expert (tests only)
@@ -44,6 +50,20 @@ class ServeSettings:
     # The engine's and the EP group's knobs, built from the same flat args.
     engine_config: EngineConfig = field(default_factory=EngineConfig)
     parallel_config: ParallelConfig = field(default_factory=lambda: ParallelConfig(**SERVE_DEFAULTS))
+
+    def __post_init__(self):
+        for name in ("cors_allow_origins", "cors_allow_headers"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # one origin, or several separated by commas
+                value = [v.strip() for v in value.split(",") if v.strip()]
+                setattr(self, name, value)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        if self.cors_allow_credentials and "*" in (self.cors_allow_origins or []):
+            raise ConfigError("cors_allow_credentials needs the allowed origins listed, not '*'")
+        for name in ("dashboard_public", "cors_allow_credentials"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @staticmethod
     def own_names() -> set[str]:
@@ -68,6 +88,9 @@ class ServeSettings:
         s = cls(**args, engine_config=engine, parallel_config=parallel)
         if s.api_key is None:
             s.api_key = os.environ.get(API_KEY_ENV) or None
+        if s.api_key is not None and not (isinstance(s.api_key, str) and s.api_key.isascii()
+                                          and s.api_key.isprintable() and " " not in s.api_key):
+            raise ConfigError("api_key must be printable ASCII without spaces (it travels in an HTTP header)")
         return s
 
     def parallel(self) -> ParallelConfig:

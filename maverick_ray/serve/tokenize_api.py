@@ -21,6 +21,7 @@ from fastapi import Request
 from .chat_options import parse_chat_options
 from .errors import bad_request
 from .protocol import ParsedRequest, parse_messages
+from .request_fields import DETOKENIZE_FIELDS, TOKENIZE_FIELDS, check_fields
 
 if TYPE_CHECKING:
     from .openai_service import OpenAIService
@@ -45,6 +46,7 @@ def _body(raw) -> dict:
 async def tokenize(service: "OpenAIService", request: Request) -> dict:
     service.check_auth(request)
     body = _body(await service.read_json(request))
+    check_fields(body, TOKENIZE_FIELDS, no_ops={})
     service.check_model(ParsedRequest(model=body.get("model"), params=None))
     strs = _flag(body, "return_token_strs", False)
     tok = service.tokenizer
@@ -58,13 +60,14 @@ async def tokenize(service: "OpenAIService", request: Request) -> dict:
         if not isinstance(prompt, str):
             raise bad_request("'prompt' (a string) or 'messages' is required", "prompt")
         ids = tok.encode(prompt, add_bos=_flag(body, "add_special_tokens", True))
-    return {"count": len(ids), "max_model_len": service.settings.engine().max_model_len, "tokens": ids,
+    return {"count": len(ids), "max_model_len": service.engine.max_model_len, "tokens": ids,
             "token_strs": tok.token_strs(ids) if strs else None}
 
 
 async def detokenize(service: "OpenAIService", request: Request) -> dict:
     service.check_auth(request)
     body = _body(await service.read_json(request))
+    check_fields(body, DETOKENIZE_FIELDS, no_ops={})
     service.check_model(ParsedRequest(model=body.get("model"), params=None))
     tokens = body.get("tokens")
     vocab = service.tokenizer.vocab_size

@@ -1,0 +1,180 @@
+"""What the paged KV cache changes for requests: prefix caching's TTFT, chunked prefill's token gaps.
+
+TTFT: one conversation with a long system prompt (default 2048 tokens) runs first; then 32
+requests with the same system prompt and a short question each are submitted at once to the EP = 1
+engine on `mini`, prefix caching on and off in alternating rounds (a fresh engine each, in a
+subprocess); TTFT per request from submission to its first token, median and p90 per round,
+medians over rounds.
+
+Token gaps: 16 greedy streams decode; once each has a few tokens a long prompt (default 16384
+tokens) arrives. The gaps between consecutive tokens of the 16 streams while it prefills (its
+submission to its first token), p50 and p99, against the same streams' gaps with no long
+prompt, for several per-step prefill budgets (max_prefill_tokens); the largest budget runs the
+whole prompt in one step, as the engine did before chunked prefill.
+
+Usage: .venv/bin/python benchmarks/bench_kv_serving.py [--rounds 3 --system 2048 --long 16384 --budgets 64 256 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import in_subprocess, machine_line, write_section  # noqa: E402
+
+
+def make_mini(tmp: str) -> str:
+    from maverick_ray.checkpoint.writer import write_checkpoint
+
+    return str(write_checkpoint(Path(tmp) / "mini", "mini", progress=False))
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 600) for _ in range(n)]
+
+
+def ttft_round(ckpt: str, caching: str, system_len: int, requests: int) -> dict:
+    """One engine: `requests` requests sharing a system prompt, submitted at once."""
+    from maverick_ray.config import EngineConfig, ParallelConfig
+    from maverick_ray.engine.engine import Engine
+    from maverick_ray.engine.sampling import SamplingParams
+
+    system = _tokens(system_len, 0)
+    prompts = [system + _tokens(24, 100 + i) for i in range(requests)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    cfg = EngineConfig(max_num_seqs=requests, prefix_caching=caching, max_model_len=system_len + 64)
+    with Engine(ckpt, ParallelConfig(ep_size=1), cfg) as eng:
+        # One earlier conversation with the same system prompt (steady state: it has been seen
+        # before; requests admitted in the same step cannot share blocks none of them has written yet).
+        eng.generate(system + _tokens(24, 99), SamplingParams(max_tokens=2, temperature=0))
+        t0 = time.monotonic()
+        streams = [eng.add_request(p, params) for p in prompts]
+        firsts = [None] * requests
+
+        def read(i):
+            for ev in streams[i]:
+                if ev.token_id is not None and firsts[i] is None:
+                    firsts[i] = time.monotonic() - t0
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        hit = eng.stats()["prefix_cache_hit_tokens"]
+    firsts.sort()
+    return {"median": statistics.median(firsts), "p90": firsts[int(0.9 * (len(firsts) - 1))], "hit_tokens": hit}
+
+
+def gaps_round(ckpt: str, budget: int, long_len: int, streams_n: int) -> dict:
+    """16 decoding streams; a long prompt arrives; token gaps of the streams before and during its prefill."""
+    from maverick_ray.config import EngineConfig, ParallelConfig
+    from maverick_ray.engine.engine import Engine
+    from maverick_ray.engine.sampling import SamplingParams
+
+    cfg = EngineConfig(max_num_seqs=streams_n + 1, max_prefill_tokens=budget, max_model_len=long_len + 64,
+                       kv_cache_memory_gb=1.0)
+    with Engine(ckpt, ParallelConfig(ep_size=1), cfg) as eng:
+        eng.generate(_tokens(8, 7), SamplingParams(max_tokens=2, temperature=0))  # warm-up
+        params = SamplingParams(max_tokens=long_len, temperature=0, ignore_eos=True)  # aborted at the end
+        streams = [eng.add_request(_tokens(16, 200 + i), params) for i in range(streams_n)]
+        times: list[list[float]] = [[] for _ in streams]
+        stop = threading.Event()
+
+        def read(i):
+            for ev in streams[i]:
+                if ev.token_id is not None:
+                    times[i].append(time.monotonic())
+                if stop.is_set():
+                    eng.abort(ev.request_id)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(streams_n)]
+        for t in threads:
+            t.start()
+        while min(len(t) for t in times) < 30:  # a calm stretch first: the baseline gaps
+            time.sleep(0.05)
+        t_in = time.monotonic()
+        long_stream = eng.add_request(_tokens(long_len, 5), SamplingParams(max_tokens=1, temperature=0))
+        t_first = next(ev for ev in long_stream if ev.token_id is not None) and time.monotonic()
+        time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join(120)
+
+    def gaps(lo, hi):
+        return sorted(b - a for ts in times for a, b in zip(ts, ts[1:]) if lo <= a and b <= hi) or [float("nan")]
+
+    before, during = gaps(0, t_in), [b - a for ts in times for a, b in zip(ts, ts[1:]) if a < t_first and b > t_in]
+    during = sorted(during) or [float("nan")]
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"before_p50": q(before, 0.5), "before_p99": q(before, 0.99), "during_p50": q(during, 0.5),
+            "during_p99": q(during, 0.99), "prefill_s": t_first - t_in}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each TTFT setting (default: 3)")
+    ap.add_argument("--system", type=int, default=2048, help="shared system prompt tokens (default: 2048)")
+    ap.add_argument("--requests", type=int, default=32, help="requests sharing it (default: 32)")
+    ap.add_argument("--long", type=int, default=16384, help="the long prompt's tokens (default: 16384)")
+    ap.add_argument("--streams", type=int, default=16, help="decoding streams (default: 16)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 32768],
+                    help="max_prefill_tokens values for the token-gap runs; one >= --long is the old behaviour")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    command = " ".join([".venv/bin/python benchmarks/bench_kv_serving.py"] + (argv if argv is not None else sys.argv[1:]))
+    tmp = tempfile.mkdtemp(prefix="bench-kv-")
+    try:
+        print("checkpoint mini ...", flush=True)
+        ckpt = in_subprocess("bench_kv_serving", "make_mini", tmp)
+        ttft = {"on": [], "off": []}
+        for rnd in range(args.rounds):
+            for caching in (("on", "off") if rnd % 2 == 0 else ("off", "on")):
+                r = in_subprocess("bench_kv_serving", "ttft_round", ckpt, caching, args.system, args.requests)
+                ttft[caching].append(r)
+                print(f"TTFT round {rnd + 1}, prefix caching {caching}: median {r['median']:.2f} s, "
+                      f"p90 {r['p90']:.2f} s", flush=True)
+        gaps = {}
+        for budget in args.budgets:
+            gaps[budget] = in_subprocess("bench_kv_serving", "gaps_round", ckpt, budget, args.long, args.streams)
+            g = gaps[budget]
+            print(f"budget {budget}: gaps before p99 {g['before_p99'] * 1e3:.0f} ms, during p99 "
+                  f"{g['during_p99'] * 1e3:.0f} ms, prefill {g['prefill_s']:.1f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    on, off = ttft["on"], ttft["off"]
+    lines = [f"TTFT, {args.requests} requests sharing a {args.system}-token system prompt (+24 tokens each) that one "
+             f"earlier request used, submitted at once, `mini` EP=1, {args.rounds} alternating rounds:", "",
+             "| prefix caching | TTFT median | TTFT p90 | prompt tokens found cached |", "|---|---|---|---|",
+             f"| off | {med(off, 'median'):.2f} s | {med(off, 'p90'):.2f} s | {med(off, 'hit_tokens'):.0f} |",
+             f"| on | {med(on, 'median'):.2f} s | {med(on, 'p90'):.2f} s | {med(on, 'hit_tokens'):.0f} |", "",
+             f"Median TTFT off / on: **{med(off, 'median') / med(on, 'median'):.1f}x** (goal >= 5x).", "",
+             f"Token gaps of {args.streams} decoding streams while a {args.long}-token prompt prefills (`mini` EP=1):",
+             "", "| max_prefill_tokens | gap p50 before | gap p99 before | gap p50 during | gap p99 during | "
+             "p99 during / p99 before | the prompt's prefill |", "|---|---|---|---|---|---|---|"]
+    for budget, g in gaps.items():
+        label = f"{budget}" + (" (whole prompt in one step: before chunked prefill)" if budget >= args.long else "")
+        lines.append(f"| {label} | {g['before_p50'] * 1e3:.0f} ms | {g['before_p99'] * 1e3:.0f} ms | "
+                     f"{g['during_p50'] * 1e3:.0f} ms | {g['during_p99'] * 1e3:.0f} ms | "
+                     f"{g['during_p99'] / g['before_p99']:.1f}x | {g['prefill_s']:.1f} s |")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("bench_kv_serving", f"## Prefix caching and chunked prefill (issue 17)\n\nMachine: "
+                      f"{machine_line()}.\n\n{text}\n\nCommand: `{command}`\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

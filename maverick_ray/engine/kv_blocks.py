@@ -1,0 +1,182 @@
+"""One rank's KV pages as the scheduler sees them: free, cached and used pages, and each
+sequence's block tables.
+
+The scheduler owns the tables (the ranks hold only the page buffers, model/kv_cache.py): each
+step's plan carries, per sequence and layer group, the pages of the blocks that step reads and
+writes, so a rank keeps no table state of its own and a replaced rank needs none back. Chunked
+(local) groups give back the blocks of attention chunks a sequence has left (`trim`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..model.kv_cache import KVLayout
+
+
+class OutOfPages(RuntimeError):
+    """A rank has fewer free pages than a sequence's next step needs."""
+
+
+def block_hashes(tokens: list[int], block_size: int, prev: list[int], image_token: int | None = None,
+                 image_key: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of `tokens`, extending `prev` (the hashes already made
+    for its first blocks): block j's hash covers every token up to the end of block j. A block
+    holding image patch tokens also covers `image_key` (the images' content), so the same
+    prompt with another image does not match. Python's hash of int tuples: deterministic, 64 bits."""
+    out = list(prev)
+    for j in range(len(out), len(tokens) // block_size):
+        block = tuple(tokens[j * block_size:(j + 1) * block_size])
+        extra = image_key if image_token is not None and image_token in block else None
+        out.append(hash((out[-1] if out else 0, block, extra)))
+    return out
+
+
+class BlockTables:
+    """Pages are free, used by sequences (counted: a cached prefix block may be shared), or cached
+    and unused (evictable, least recently released first). With prefix caching on, full blocks
+    are registered under (group, chained hash) and a new request adopts the pages of its longest
+    cached prefix."""
+
+    def __init__(self, layout: KVLayout, num_pages: int, caching: bool = False):
+        self.layout, self.num_pages, self.caching = layout, num_pages, caching
+        self.free: list[int] = list(range(num_pages - 1, -1, -1))
+        self.evictable: OrderedDict[int, None] = OrderedDict()   # cached pages no sequence uses, LRU first
+        self.refs: dict[int, int] = {}                              # page -> sequences using it
+        self.key_of: dict[int, tuple[int, int]] = {}                # registered page -> (group, block hash)
+        self.page_of: dict[tuple[int, int], int] = {}               # (group, block hash) -> page
+        self.tables: dict[str, list[dict[int, int]]] = {}   # seq id -> per group: logical block -> page
+
+    @property
+    def used(self) -> int:
+        """Pages some sequence uses."""
+        return len(self.refs)
+
+    @property
+    def available(self) -> int:
+        """Pages a sequence can get: free ones and cached ones nobody uses (evicted on demand)."""
+        return len(self.free) + len(self.evictable)
+
+    def _table(self, seq_id: str) -> list[dict[int, int]]:
+        if seq_id not in self.tables:
+            self.tables[seq_id] = [{} for _ in range(self.layout.num_groups)]
+        return self.tables[seq_id]
+
+    def _take(self) -> int:
+        if self.free:
+            page = self.free.pop()
+        else:  # evict the least recently released cached block
+            page, _ = self.evictable.popitem(last=False)
+            del self.page_of[self.key_of.pop(page)]
+        self.refs[page] = 1
+        return page
+
+    def _drop(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            del self.refs[page]
+            if page in self.key_of:
+                self.evictable[page] = None
+            else:
+                self.free.append(page)
+
+    def pages_needed(self, seq_id: str, start: int, end: int) -> int:
+        """New pages a step over positions start..end-1 needs for this sequence."""
+        table = self.tables.get(seq_id)
+        return sum(1 for g in range(self.layout.num_groups) for j in self.layout.blocks_for(g, start, end)
+                   if table is None or j not in table[g])
+
+    def allocate(self, seq_id: str, start: int, end: int) -> tuple[list[int], list[list[int]]]:
+        """Gives the sequence pages for every block a step over start..end-1 uses; returns, per
+        group, the first logical block the step reads and the pages from there (the plan's
+        view). OutOfPages (and nothing allocated) when too few are available."""
+        need = self.pages_needed(seq_id, start, end)
+        if need > self.available:
+            raise OutOfPages(f"{need} pages needed, {self.available} available")
+        table = self._table(seq_id)
+        first, pages = [], []
+        for g in range(self.layout.num_groups):
+            blocks = self.layout.blocks_for(g, start, end)
+            for j in blocks:
+                if j not in table[g]:
+                    table[g][j] = self._take()
+            first.append(blocks.start)
+            pages.append([table[g][j] for j in blocks])
+        return first, pages
+
+    def trim(self, seq_id: str, length: int) -> None:
+        """The sequence now has `length` tokens cached: local groups let go of the blocks of
+        chunks it has left."""
+        table = self.tables.get(seq_id)
+        if table is None:
+            return
+        for g in range(self.layout.num_groups):
+            keep = self.layout.first_kept_block(g, length)
+            for j in [j for j in table[g] if j < keep]:
+                self._drop(table[g].pop(j))
+
+    def release(self, seq_id: str) -> int:
+        """Lets go of every page of the sequence; returns how many."""
+        table = self.tables.pop(seq_id, None)
+        if table is None:
+            return 0
+        pages = [p for group in table for p in group.values()]
+        for p in pages:
+            self._drop(p)
+        return len(pages)
+
+    def held(self, seq_id: str) -> int:
+        table = self.tables.get(seq_id)
+        return sum(len(group) for group in table) if table else 0
+
+    # ---- prefix caching ------------------------------------------------------------------------
+    def register(self, seq_id: str, hashes: list[int], length: int) -> None:
+        """Makes the sequence's full blocks (of its first `length` cached tokens, hashes[j] for
+        block j) findable by later requests."""
+        table = self.tables.get(seq_id)
+        if not self.caching or table is None:
+            return
+        full = min(len(hashes), length // self.layout.block_size)
+        for g in range(self.layout.num_groups):
+            for j, page in table[g].items():
+                if j < full and page not in self.key_of and (g, hashes[j]) not in self.page_of:
+                    self.key_of[page] = (g, hashes[j])
+                    self.page_of[(g, hashes[j])] = page
+
+    def forget_cached(self) -> None:
+        """Drops every cached block (their keys and values no longer match what the model
+        computes, e.g. after a test hook changed the routing)."""
+        self.free.extend(self.evictable)
+        self.evictable.clear()
+        self.key_of.clear()
+        self.page_of.clear()
+
+    def _window(self, g: int, blocks: int) -> range:
+        """Logical blocks a sequence with `blocks` full blocks cached needs in group g to go on."""
+        return range(min(self.layout.first_kept_block(g, blocks * self.layout.block_size), blocks), blocks)
+
+    def longest_prefix(self, hashes: list[int], most_blocks: int) -> int:
+        """Blocks (at most most_blocks) of the longest prefix whose blocks are cached in every
+        group, as far as a sequence continuing after it needs them (global groups: all of them;
+        chunked groups: the current chunk's)."""
+        if not self.caching:
+            return 0
+        top = min(len(hashes), most_blocks)
+        for g in range(self.layout.num_groups):  # global groups need the whole prefix
+            if not self.layout.local[g]:
+                top = next((j for j in range(top) if (g, hashes[j]) not in self.page_of), top)
+        for m in range(top, 0, -1):
+            if all((g, hashes[j]) in self.page_of for g in range(self.layout.num_groups) if self.layout.local[g]
+                   for j in self._window(g, m)):
+                return m
+        return 0
+
+    def adopt(self, seq_id: str, hashes: list[int], blocks: int) -> None:
+        """The sequence starts from the cached pages of its first `blocks` blocks."""
+        table = self._table(seq_id)
+        for g in range(self.layout.num_groups):
+            for j in (range(blocks) if not self.layout.local[g] else self._window(g, blocks)):
+                page = self.page_of[(g, hashes[j])]
+                self.evictable.pop(page, None)
+                self.refs[page] = self.refs.get(page, 0) + 1
+                table[g][j] = page
