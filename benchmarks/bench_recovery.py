@@ -152,22 +152,22 @@ def machinery_off(eng):
     import torch
 
     from maverick_ray.engine import engine as engine_mod
-    from maverick_ray.engine import worker as worker_mod
+    from maverick_ray.engine import rank_sampler as sampler_mod
 
     class NoReseed(torch.Generator):
         def manual_seed(self, seed):
             return self
 
-    worker = eng.ranks.worker
-    saved = (eng._deadline, engine_mod.HEARTBEAT_S, worker_mod.token_seed, worker._generator)
+    sampler = eng.ranks.worker._sampler  # made by the warm-up's first sampled step
+    saved = (eng._deadline, engine_mod.HEARTBEAT_S, sampler_mod.token_seed, sampler._generator)
     eng._deadline = _ConstantDeadline(eng.engine_cfg.step_timeout_s)
     engine_mod.HEARTBEAT_S = 3600.0
-    worker_mod.token_seed = lambda seed, position: 0
-    worker._generator = NoReseed()
+    sampler_mod.token_seed = lambda seed, position: 0
+    sampler._generator = NoReseed()
     try:
         yield
     finally:
-        eng._deadline, engine_mod.HEARTBEAT_S, worker_mod.token_seed, worker._generator = saved
+        eng._deadline, engine_mod.HEARTBEAT_S, sampler_mod.token_seed, sampler._generator = saved
 
 
 def overhead(ckpt: str, rounds: int, requests: int, prompt_len: int, new_tokens: int) -> dict:
