@@ -14,8 +14,7 @@ import test_http_api as _http_tests
 from test_http_api import MESSAGES, assert_openai_error, chat, openai_client, sse, stream_chat
 
 # The HTTP tests' fixtures: a client over the fake engine.
-tokenizer, fake, make_client, http = (_http_tests.tokenizer, _http_tests.fake, _http_tests.make_client,
-                                      _http_tests.http)
+make_client, http = _http_tests.make_client, _http_tests.http  # the HTTP app fixtures; tokenizer, fake: conftest
 
 
 def fake_logprobs(token: int, k: int) -> TokenLogprobs:
