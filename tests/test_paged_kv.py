@@ -19,6 +19,14 @@ def maverick_text() -> TextConfig:
     return ModelConfig.from_dict(json.loads(path.read_text())).text
 
 
+def small_text(chunk: int | None, heads: int = 4) -> TextConfig:
+    """4 layers (NoPE every 4th: 1 global, 3 chunked with `chunk`), 2 kv heads of 16."""
+    return TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": heads, "num_key_value_heads": 2,
+                                 "head_dim": 16, "num_hidden_layers": 4, "vocab_size": 100,
+                                 "attention_chunk_size": chunk, "no_rope_layer_interval": 4,
+                                 "intermediate_size": 64, "intermediate_size_mlp": 64, "num_local_experts": 4})
+
+
 def test_tiny_layout_groups_global_and_chunked_layers(tiny_ckpt):
     text = ModelConfig.from_pretrained(tiny_ckpt).text  # 4 layers, NoPE every 4th, chunk 32
     layout = KVLayout.from_config(text, block_size=16)
@@ -42,10 +50,7 @@ def test_maverick_layout_holds_a_fraction_of_the_slot_reservation_at_long_contex
 
 
 def test_block_tables_allocate_trim_and_release():
-    text = TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "head_dim": 16, "num_hidden_layers": 4, "vocab_size": 100,
-                                 "attention_chunk_size": 32, "no_rope_layer_interval": 4,
-                                 "intermediate_size": 64, "intermediate_size_mlp": 64, "num_local_experts": 4})
+    text = small_text(32)
     layout = KVLayout.from_config(text, block_size=16)
     tables = BlockTables(layout, num_pages=20)
     first, pages = tables.allocate("a", 0, 40)  # 3 blocks in each of the 4 groups
@@ -62,10 +67,7 @@ def test_block_tables_allocate_trim_and_release():
 
 
 def test_kv_view_rows_and_positions():
-    text = TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "head_dim": 16, "num_hidden_layers": 4, "vocab_size": 100,
-                                 "attention_chunk_size": 8, "no_rope_layer_interval": 4,
-                                 "intermediate_size": 64, "intermediate_size_mlp": 64, "num_local_experts": 4})
+    text = small_text(8)
     layout = KVLayout.from_config(text, block_size=4)
     # one sequence at positions 9..10 (2 new tokens after 9 cached); global group pages [5, 2, 7]
     view = KVView(layout, [9], [2], [[0], [2], [2], [2]], [[[5, 2, 7]], [[1]], [[3]], [[4]]])
@@ -115,10 +117,7 @@ def test_native_paged_decode_equals_the_torch_gather_path(chunk):
     kernel = paged_decode_kernel()
     assert kernel is not None, "the C compiler is part of the test machine's setup"
     g = torch.Generator().manual_seed(0)
-    text = TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
-                                 "head_dim": 16, "num_hidden_layers": 4, "vocab_size": 100,
-                                 "attention_chunk_size": chunk, "no_rope_layer_interval": 4,
-                                 "intermediate_size": 64, "intermediate_size_mlp": 64, "num_local_experts": 4})
+    text = small_text(chunk, heads=8)
     layout = KVLayout.from_config(text, block_size=4)
     cache = PagedKVCache(layout, 64)
     for t in cache.k + cache.v:

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from maverick_ray.config import EngineConfig, ModelConfig, ParallelConfig, TextConfig
+from maverick_ray.config import EngineConfig, ModelConfig, ParallelConfig
 from maverick_ray.engine.engine import Engine
 from maverick_ray.engine.kv_blocks import BlockTables, block_hashes
 from maverick_ray.engine.sampling import SamplingParams
 from maverick_ray.model.kv_cache import KVLayout
 
+from test_paged_kv import small_text
+
 
 def small_layout(chunk=8) -> KVLayout:
-    text = TextConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "head_dim": 16, "num_hidden_layers": 4, "vocab_size": 100,
-                                 "attention_chunk_size": chunk, "no_rope_layer_interval": 4,
-                                 "intermediate_size": 64, "intermediate_size_mlp": 64, "num_local_experts": 4})
-    return KVLayout.from_config(text, block_size=4)  # groups: 1 global, 3 chunked (chunk 8 = 2 blocks)
+    return KVLayout.from_config(small_text(chunk), block_size=4)  # groups: 1 global, 3 chunked (chunk 8 = 2 blocks)
 
 
 def test_chained_hashes_cover_the_whole_prefix_and_the_images():

@@ -75,7 +75,6 @@ class RankWorker:
             self.cache.decode_kernel = paged_decode_kernel()
             self.native_paged_attention = self.cache.decode_kernel is not None
         self.params: dict[str, SamplingParams] = {}
-        self._generator = torch.Generator()  # reseeded for every sampled token (token_seed)
         self.vision = None  # built lazily by the vision path when a prompt carries images
         self._phase = defaultdict(float)
         self._fail_in: tuple[int, str] | None = None  # test hook: (steps left, message)
