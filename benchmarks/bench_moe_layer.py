@@ -11,8 +11,9 @@ Roofline of a variant = max(weight bytes of the touched experts / measured bandw
 measured matmul rate); bandwidth is a large device-to-device copy in the same run (read + write
 bytes / time), the matmul rate one large bf16 (and FP8) matmul. "% roofline" = roofline / time.
 
-`engine`: EP = 1 engine decode on a checkpoint (the `mini` preset on GPU): output tokens/s and
-the median decode step, as `maverick-ray generate --ep 1` runs it.
+`engine`: EP = 1 engine decode on a checkpoint (the `mini` preset on GPU, bf16 and FP8): output
+tokens/s and the median decode step, as `maverick-ray generate --ep 1` runs it (an FP8 checkpoint's
+routed experts stay FP8 on a GPU with FP8 matmuls: the fp8_experts knob's auto).
 
 Both write JSON and a Markdown table to --out. `--cpu-smoke` runs tiny sizes on the CPU (the
 test suite runs it); figures from it mean nothing. Usage:
@@ -243,7 +244,8 @@ def run_engine(args) -> dict:
         wall = time.perf_counter() - t0
         info = eng.ranks.call("info")[0]
     decode = [s.seconds for s in steps if s.num_seqs == seqs and s.admitted == 0]
-    return {"checkpoint": str(args.checkpoint), "device": info["device"], "seqs": seqs, "new_tokens": new,
+    return {"checkpoint": str(args.checkpoint), "device": info["device"], "fp8_experts": info["fp8_experts"],
+            "routed_expert_bytes": info["routed_expert_bytes"], "seqs": seqs, "new_tokens": new,
             "output_tokens_per_s": sum(map(len, outs)) / wall,
             "decode_step_ms_median": 1e3 * statistics.median(decode) if decode else None,
             "decode_steps": len(decode), "all_outputs_full_length": all(len(o) == new for o in outs)}
@@ -262,6 +264,8 @@ def main(argv=None) -> int:
     sub.choices["engine"].add_argument("--checkpoint", required=True)
     sub.choices["engine"].add_argument("--seqs", type=int, default=32)
     sub.choices["engine"].add_argument("--new-tokens", type=int, default=64)
+    sub.choices["engine"].add_argument("--name", default="engine_decode",
+                                       help="results file name (NAME.json), e.g. engine_decode_fp8")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +279,7 @@ def main(argv=None) -> int:
         print(layer_markdown(res))
     else:
         res = run_engine(args)
-        (out / "engine_decode.json").write_text(json.dumps(res, indent=2))
+        (out / f"{args.name}.json").write_text(json.dumps(res, indent=2))
         print(json.dumps(res))
     return 0
 

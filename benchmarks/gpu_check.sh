@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check of issue 20, in one run of under 8 minutes on one H100:
 #   1. the GPU tests (tests/test_gpu.py: bf16 on CUDA vs fp32 on CPU, the EP = 1 engine on a GPU;
-#      the EP = 2 NCCL test skips itself on one GPU)
+#      the EP = 2 NCCL test skips itself on one GPU; tests/test_gpu_fp8.py: FP8 routed experts
+#      through torch._scaled_mm against the CPU fp32 model, the engine keeping them FP8)
 #   2. one real-size Maverick MoE layer (hidden 5120, width 8192, 128 experts, top-1; bf16 and FP8;
 #      32, 128 and 4096 tokens) against the HBM roofline, per-expert loop beside the grouped kernels
 #      (benchmarks/bench_moe_layer.py layer)
-#   3. EP = 1 engine decode on a `mini` checkpoint on the GPU (bench_moe_layer.py engine)
+#   3. EP = 1 engine decode on a `mini` checkpoint on the GPU, bf16 and FP8 (bench_moe_layer.py engine)
 # Every result goes to one directory: $OUT if set, else artifacts/gpu_check/<time>. A step that
 # fails or runs out of its time is recorded in summary.txt and the next step still runs; the exit
 # status is non-zero if any step failed.
@@ -49,13 +50,17 @@ print("torch._grouped_mm", hasattr(torch, "_grouped_mm"), "torch._scaled_mm", ha
 PY
 cat "$OUT/environment.txt"
 
-step gpu_tests 120 "$PYTHON" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
-step moe_layer 180 "$PYTHON" benchmarks/bench_moe_layer.py layer --out "$OUT"
+step gpu_tests 120 "$PYTHON" -m pytest tests/test_gpu.py tests/test_gpu_fp8.py -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+step moe_layer 150 "$PYTHON" benchmarks/bench_moe_layer.py layer --out "$OUT"
 CKPT=$(mktemp -d)/mini
-step make_mini 45 "$PYTHON" -m maverick_ray.cli make-checkpoint "$CKPT" --preset mini
-step engine_decode 90 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT" --out "$OUT"
+step make_mini 40 "$PYTHON" -m maverick_ray.cli make-checkpoint "$CKPT" --preset mini
+step engine_decode 60 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT" --out "$OUT"
+step make_mini_fp8 45 "$PYTHON" -m maverick_ray.cli make-checkpoint "$CKPT-fp8" --preset mini --fp8
+step engine_decode_fp8 60 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT-fp8" --out "$OUT" \
+  --name engine_decode_fp8
 rm -rf "$(dirname "$CKPT")"
 
 echo "total $(( $(date +%s) - START ))s; results in $OUT" | tee -a "$SUMMARY"
 [ -f "$OUT/moe_layer.md" ] && cat "$OUT/moe_layer.md"
+for f in "$OUT"/engine_decode*.json; do [ -f "$f" ] && { echo "$(basename "$f"):"; cat "$f"; echo; }; done
 exit $FAILED

@@ -397,6 +397,10 @@ class EngineConfig:
     request_deadline_s: float = knob(0.0, "seconds from arrival (time queued included) after which a request is "
                                           "ended with a timeout error and its KV pages freed; a request's own "
                                           "`timeout` may only shorten it. 0: no deadline")
+    fp8_experts: str = knob("auto", "FP8 checkpoints (compressed-tensors): auto keeps the routed experts FP8 and "
+                                    "runs them as FP8 matmuls on GPUs that have them (compute capability 8.9+, "
+                                    "e.g. H100), else dequantizes them at load; on: keep them FP8 on any device "
+                                    "(slow on CPU); off: always dequantize", choices=("auto", "on", "off"))
     cpu_kernels: str = knob("auto", "auto: compile (once, ~1 s, needs a C compiler) and use the native CPU "
                                     "kernels for the routed experts of decode steps and for RMSNorm, falling back "
                                     "to torch when it cannot; off: torch only", choices=("auto", "off"))

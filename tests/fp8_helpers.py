@@ -60,20 +60,18 @@ def hf_logits(ckpt, prompt: list[int], dequantize: bool) -> torch.Tensor:
 
 
 def fp8_expert_worker(ckpt, engine):
-    """A RankWorker (EP 1) whose routed experts are swapped for model/fp8_experts.Fp8Experts
-    holding the checkpoint's FP8 weights and scales (what an FP8 rank would run)."""
-    from maverick_ray.checkpoint.loader import load_state_dict
+    """A RankWorker (EP 1) that keeps the checkpoint's routed experts FP8 (the fp8_experts knob on:
+    model/fp8_experts.Fp8Experts holding the FP8 weights and scales, what an FP8 GPU rank runs)."""
+    import dataclasses
+
     from maverick_ray.config import ModelConfig
     from maverick_ray.engine.worker import RankWorker
-    from maverick_ray.model.fp8_experts import use_fp8_experts
     from maverick_ray.parallel.placement import ExpertPlacement
 
     cfg = ModelConfig.from_pretrained(ckpt)
-    w = RankWorker(ckpt, 0, ExpertPlacement.contiguous(cfg.text.num_local_experts, 1), engine)
-    kept = load_state_dict(ckpt, cfg, include_vision=False, progress=False, keep_fp8_experts=True)
-    assert use_fp8_experts(w.model) == sum(cfg.text.is_moe)
-    missing, unexpected = w.model.load_state_dict({k: v for k, v in kept.items() if ".experts." in k}, strict=False)
-    assert not unexpected and not any(".experts." in k for k in missing)
+    w = RankWorker(ckpt, 0, ExpertPlacement.contiguous(cfg.text.num_local_experts, 1),
+                   dataclasses.replace(engine, fp8_experts="on"))
+    assert w.fp8_experts and w.info()["fp8_experts"]
     return w
 
 

@@ -92,3 +92,37 @@ def test_fp8_experts_in_the_model_track_the_dequantized_reference(fp8_ckpt):
     assert (got.argmax(-1) == deq.argmax(-1)).float().mean() >= 0.85
     assert (got - deq).abs().max() > 1e-3   # the activations really went through FP8
     assert ModelConfig.from_pretrained(fp8_ckpt).text.num_local_experts == w.model.moe_blocks[0].experts.num_local
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_fp8_experts_are_dequantized_on_cpu_unless_asked(fp8_ckpt, mode):
+    """auto keeps FP8 experts only on GPUs with FP8 matmuls; on this CPU it dequantizes, like off."""
+    from maverick_ray.engine.worker import RankWorker
+    from maverick_ray.model.moe import Experts
+    from maverick_ray.parallel.placement import ExpertPlacement
+
+    experts = ModelConfig.from_pretrained(fp8_ckpt).text.num_local_experts
+    w = RankWorker(fp8_ckpt, 0, ExpertPlacement.contiguous(experts, 1),
+                   EngineConfig(device="cpu", dtype="float32", max_num_seqs=1, fp8_experts=mode))
+    assert not w.fp8_experts and isinstance(w.model.moe_blocks[0].experts, Experts)
+    fp8 = fp8_expert_worker(fp8_ckpt, EngineConfig(device="cpu", dtype="float32", max_num_seqs=1))
+    # fp32 weights (4 bytes) against FP8 ones (1 byte) plus one fp32 scale per output row
+    assert 3.5 < w.routed_expert_bytes() / fp8.routed_expert_bytes() < 4
+
+
+def test_engine_decodes_with_fp8_experts_like_the_fp8_model_prefill(fp8_ckpt):
+    """The engine with fp8_experts on (slot order, paged KV decode, the FP8 experts each step):
+    each greedy token is the argmax the same FP8 model gives when it prefills prompt + output."""
+    from maverick_ray.config import ParallelConfig
+    from maverick_ray.engine.engine import Engine
+    from maverick_ray.engine.sampling import SamplingParams
+
+    engine = EngineConfig(device="cpu", dtype="float32", max_num_seqs=2, max_model_len=256, fp8_experts="on")
+    prompts = prompts_for(fp8_ckpt)[:2]
+    with Engine(fp8_ckpt, ParallelConfig(ep_size=1), engine) as eng:
+        outs = [eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))["token_ids"]
+                for p in prompts]
+    w = fp8_expert_worker(fp8_ckpt, engine)
+    for p, out in zip(prompts, outs):
+        logits = prefill_logits(w.model, p + out, w.device)     # (T, V)
+        assert logits[len(p) - 1:-1].argmax(-1).tolist() == out

@@ -69,3 +69,25 @@ def test_fp8_model_on_cuda_tracks_the_cpu_fp32_model(fp8_ckpt):
     cos = F.cosine_similarity(got, ref, dim=-1)
     assert cos.median() > 0.995 and (cos > 0.98).float().mean() >= 0.9, f"cosines {cos}"
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
+def test_engine_keeps_fp8_experts_on_the_gpu_by_default(fp8_ckpt):
+    """fp8_experts=auto on an FP8-capable GPU: the engine's rank holds FP8 experts, and its greedy
+    decode (paged KV, FP8 experts every step) agrees with the same rank's own full prefill."""
+    from maverick_ray.config import ParallelConfig
+    from maverick_ray.engine.engine import Engine
+    from maverick_ray.engine.sampling import SamplingParams
+
+    prompts = prompts_for(fp8_ckpt)[:2]
+    engine = EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=2, max_model_len=256)
+    with Engine(fp8_ckpt, ParallelConfig(ep_size=1), engine) as eng:
+        info = eng.ranks.call("info")[0]
+        outs = [eng.generate(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))["token_ids"]
+                for p in prompts]
+    assert info["fp8_experts"] and info["device"].startswith("cuda")
+    w = fp8_expert_worker(fp8_ckpt, engine)
+    agree = []
+    for p, out in zip(prompts, outs):
+        logits = prefill_logits(w.model, p + out, w.device)                       # (T, V)
+        agree += (logits[len(p) - 1:-1].argmax(-1) == torch.tensor(out)).tolist()
+    assert sum(agree) / len(agree) >= 0.9, f"decode vs prefill argmax agreement {agree}"

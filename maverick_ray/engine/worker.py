@@ -142,17 +142,34 @@ class RankWorker:
         from ..parallel.slot_weights import to_slot_order
 
         experts = self.placement.experts_of(self.rank)  # the expert of each slot (replicas may repeat one)
+        self.fp8_experts = self._keeps_fp8_experts(checkpoint)
         state = load_state_dict(checkpoint, self.config, expert_ids=experts, dtype=self.dtype,
-                                include_vision=False, progress=progress)
+                                include_vision=False, progress=progress, keep_fp8_experts=self.fp8_experts)
         state = to_slot_order(state, experts)  # the loader reads each expert once, in id order
         with torch.device("meta"):
             model = TextModel(self.config.text, expert_ids=experts, dispatcher=self.dispatcher)
+        if self.fp8_experts:
+            from ..model.fp8_experts import use_fp8_experts
+
+            use_fp8_experts(model)   # FP8 buffers: the .to(device) below moves them and keeps their dtype
         model.load_state_dict(state, strict=True, assign=True)
         del state  # the model holds the tensors now; the re-layout below then frees each original
         model = fuse_projections(model.to(self.device).eval())  # after .to(): fused weights share storage
         if self.engine.cpu_kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             self._attach_cpu_kernels(model)
         return model
+
+    def _keeps_fp8_experts(self, checkpoint: Path) -> bool:
+        """Whether this rank runs its routed experts as FP8 matmuls (the fp8_experts knob): only
+        for an FP8 checkpoint; auto means on a GPU with FP8 matmuls (compute capability 8.9+)."""
+        from ..checkpoint.fp8 import read_quant_config
+
+        mode = self.engine.fp8_experts
+        if mode == "off" or read_quant_config(checkpoint) is None:
+            return False
+        if mode == "on":
+            return True
+        return self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) >= (8, 9)
 
     def _attach_cpu_kernels(self, model: TextModel) -> None:
         """Native fp32 CPU kernels (maverick_ray/native): the routed experts of decode steps, RMSNorm."""
@@ -171,7 +188,9 @@ class RankWorker:
 
     # ---- introspection -------------------------------------------------------------------
     def routed_expert_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for b in self.model.moe_blocks for p in b.experts.parameters())
+        """Bytes of this rank's routed-expert weights (FP8 experts hold theirs, and scales, as buffers)."""
+        return sum(t.numel() * t.element_size() for b in self.model.moe_blocks
+                   for t in (*b.experts.parameters(), *b.experts.buffers()))
 
     def info(self) -> dict:
         import os
@@ -192,7 +211,7 @@ class RankWorker:
                 "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
                 "kv_pages": self.cache.num_pages,
                 "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
-                "native_paged_attention": self.native_paged_attention,
+                "native_paged_attention": self.native_paged_attention, "fp8_experts": self.fp8_experts,
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
     # ---- one lockstep step ---------------------------------------------------------------
