@@ -64,7 +64,7 @@ system-packages:
 	bash .ci/system-packages
 
 test: $(STAMP) $(ORACLE_STAMP) system-packages
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The newest versions pyproject.toml allows (no lock), in a venv of their own: finds the next
 # break on purpose. Known exclusions (pyproject's `!=` pins) are reported, not failed.

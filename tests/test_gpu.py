@@ -13,7 +13,6 @@ from maverick_ray.config import EngineConfig, ModelConfig, ParallelConfig
 from maverick_ray.engine.engine import Engine
 from maverick_ray.engine.sampling import SamplingParams
 from maverick_ray.engine.worker import RankWorker
-from maverick_ray.model.batch import ForwardBatch
 from maverick_ray.parallel.placement import ExpertPlacement
 
 from engine_helpers import greedy_reference, prompts_for
@@ -26,10 +25,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def prefill_logits(ckpt, engine: EngineConfig, prompt: list[int]) -> torch.Tensor:
     experts = ModelConfig.from_pretrained(ckpt).text.num_local_experts
     w = RankWorker(ckpt, 0, ExpertPlacement.contiguous(experts, 1), engine)
-    with torch.no_grad():
-        ids = torch.tensor(prompt, device=w.device)
-        out = w.model(ids, batch=ForwardBatch.single(len(prompt), device=w.device), cache=w.cache, all_logits=True)
-    return out.float().cpu()
+    with torch.no_grad():   # one prefill from position 0, no KV cache
+        return w.model(torch.tensor(prompt, device=w.device), all_logits=True).float().cpu()
 
 
 def test_bf16_on_cuda_tracks_fp32_on_cpu(tiny_ckpt):

@@ -172,3 +172,34 @@ def test_hung_in_process_rank_is_replaced_at_ep1(tiny_ckpt):
         assert eng.stats()["rank_failures"] == {"hung": 1} and gap < 6
     finally:
         eng.shutdown()
+
+
+def test_in_process_rank_is_freed_before_its_replacement_loads(tiny_ckpt, monkeypatch):
+    """EP = 1 without Ray: the failed worker (weights, KV cache: most of a GPU) must be garbage
+    before the replacement allocates its own, or recovery on a full GPU runs out of memory. The
+    failed step's traceback references the worker; recovery drops it. The request still finishes
+    with the fault-free output."""
+    import weakref
+
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    eng = Engine(tiny_ckpt, ParallelConfig(ep_size=1),
+                 EngineConfig(max_num_seqs=2, max_model_len=256, step_timeout_s=20)).start()
+    try:
+        want = eng.generate(list(range(10, 20)), greedy)["token_ids"]
+        old = weakref.ref(eng.ranks.worker)
+        alive_when_replaced = []
+        start = eng.ranks.start
+
+        def recording_start(num_experts):
+            alive_when_replaced.append(old() is not None)
+            start(num_experts)
+
+        monkeypatch.setattr(eng.ranks, "start", recording_start)
+        stream = eng.add_request(list(range(10, 20)), greedy)
+        eng.ranks.call("fail_after", 2, "injected fault")
+        got = [ev.token_id for ev in stream if ev.token_id is not None]
+        assert alive_when_replaced == [False]
+        assert got == want
+        assert eng.stats()["recoveries"]["ok"] == 1
+    finally:
+        eng.shutdown()

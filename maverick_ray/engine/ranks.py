@@ -10,12 +10,16 @@ over a direct socket to every rank (engine/step_channel.py); Ray carries everyth
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import time
+import traceback
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+import torch
 
 from ..config import EngineConfig, ParallelConfig
 from ..parallel.network import pin_collective_interface
@@ -98,6 +102,23 @@ class RankGroup(Protocol):
         """Stops every rank and frees its resources. Safe to call twice."""
 
 
+def release_frames(error: BaseException | None) -> None:
+    """Drops the local variables held by the tracebacks of `error` and the errors it chains
+    (a failed step's frames reference the worker, so its model and KV cache would outlive it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def free_device_memory() -> None:
+    """Collects what was just dropped and returns cached CUDA blocks to the driver."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class LocalRanks:
     """A single in-process rank (EP = 1, no Ray), computing on its own ComputeThread."""
 
@@ -139,8 +160,11 @@ class LocalRanks:
 
     def recover(self, failure: Exception | None, timeout: float) -> list[int]:
         """A new worker on a new compute thread; a hung old thread is abandoned (its late result
-        goes nowhere). The only rank is always the failed one."""
+        goes nowhere). The only rank is always the failed one. The old worker's memory (weights,
+        KV cache: most of a GPU) is freed before the new one allocates its own."""
         self.shutdown()
+        release_frames(failure)
+        free_device_memory()
         self.start(self.placement.num_experts)
         return [0]
 

@@ -16,6 +16,7 @@ scaled rows with global expert ids and gets back one output row per routed row, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -106,6 +107,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def is_hopper(device: torch.device) -> bool:
+    """Whether `device` is a Hopper GPU (sm90), where torch's grouped GEMMs run."""
+    return device.type == "cuda" and _capability(device.index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 class Experts(nn.Module):
     """The routed experts held by this process, fused as in HF checkpoints (used as x @ W;
     stored output-major once `fuse_projections` has run).
@@ -177,6 +188,8 @@ class Experts(nn.Module):
                 and not torch.is_grad_enabled()):
             return self.kernel(x, local_ids, self.gate_up_proj, self.down_proj)
         order = torch.argsort(local_ids, stable=True)
+        if self._grouped_gemm(x):
+            return self._grouped(x, local_ids, order)
         counts = torch.bincount(local_ids, minlength=self.num_local).tolist()
         groups, start = [], 0
         for e, n in enumerate(counts):
@@ -189,6 +202,24 @@ class Experts(nn.Module):
         result = torch.empty_like(out)
         result[order] = out
         return result
+
+
+    def _grouped_gemm(self, x: torch.Tensor) -> bool:
+        """bf16 inference on Hopper: each projection as one grouped GEMM over all experts
+        (torch._grouped_mm): no per-expert launches, no host sync on the group sizes; 8% faster
+        than the per-expert loop on a real-size layer on an H100 (BENCHMARKS.md)."""
+        return (x.is_cuda and x.dtype == torch.bfloat16 and self.gate_up_proj.dtype == torch.bfloat16
+                and hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and is_hopper(x.device))
+
+    def _grouped(self, x: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(torch.bincount(local_ids, minlength=self.num_local), 0).to(torch.int32)  # (El,)
+        h = torch._grouped_mm(x[order], self.gate_up_proj, offs=offs)                # (Rl, 2I)
+        two_i = h.shape[-1]
+        act = F.silu(h[:, :two_i // 2]) * h[:, two_i // 2:]                          # (Rl, I)
+        y = torch._grouped_mm(act, self.down_proj, offs=offs)                         # (Rl, C)
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
 
 
 class MoEBlock(nn.Module):
