@@ -7,7 +7,8 @@ kill -> every stream's next token, the longest pause any stream saw, the engine'
 last_recovery_seconds and its ranks' start_seconds (release: the failed rank killed and the
 survivors out of the old group; actor_start, group_init, weight_load, setup), the re-prefill
 (the recovery's end -> the first token after it), the sequences replayed (those of the killed
-rank), and whether the outputs equal the reference. Medians over rounds.
+rank), whether the outputs equal the reference, and whether a warm spare process took the killed
+rank's place. Each round runs every --spare-ranks setting side by side. Medians over rounds.
 
 Overhead: the detection machinery (the per-step deadline, engine/deadline.py; the idle heartbeat,
 HEARTBEAT_S; the per-token reseeded sampling, sampling.token_seed) against the same engine with
@@ -16,7 +17,8 @@ A B B A then B A A B on one EP = 1 engine in this process (no Ray cluster on the
 the last checkpoint named; greedy passes (deadline and heartbeat) and seeded-sampling passes (all
 three). The ratio is taken within each round; medians over rounds.
 
-Usage: .venv/bin/python benchmarks/bench_recovery.py [--checkpoints tiny mini --ep 2 4 --rounds 5 --requests 16]
+Usage: .venv/bin/python benchmarks/bench_recovery.py [--checkpoints tiny mini --ep 2 4 --rounds 5 --requests 16
+       --spare-ranks 1 0]
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def run_streams(eng, prompts, params, kill=None):
     return outs, times, (killed[0] if killed else None)
 
 
-def recovery_round(ckpt: str, ep: int, rank: int, requests: int, prompt_len: int, new_tokens: int) -> dict:
+def recovery_round(ckpt: str, ep: int, rank: int, requests: int, prompt_len: int, new_tokens: int,
+                   spare_ranks: int = 1) -> dict:
     """One round on a local Ray cluster that lives only for it (run through in_subprocess)."""
     import ray
 
@@ -98,12 +101,17 @@ def recovery_round(ckpt: str, ep: int, rank: int, requests: int, prompt_len: int
     init_ray("local", num_cpus=ep + 1)
     eng = None
     try:
-        eng = Engine(ckpt, ParallelConfig(ep_size=ep), EngineConfig(
+        eng = Engine(ckpt, ParallelConfig(ep_size=ep, spare_ranks=spare_ranks), EngineConfig(
             max_num_seqs=requests, max_model_len=prompt_len + new_tokens + 8)).start()
         params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
         prompts = prompts_for(requests, prompt_len)
         run_streams(eng, prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
         reference, ref_times, _ = run_streams(eng, prompts, params)
+        spares = set()
+        deadline = time.monotonic() + 120
+        while spare_ranks and not spares and time.monotonic() < deadline:  # the kill should find a warm spare
+            spares = {s["pid"] for s in eng.ranks.spares.warm_info()}
+            time.sleep(0.2)
         restarts: list[tuple[float, float]] = []
         recover = eng.ranks.recover
 
@@ -125,7 +133,8 @@ def recovery_round(ckpt: str, ep: int, rank: int, requests: int, prompt_len: int
                 "recovery": eng.last_recovery_seconds, "phases": dict(eng.ranks.start_seconds),
                 "reprefill": min(t - t_up for ts in times for t in ts if t > t_up),
                 "normal_gap": statistics.median(b - a for ts in ref_times for a, b in zip(ts, ts[1:])),
-                "identical": outs == reference, "replayed": eng.replayed_sequences}
+                "identical": outs == reference, "replayed": eng.replayed_sequences,
+                "by_spare": eng.ranks.infos[rank]["pid"] in spares}
     finally:
         if eng is not None:
             eng.shutdown()
@@ -224,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default: 32)")
     ap.add_argument("--new-tokens", type=int, default=64,
                     help="tokens per request; the kill comes once the first stream has a quarter (default: 64)")
+    ap.add_argument("--spare-ranks", type=int, nargs="+", default=[1, 0],
+                    help="spare_ranks settings to compare, side by side in each round (default: 1 0)")
     ap.add_argument("--overhead-rounds", type=int, default=10,
                     help="A B B A rounds of the no-failure overhead (default: 10; 0 skips it)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -239,17 +250,18 @@ def main(argv=None) -> int:
         t_start = time.monotonic()
         for name in args.checkpoints:
             for ep in args.ep:
-                key = f"{name} EP={ep}"
-                rows[key] = []
                 for rnd in range(args.rounds):
                     rank = rnd % ep
-                    print(f"[{time.monotonic() - t_start:5.0f} s] {key} round {rnd + 1}/{args.rounds}: "
-                          f"kill -9 rank {rank} ...", flush=True)
-                    r = in_subprocess("bench_recovery", "recovery_round", ckpts[name], ep, rank, args.requests,
-                                      args.prompt_len, args.new_tokens)
-                    rows[key].append(r)
-                    print(f"    kill -> next token {r['kill_to_next']:.2f} s, recovery {r['recovery']:.2f} s, "
-                          f"re-prefill {r['reprefill'] * 1e3:.0f} ms, identical {r['identical']}", flush=True)
+                    for spare in args.spare_ranks:
+                        key = f"{name} EP={ep} spare_ranks={spare}"
+                        print(f"[{time.monotonic() - t_start:5.0f} s] {key} round {rnd + 1}/{args.rounds}: "
+                              f"kill -9 rank {rank} ...", flush=True)
+                        r = in_subprocess("bench_recovery", "recovery_round", ckpts[name], ep, rank, args.requests,
+                                          args.prompt_len, args.new_tokens, spare)
+                        rows.setdefault(key, []).append(r)
+                        print(f"    kill -> next token {r['kill_to_next']:.2f} s, recovery {r['recovery']:.2f} s, "
+                              f"re-prefill {r['reprefill'] * 1e3:.0f} ms, identical {r['identical']}, "
+                              f"replaced by a spare {r['by_spare']}", flush=True)
         ovh = overhead(ckpts[args.checkpoints[-1]], args.overhead_rounds, args.requests, args.prompt_len,
                        args.new_tokens) if args.overhead_rounds > 0 else None
     finally:
@@ -265,11 +277,12 @@ def main(argv=None) -> int:
                      f"{med([r['longest_pause'] for r in rs]):.2f} s | {ms(med([r['detect'] for r in rs]))} | "
                      f"{med([r['recovery'] for r in rs]):.2f} s | {phases} | {ms(med([r['reprefill'] for r in rs]))} | "
                      f"{ms(med([r['normal_gap'] for r in rs]))} | {sum(r['identical'] for r in rs)}/{len(rs)} |")
-    per_round = ["| run | round | killed rank | kill -> next token | recovery | re-prefill | replayed | identical |",
-                 "|---|---|---|---|---|---|---|---|"]
+    per_round = ["| run | round | killed rank | kill -> next token | recovery | re-prefill | replayed | identical | "
+                 "by a spare |", "|---|---|---|---|---|---|---|---|---|"]
     for key, rs in rows.items():
         per_round += [f"| {key} | {i + 1} | {r['rank']} | {r['kill_to_next']:.2f} s | {r['recovery']:.2f} s | "
-                      f"{ms(r['reprefill'])} | {r['replayed']} | {r['identical']} |" for i, r in enumerate(rs)]
+                      f"{ms(r['reprefill'])} | {r['replayed']} | {r['identical']} | {r['by_spare']} |"
+                      for i, r in enumerate(rs)]
     text = "\n".join(lines) + "\n\nPer round:\n\n" + "\n".join(per_round)
     if ovh is not None:
         ov = ["| requests | machinery on (tok/s) | neutralised (tok/s) | cost (median of per-round ratios) | "
@@ -286,7 +299,8 @@ def main(argv=None) -> int:
             f"{args.requests} concurrent greedy requests, prompt {args.prompt_len} tokens, {args.new_tokens} new "
             f"tokens, default engine settings; kill -9 of one rank's process once the first stream has "
             f"{args.new_tokens // 4} tokens, a different rank each round, {args.rounds} rounds, each on a fresh local "
-            "Ray cluster and engine in a subprocess. kill -> next token: until every stream had a token again; "
+            "Ray cluster and engine in a subprocess, the spare_ranks settings side by side in each round (with "
+            "spares, the kill waits until a spare is warm). kill -> next token: until every stream had a token again; "
             "longest pause: the largest gap between two tokens of any stream; detect: kill -> the recovery began; "
             "start phases: the slowest rank's (setup is the ranks' whole setup call, which holds group_init and "
             "weight_load: actor_start + setup is about last_recovery_seconds); re-prefill: the recovery's end -> "

@@ -331,6 +331,16 @@ class ParallelConfig:
     init_expert_location: str = knob("", "an expert-load file recorded from real traffic (maverick-ray record-load): "
                                          "start with the balanced placement the EPLB policy computes from it. EP > 1 "
                                          "only; empty: contiguous blocks of experts")
+    eplb: str = knob("off", "live expert rebalancing: on moves experts between ranks (and redundant copies between "
+                            "experts) while serving, when the measured imbalance passes eplb_min_imbalance; EP > 1 only",
+                     choices=("on", "off"))
+    eplb_window_steps: int = knob(1000, "steps of routing the live rebalancer measures the load over")
+    eplb_interval_steps: int = knob(3000, "fewest steps between two live rebalances")
+    eplb_min_imbalance: float = knob(1.15, "busiest rank's tokens over the mean (summed over MoE layers) from which "
+                                           "a live rebalance runs")
+    spare_ranks: int = knob(1, "pre-started idle rank processes per node (no weights, no Ray resources, imports "
+                               "done) that replace a failed rank without a new Ray worker start: recovery "
+                               "takes ~1 s instead of ~4 s. 0: none. EP > 1 only")
     worker_resources: dict[str, float] | None = knob(
         None, "extra Ray resources each EP worker bundle asks for, e.g. {expert_host: 1} to keep the expert "
               "shards on nodes started with ray start --resources='{\"expert_host\": 4}'", cli=False)
@@ -343,6 +353,13 @@ class ParallelConfig:
                  f"must be a non-negative integer, got {self.redundant_experts!r}")
         _require(isinstance(self.init_expert_location, str), "init_expert_location",
                  f"must be a file path (or empty), got {self.init_expert_location!r}")
+        for name in ("eplb_window_steps", "eplb_interval_steps"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+                     f"must be a positive integer, got {getattr(self, name)!r}")
+        _require(isinstance(self.eplb_min_imbalance, (int, float)) and self.eplb_min_imbalance >= 1.0,
+                 "eplb_min_imbalance", f"is max / mean tokens per rank, at least 1.0; got {self.eplb_min_imbalance!r}")
+        _require(isinstance(self.spare_ranks, int) and self.spare_ranks >= 0, "spare_ranks",
+                 f"must be a non-negative integer, got {self.spare_ranks!r}")
         _require(self.num_gpus_per_worker >= 0 and self.num_cpus_per_worker >= 0, "num_gpus_per_worker",
                  "resources must be non-negative")
         extra = self.worker_resources or {}

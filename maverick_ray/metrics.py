@@ -89,6 +89,9 @@ class _Defs:
     prefix_queried: object
     prefix_hit: object
     prefill_tokens: object
+    eplb_rebalances: object
+    eplb_moved_slots: object
+    eplb_staged_bytes: object
 
 
 def _define() -> _Defs:
@@ -149,6 +152,14 @@ def _define() -> _Defs:
                            "Prompt tokens found in the prefix cache (not prefilled again).", tag_keys=r),
         prefill_tokens=Histogram("maverick_prefill_tokens_per_step", "Prompt tokens prefilled in one step.",
                                  boundaries=PREFILL_BUCKETS, tag_keys=r),
+        eplb_rebalances=Counter("maverick_eplb_rebalances_total",
+                                "Live expert rebalances, by outcome: done, or failed (could not be staged).",
+                                tag_keys=r + ("outcome",)),
+        eplb_moved_slots=Counter("maverick_eplb_moved_slots_total",
+                                 "Expert slots that changed expert in live rebalances.", tag_keys=r),
+        eplb_staged_bytes=Gauge("maverick_eplb_staged_bytes",
+                                "Extra memory the last live rebalance staged on its busiest rank (freed at the swap).",
+                                tag_keys=r),
     )
 
 
@@ -209,6 +220,20 @@ class EngineMetrics:
             if new > 0:
                 getattr(m, name).inc(new, tags=t)
             self._totals[key] = st[key]
+        if st.get("eplb"):
+            self._eplb(st["eplb"])
+
+    def _eplb(self, e: dict) -> None:
+        """Live rebalancer totals (engine stats "eplb") -> counter increments and the staged-bytes gauge."""
+        m, t = self.m, self.tags
+        for key, metric, tags in (("rebalances", m.eplb_rebalances, dict(t, outcome="done")),
+                                  ("failed", m.eplb_rebalances, dict(t, outcome="failed")),
+                                  ("moved_slots", m.eplb_moved_slots, t)):
+            new = e[key] - self._totals.get("eplb_" + key, 0)
+            if new > 0:
+                metric.inc(new, tags=tags)
+            self._totals["eplb_" + key] = e[key]
+        m.eplb_staged_bytes.set(e["last_staged_bytes"], tags=t)
 
     def on_finish(self, req, reason: str, now: float) -> None:
         m, t = self.m, self.tags

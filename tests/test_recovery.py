@@ -78,12 +78,25 @@ def ep2(tiny_ckpt, ray_local):
     eng.shutdown()
 
 
+def wait_for_spare(eng: Engine, timeout: float = 60.0) -> set[int]:
+    """The pids of the engine's warm spare rank processes, once at least one is warm."""
+    deadline = time.monotonic() + timeout
+    while not eng.ranks.spares.warm_info():
+        assert time.monotonic() < deadline, "no spare rank process warmed up"
+        time.sleep(0.2)
+    return {s["pid"] for s in eng.ranks.spares.warm_info()}
+
+
 def test_killed_rank_is_replaced_the_survivor_kept_and_every_output_is_unchanged(ep2):
     eng, reference = ep2
+    spares = wait_for_spare(eng)
     before, pids = eng.stats(), [rank_pid(eng, r) for r in (0, 1)]
+    assert before["spare_ranks_ready"] == 1
     outs, gap = run(eng, lambda: os.kill(rank_pid(eng, 1), signal.SIGKILL))
     assert outs == reference
     stats = eng.stats()
+    assert rank_pid(eng, 1) in spares   # the warm spare took the dead rank's place
+    assert wait_for_spare(eng).isdisjoint(spares)   # and a new spare was started for the next failure
     assert stats["rank_failures"].get("died", 0) == before["rank_failures"].get("died", 0) + 1
     assert stats["recoveries"]["ok"] == before["recoveries"]["ok"] + 1 and eng.healthy
     # Only rank 1 was replaced; rank 0 kept its process, weights and KV cache, so only the 4

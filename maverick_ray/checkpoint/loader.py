@@ -100,7 +100,7 @@ class _Reader:
 def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids: Iterable[int] | None = None,
                     dtype: torch.dtype = torch.float32, include_vision: bool = True,
                     progress: bool = True, include_text: bool = True,
-                    keep_fp8_experts: bool = False) -> dict[str, torch.Tensor]:
+                    keep_fp8_experts: bool = False, only_routed_experts: bool = False) -> dict[str, torch.Tensor]:
     """Reads a checkpoint directory into {internal name: tensor} (see names.py): the reads that
     read_plan.plan_reads lists for these experts, and nothing else. FP8 weights (a compressed-tensors
     checkpoint) come back dequantized to `dtype`.
@@ -108,14 +108,16 @@ def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids
     keep_fp8_experts: FP8 routed experts are not dequantized. Each expert target then holds the
     FP8 weights output-major, gate_up_proj (n_sel, 2I, C) and down_proj (n_sel, C, I) (the
     transpose of the dequantized form), and `<target>_scale` fp32 (n_sel, 2I) / (n_sel, C), one
-    scale per output row; model/fp8_experts.py runs them. Ignored unless the experts are FP8."""
+    scale per output row; model/fp8_experts.py runs them. Ignored unless the experts are FP8.
+    only_routed_experts: read the routed experts' tensors and nothing else."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = cfg or ModelConfig.from_pretrained(path)
     wm = weight_map(path)
     prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in wm) else ""
-    plan = plan_reads(path, cfg, wm, expert_ids, include_vision=include_vision, include_text=include_text)
+    plan = plan_reads(path, cfg, wm, expert_ids, include_vision=include_vision, include_text=include_text,
+                      only_routed_experts=only_routed_experts)
     targets = plan.by_target()
     bar = None
     if progress:
@@ -138,7 +140,8 @@ def load_state_dict(path: str | Path, cfg: ModelConfig | None = None, expert_ids
                 bar.update(1)
     if bar is not None:
         bar.close()
-    _warn_unexpected(wm, plan.disk_names, prefix, include_vision)
+    if not only_routed_experts:
+        _warn_unexpected(wm, plan.disk_names, prefix, include_vision)
     return out
 
 

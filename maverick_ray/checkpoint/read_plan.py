@@ -149,11 +149,13 @@ def _shape_error(disk: str, got, fname: str, want) -> CheckpointError:
 
 
 def plan_reads(path: str | Path, cfg: ModelConfig, wm: dict[str, str], expert_ids: Iterable[int] | None = None,
-               include_vision: bool = True, include_text: bool = True, quant: Fp8Config | None = None) -> ReadPlan:
+               include_vision: bool = True, include_text: bool = True, quant: Fp8Config | None = None,
+               only_routed_experts: bool = False) -> ReadPlan:
     """The reads that load the model's tensors with only `expert_ids` of the routed experts (all
     when None), from the headers named by `wm` (loader.weight_map). Checks names, shapes and, for
     FP8 checkpoints, dtypes and scales; raises CheckpointError naming the tensor and file.
-    quant: the FP8 config; None reads it from the directory's config.json (fp8.read_quant_config)."""
+    quant: the FP8 config; None reads it from the directory's config.json (fp8.read_quant_config).
+    only_routed_experts: plan the routed experts' reads alone (a live rebalance's new slots)."""
     path = Path(path)
     quant = quant if quant is not None else read_quant_config(path)
     prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in wm) else ""
@@ -166,6 +168,8 @@ def plan_reads(path: str | Path, cfg: ModelConfig, wm: dict[str, str], expert_id
     expected = [(prefix + n, n, s) for n, s in expected_text_tensors(cfg.text).items()] if include_text else []
     if include_vision:
         expected += [(n, n, s) for n, s in expected_vision_tensors(cfg).items()]
+    if only_routed_experts:
+        expected = [x for x in expected if is_routed_expert(x[1])]
     plan = ReadPlan()
     for disk, target, shape in expected:
         if is_routed_expert(target):

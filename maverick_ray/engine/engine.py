@@ -109,6 +109,7 @@ class Engine:
         self._finish_listeners: list[Callable[[Request, str, float], None]] = []
         self._recovery_listeners: list[Callable[[str, str | None, float | None, int], None]] = []
         self.ranks: RankGroup | None = None
+        self.eplb = None   # LiveRebalancer (engine/live_eplb.py) with parallel.eplb on
         self.max_model_len = self.engine_cfg.max_model_len  # resolved from the KV cache by start()
         self.kv_layout = None
         self.kv_page_bytes = 0
@@ -124,6 +125,11 @@ class Engine:
                 raise ValueError("expert parallelism over several ranks needs Ray (use_ray=True)")
             self.ranks = LocalRanks(self.checkpoint, self.engine_cfg, self.progress)
         self.ranks.start(self.model_config.text.num_local_experts)
+        if self.parallel.eplb == "on" and self.parallel.ep_size > 1:
+            from .live_eplb import LiveRebalancer
+
+            p = self.parallel
+            self.eplb = LiveRebalancer(self, p.eplb_window_steps, p.eplb_interval_steps, p.eplb_min_imbalance)
         self._set_kv()
         self._thread = threading.Thread(target=self._loop, name="maverick-engine", daemon=True)
         self._thread.start()
@@ -305,6 +311,8 @@ class Engine:
                     "replaced_ranks": self.replaced_ranks,
                     "last_recovery_seconds": self.last_recovery_seconds,
                     "rank_start_seconds": dict(self.ranks.start_seconds) if self.ranks else {},
+                    "spare_ranks_ready": spares.ready() if (spares := getattr(self.ranks, "spares", None)) else 0,
+                    "eplb": dict(self.eplb.stats) if self.eplb else None,
                     "ranks": [{**{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives")},
                                "running": self.scheduler.load(r), "kv_pages_used": self.scheduler.pages_used(r)}
                               for r, i in enumerate(self.ranks.infos if self.ranks else [])]}
@@ -349,6 +357,11 @@ class Engine:
         seconds = time.perf_counter() - t0
         self._deadline.record(seconds, plans[0].max_rank_tokens)
         self._finish_step(plans, results, admitted, decoding, seconds)
+        if self.eplb is not None:
+            try:
+                self.eplb.after_step(self.step_count)
+            except Exception as e:  # a rank failed during a rebalance: the same recovery
+                self._recover(e, None)
         return True
 
     def _recover(self, exc: Exception, failed_plans=None) -> None:
@@ -377,6 +390,8 @@ class Engine:
                 self.recovering = True
             try:
                 lost = self.ranks.recover(exc, RANK_START_TIMEOUT_S)
+                if self.eplb is not None:
+                    self.eplb.resync()
             except Exception as e:  # e.g. the checkpoint became unreadable, no room for an actor
                 log.error("recovery failed: %s: %s", type(e).__name__, e)
                 with self._cv:

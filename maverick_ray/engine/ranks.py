@@ -24,6 +24,7 @@ import torch
 from ..config import EngineConfig, ParallelConfig
 from ..parallel.network import pin_collective_interface
 from ..parallel.placement import ExpertPlacement
+from .spare_ranks import SparePool
 from .step_channel import RankFailed, StepClient, StepServer, StepTimeout, new_token
 from .step_types import RankPlan, RankResult
 from .worker import RankWorker
@@ -199,10 +200,12 @@ def _free_port(host: str) -> int:
 
 
 class _RankActor:
-    """Ray actor body: builds a RankWorker once the group's address is known."""
+    """Ray actor body: builds a RankWorker once the group's address is known (or, as a spare,
+    waits warm until a failed rank's place is handed to it)."""
 
     def __init__(self):
         self.worker: RankWorker | None = None
+        self.gpu_ids: list = []
 
     def rendezvous_address(self) -> str:
         import ray
@@ -210,11 +213,30 @@ class _RankActor:
         ip = ray.util.get_node_ip_address()
         return f"tcp://{ip}:{_free_port(ip)}"
 
-    def setup(self, checkpoint, rank, placement, engine, address, token, progress=False, kv_pages=None):
-        """Builds the rank and opens its step channel; returns the rank's info with the
-        channel's address under "step_address"."""
+    def warm(self, gpu: bool) -> dict:
+        """A spare (engine/spare_ranks.py): imports what building a rank needs, ahead of time.
+        On GPU workers DeepSpeed is left for setup: its import probes CUDA, which would fix the
+        visible devices before setup can hand the spare its GPUs."""
+        import os
+
         import ray
 
+        if not gpu:
+            import deepspeed.comm  # noqa: F401  (the collective group's import, the slowest)
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def setup(self, checkpoint, rank, placement, engine, address, token, progress=False, kv_pages=None,
+              gpu_ids=None):
+        """Builds the rank and opens its step channel; returns the rank's info with the
+        channel's address under "step_address" and the GPUs it uses under "gpu_ids".
+        gpu_ids: a spare taking a failed rank's place uses that rank's GPUs (Ray gave it none)."""
+        import os
+
+        import ray
+
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
         ip = ray.util.get_node_ip_address()
         pin_collective_interface(ip)
         # Ray runs the methods of this threaded actor (max_concurrency=2) on a pool of threads:
@@ -223,7 +245,8 @@ class _RankActor:
         self.worker = self.compute.run(lambda: RankWorker(checkpoint, rank, placement, engine, dist_address=address,
                                                           progress=progress, kv_pages=kv_pages))
         self.channel = StepServer(ip, token, lambda plan: self.compute.run(self.worker.step, plan))
-        return {**self.compute.run(self.worker.info), "step_address": self.channel.address}
+        self.gpu_ids = list(gpu_ids or ray.get_gpu_ids())
+        return {**self.compute.run(self.worker.info), "step_address": self.channel.address, "gpu_ids": self.gpu_ids}
 
     def call(self, method, *args):
         return self.compute.run(getattr(self.worker, method), *args)
@@ -250,7 +273,7 @@ class _RankActor:
         info = self.compute.run(self.worker.join_group, address)
         self.channel = StepServer(ray.util.get_node_ip_address(), token,
                                   lambda plan: self.compute.run(self.worker.step, plan))
-        return {**info, "step_address": self.channel.address}
+        return {**info, "step_address": self.channel.address, "gpu_ids": self.gpu_ids}
 
 
 class RayRanks:
@@ -267,6 +290,7 @@ class RayRanks:
         self._host: ComputeThread | None = None  # host-side work; the ranks compute in other processes
         self._channel: StepClient | None = None  # the per-step plans and results
         self.kv_pages: int | None = None  # every rank's KV cache pages (the fewest any rank got at start)
+        self.spares: SparePool | None = None  # warm processes that replace failed ranks (engine/spare_ranks.py)
 
     def _bundles(self):
         return [self.parallel.worker_bundle()] * self.parallel.ep_size
@@ -298,6 +322,17 @@ class RayRanks:
         if nodes and len(set(nodes)) > 1:  # ranks on several nodes: the policy places experts node by node
             self.placement = initial_placement(p, num_experts, nodes)
         self._launch(ready_timeout, self.progress)
+        if p.spare_ranks:
+            self.spares = SparePool(self._new_spare, p.spare_ranks, gpu=bool(p.num_gpus_per_worker))
+            self.spares.fill([i["node_id"] for i in self.infos])
+
+    def _new_spare(self, node_id: str):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return ray.remote(_RankActor).options(
+            num_cpus=0, num_gpus=0, max_concurrency=2,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
 
     def _launch(self, timeout: float, progress: bool, replace: list[int] | None = None) -> None:
         """Starts a rank actor in its bundle for each rank in `replace` (default: every rank);
@@ -313,7 +348,12 @@ class RayRanks:
         actor_cls = ray.remote(_RankActor)
         if not self.actors:
             self.actors = [None] * p.ep_size
+        gpu_ids: dict[int, list] = {}   # ranks whose place a spare takes: the failed rank's GPUs
         for r in replace:
+            spare = self.spares.take(self.infos[r]["node_id"]) if self.spares and len(self.infos) > r else None
+            if spare is not None:
+                self.actors[r], gpu_ids[r] = spare, self.infos[r].get("gpu_ids") or []
+                continue
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
                                                         placement_group_bundle_index=self._first_bundle + r)
             self.actors[r] = actor_cls.options(
@@ -325,7 +365,7 @@ class RayRanks:
             t_up = time.perf_counter()
             token = new_token()
             infos = ray.get([a.setup.remote(str(self.checkpoint), r, self.placement, self.engine, address, token,
-                                            progress and r == 0, self.kv_pages) if r in replace
+                                            progress and r == 0, self.kv_pages, gpu_ids.get(r)) if r in replace
                              else a.rejoin.remote(address, token)
                              for r, a in enumerate(self.actors)], timeout=timeout)
             self._channel = StepClient([tuple(info["step_address"]) for info in infos], token)
@@ -342,6 +382,10 @@ class RayRanks:
                                    "group_init": max(r.get("group_init", 0.0) for r in ranks),
                                    "weight_load": max(r.get("weight_load", 0.0) for r in ranks),
                                    "setup": time.perf_counter() - t_up})
+        if gpu_ids:
+            log.info("rank(s) %s replaced by spare processes", sorted(gpu_ids))
+        if self.spares is not None:   # replace the spares used, in the background
+            self.spares.fill([i["node_id"] for i in infos])
         for info in infos:
             log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
 
@@ -484,6 +528,9 @@ class RayRanks:
             self._channel.close()
             self._channel = None
         self._kill_actors()
+        if self.spares is not None:
+            self.spares.shutdown()
+            self.spares = None
         if self._host is not None:
             self._host.shutdown()
             self._host = None

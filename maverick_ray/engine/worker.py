@@ -186,6 +186,67 @@ class RankWorker:
         if used:
             log.info("rank %d: native CPU kernels for %s", self.rank, ", ".join(used))
 
+    # ---- live rebalancing (engine/live_eplb.py, engine/expert_swap.py) ---------------------
+    _staging: dict | None = None   # {"placement", "thread", "staged", "error"} of the rebalance in progress
+
+    def stage_placement(self, placement: ExpertPlacement) -> None:
+        """Starts building this rank's slot weights for `placement` on a thread of its own; the
+        rank keeps serving steps meanwhile. staging_status() says when they are ready."""
+        import threading
+
+        from .expert_swap import stage
+
+        def build(entry):
+            try:
+                entry["staged"] = stage(self.model, self.checkpoint, self.config, self.rank, self.placement,
+                                        placement, self.dtype, self.fp8_experts)
+            except Exception as e:  # reported by staging_status; the rebalance is dropped
+                entry["error"] = f"{type(e).__name__}: {e}"
+
+        entry = {"placement": placement, "staged": None, "error": None}
+        entry["thread"] = threading.Thread(target=build, args=(entry,), name=f"maverick-stage{self.rank}", daemon=True)
+        self._staging = entry
+        entry["thread"].start()
+
+    def staging_status(self) -> dict:
+        """{"state": none | staging | ready | failed, "error", "nbytes", "seconds", "loaded_experts"}."""
+        entry = self._staging
+        if entry is None:
+            return {"state": "none"}
+        if entry["error"] is not None:
+            return {"state": "failed", "error": entry["error"]}
+        staged = entry["staged"]
+        if staged is None:
+            return {"state": "staging"}
+        return {"state": "ready", "nbytes": staged.nbytes, "seconds": staged.seconds,
+                "loaded_experts": staged.loaded_experts}
+
+    def swap_placement(self, placement: ExpertPlacement) -> dict:
+        """Serves `placement` from the next step on: swaps in the weights staged for it (staging
+        them now, blocking, when they are not), frees the old ones and routes by it. Idempotent:
+        a rank that holds `placement` already does nothing ({"swapped": False})."""
+        from .expert_swap import apply, stage
+
+        if placement == self.placement:
+            self._staging = None
+            return {"swapped": False}
+        entry = self._staging
+        if entry is not None and entry["placement"] == placement:
+            entry["thread"].join()
+        staged = entry["staged"] if entry is not None and entry["placement"] == placement else None
+        if staged is None:
+            staged = stage(self.model, self.checkpoint, self.config, self.rank, self.placement, placement,
+                           self.dtype, self.fp8_experts)
+        self._staging = None
+        apply(self.model, staged, self.rank)
+        self.placement = placement
+        self.dispatcher.set_placement(placement)
+        return {"swapped": True, "nbytes": staged.nbytes, "loaded_experts": staged.loaded_experts}
+
+    def drop_staged(self) -> None:
+        """Forgets a staged rebalance (its thread, if still running, finishes into nothing)."""
+        self._staging = None
+
     # ---- introspection -------------------------------------------------------------------
     def routed_expert_bytes(self) -> int:
         """Bytes of this rank's routed-expert weights (FP8 experts hold theirs, and scales, as buffers)."""

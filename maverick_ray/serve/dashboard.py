@@ -39,6 +39,7 @@ DASHBOARD_HTML = """<!doctype html>
  <div class="card"><h2>Tokens per EP rank (all MoE layers)</h2><canvas id="ranks" width="360" height="200"></canvas></div>
  <div class="card"><h2>Rank failures and recoveries</h2><table id="recovery"></table></div>
  <div class="card"><h2>KV cache</h2><table id="kv"></table></div>
+ <div class="card"><h2>Expert rebalancing (EPLB)</h2><table id="eplb"></table></div>
 </div>
 <script>
 const KEY = 'maverick-ray-api-key';
@@ -103,6 +104,20 @@ function showKV(s) {
   document.getElementById('kv').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
   document.body.dataset.kvPagesUsed = used;
 }
+function showEplb(s) {
+  const e = s.eplb;
+  const num = (v, d) => v == null ? 'not measured yet' : v.toFixed(d);
+  const rows = !e ? [['live rebalancing', 'off (parallel.eplb)']] :
+    [['imbalance (busiest rank / mean)', num(e.imbalance, 2)], ['rebalances', e.rebalances],
+     ['slots moved', e.moved_slots], ['failed to stage', e.failed], ['staging now', e.staging ? 'yes' : 'no'],
+     ['last: imbalance before / planned', e.last_imbalance_before == null ? 'none yet'
+       : `${e.last_imbalance_before.toFixed(2)} / ${e.last_imbalance_planned.toFixed(2)}`],
+     ['last: took / swap pause', e.last_seconds == null ? 'none yet'
+       : `${e.last_seconds.toFixed(2)} s / ${(1e3 * e.last_swap_seconds).toFixed(1)} ms`],
+     ['last: extra memory staged', `${(e.last_staged_bytes / 2 ** 20).toFixed(1)} MiB`]];
+  document.getElementById('eplb').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
+  document.body.dataset.eplbRebalances = e ? e.rebalances : 0;
+}
 async function refresh() {
   let r, d;
   try { r = await fetch('v1/expert-load', {headers: authHeaders()}); }
@@ -114,6 +129,7 @@ async function refresh() {
   d = await r.json();
   showRecovery(d.stats, d.last_failure_cause);
   showKV(d.stats);
+  showEplb(d.stats);
   const hm = document.getElementById('heatmap'), c = hm.getContext('2d');
   c.clearRect(0, 0, hm.width, hm.height);
   let nonzero = 0;

@@ -1,0 +1,92 @@
+"""Pre-started spare rank processes: what replaces a failed rank without a Ray worker start.
+
+Starting a rank actor costs a new worker process, Ray's own start-up in it and the imports of
+torch, DeepSpeed and the model code: 3-4 s of a 5 s recovery on a CPU host (BENCHMARKS.md). A
+spare is a rank actor started ahead of time on each node that holds ranks, with those imports
+done, holding no Ray resources (num_cpus = num_gpus = 0) and no weights. Recovery hands a failed
+rank's place to a spare on the same node (it then loads that rank's weights and joins the new
+group like a fresh actor would) and starts a new spare in the background.
+
+A spare takes the failed rank's GPUs by their ids (the failed actor's `ray.get_gpu_ids()`):
+Ray assigned no GPU to the spare, so it sets CUDA_VISIBLE_DEVICES itself before CUDA starts.
+Ray's accounting still sees the failed rank's bundle as holding those GPUs, which is what keeps
+anything else off them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+SPARE_PROBE_S = 2.0  # a spare that does not answer within this is dropped, not used
+
+
+class SparePool:
+    """Up to `per_node` warm spare actors on each node that holds ranks. `new_actor(node_id)`
+    starts an actor on that node (one that has `warm(gpu)` and `probe()`); gpu: the ranks use GPUs."""
+
+    def __init__(self, new_actor: Callable[[str], Any], per_node: int, gpu: bool = False):
+        self.new_actor, self.per_node, self.gpu = new_actor, per_node, gpu
+        self._spares: dict[str, list[tuple[Any, Any]]] = {}   # node id -> [(actor, ref of its warm())]
+
+    def fill(self, nodes: list[str]) -> None:
+        """Starts spares (without waiting for them) until each of `nodes` has per_node."""
+        for node in dict.fromkeys(n for n in nodes if n):
+            have = self._spares.setdefault(node, [])
+            while len(have) < self.per_node:
+                actor = self.new_actor(node)
+                have.append((actor, actor.warm.remote(self.gpu)))
+
+    def take(self, node: str | None) -> Any | None:
+        """A warm spare on `node` that answers now, removed from the pool; None when there is none
+        (not started, still starting, or dead with its node)."""
+        import ray
+
+        have = self._spares.get(node) or []
+        for i, (actor, warm) in enumerate(have):
+            ready, _ = ray.wait([warm], timeout=0)
+            if not ready:
+                continue
+            del have[i]
+            try:
+                ray.get(warm, timeout=0)
+                ray.get(actor.probe.remote(), timeout=SPARE_PROBE_S)
+            except Exception as e:  # died since it warmed up (its node went away, OOM)
+                log.warning("spare rank process on node %s is unusable (%s); starting a fresh one",
+                            node, type(e).__name__)
+                _kill(actor)
+                return None
+            return actor
+        return None
+
+    def ready(self) -> int:
+        """How many spares have finished warming up (not probed)."""
+        import ray
+
+        refs = [warm for have in self._spares.values() for _, warm in have]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+
+    def warm_info(self) -> list[dict]:
+        """What each warmed-up spare reported ({pid, node_id})."""
+        import ray
+
+        refs = [warm for have in self._spares.values() for _, warm in have]
+        ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        return ray.get(ready) if ready else []
+
+    def shutdown(self) -> None:
+        for have in self._spares.values():
+            for actor, _ in have:
+                _kill(actor)
+        self._spares = {}
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:  # already dead
+        pass
