@@ -278,10 +278,11 @@ def main(argv=None) -> int:
                      f"{med([r['recovery'] for r in rs]):.2f} s | {phases} | {ms(med([r['reprefill'] for r in rs]))} | "
                      f"{ms(med([r['normal_gap'] for r in rs]))} | {sum(r['identical'] for r in rs)}/{len(rs)} |")
     per_round = ["| run | round | killed rank | kill -> next token | recovery | re-prefill | replayed | identical | "
-                 "by a spare |", "|---|---|---|---|---|---|---|---|---|"]
+                 "by a spare | start phases |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, rs in rows.items():
         per_round += [f"| {key} | {i + 1} | {r['rank']} | {r['kill_to_next']:.2f} s | {r['recovery']:.2f} s | "
-                      f"{ms(r['reprefill'])} | {r['replayed']} | {r['identical']} | {r['by_spare']} |"
+                      f"{ms(r['reprefill'])} | {r['replayed']} | {r['identical']} | {r['by_spare']} | "
+                      + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items()) + " |"
                       for i, r in enumerate(rs)]
     text = "\n".join(lines) + "\n\nPer round:\n\n" + "\n".join(per_round)
     if ovh is not None:

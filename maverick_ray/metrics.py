@@ -92,6 +92,10 @@ class _Defs:
     eplb_rebalances: object
     eplb_moved_slots: object
     eplb_staged_bytes: object
+    eplb_seconds: object
+    eplb_moved_bytes: object
+    eplb_imbalance: object
+    expert_replicas: object
 
 
 def _define() -> _Defs:
@@ -160,6 +164,16 @@ def _define() -> _Defs:
         eplb_staged_bytes=Gauge("maverick_eplb_staged_bytes",
                                 "Extra memory the last live rebalance staged on its busiest rank (freed at the swap).",
                                 tag_keys=r),
+        eplb_seconds=Histogram("maverick_eplb_rebalance_seconds",
+                               "A live rebalance from its decision to the swap (staging runs beside the steps).",
+                               boundaries=RECOVERY_BUCKETS, tag_keys=r),
+        eplb_moved_bytes=Counter("maverick_eplb_moved_bytes_total",
+                                 "Expert weight bytes read into new slots by live rebalances (all ranks).", tag_keys=r),
+        eplb_imbalance=Gauge("maverick_eplb_imbalance_ratio",
+                             "The last live rebalance's imbalance (busiest rank over the mean, all MoE layers): "
+                             "measured before it, and planned after it.", tag_keys=r + ("when",)),
+        expert_replicas=Gauge("maverick_expert_replicas", "Physical slots (copies) each expert has over the ranks.",
+                              tag_keys=r + ("expert",)),
     )
 
 
@@ -226,14 +240,24 @@ class EngineMetrics:
     def _eplb(self, e: dict) -> None:
         """Live rebalancer totals (engine stats "eplb") -> counter increments and the staged-bytes gauge."""
         m, t = self.m, self.tags
+        done_before = self._totals.get("eplb_rebalances", 0)
         for key, metric, tags in (("rebalances", m.eplb_rebalances, dict(t, outcome="done")),
                                   ("failed", m.eplb_rebalances, dict(t, outcome="failed")),
-                                  ("moved_slots", m.eplb_moved_slots, t)):
+                                  ("moved_slots", m.eplb_moved_slots, t), ("moved_bytes", m.eplb_moved_bytes, t)):
             new = e[key] - self._totals.get("eplb_" + key, 0)
             if new > 0:
                 metric.inc(new, tags=tags)
             self._totals["eplb_" + key] = e[key]
         m.eplb_staged_bytes.set(e["last_staged_bytes"], tags=t)
+        if e["rebalances"] > done_before or not self._totals.get("eplb_replicas_set"):
+            if e["rebalances"] > done_before:
+                m.eplb_seconds.observe(e["last_seconds"], tags=t)
+                m.eplb_imbalance.set(e["last_imbalance_before"], tags=dict(t, when="before"))
+                m.eplb_imbalance.set(e["last_imbalance_planned"], tags=dict(t, when="planned"))
+            placement = self.placement()
+            for expert, n in enumerate(placement["replicas"] if placement else []):
+                m.expert_replicas.set(n, tags=dict(t, expert=str(expert)))
+            self._totals["eplb_replicas_set"] = 1
 
     def on_finish(self, req, reason: str, now: float) -> None:
         m, t = self.m, self.tags
@@ -267,5 +291,12 @@ class EngineMetrics:
         out = self.window.summary()
         out.update({"moe_layers": self.moe_layers[:out["layers"]], "ep_size": self.engine.parallel.ep_size,
                     "num_experts": self.engine.model_config.text.num_local_experts, "stats": self.engine.stats(),
-                    "last_failure_cause": self.last_failure_cause})
+                    "last_failure_cause": self.last_failure_cause, "placement": self.placement()})
         return out
+
+    def placement(self) -> dict | None:
+        """The physical slots each rank holds (expert per slot) and the replicas of each expert."""
+        p = getattr(self.engine.ranks, "placement", None)
+        if p is None:
+            return None
+        return {"slots": [list(r) for r in p.slots], "replicas": p.replica_counts()}

@@ -26,6 +26,18 @@ def render(d: dict, width: int = 64) -> str:
                      f"{100 * d['idle_fraction'][i]:3.0f}%  |{heat}|")
     ranks = [sum(layer[r] for layer in d["rank_load"]) for r in range(len(d["rank_load"][0]))]
     lines.append("rank load: " + "  ".join(f"r{r}={n}" for r, n in enumerate(ranks)))
+    placement = d.get("placement")
+    if placement:
+        copied = {e: n for e, n in enumerate(placement["replicas"]) if n > 1}
+        lines.append("slots: " + "  ".join(f"r{r}={slots}" for r, slots in enumerate(placement["slots"])))
+        lines.append("copies: " + (", ".join(f"expert {e} x{n}" for e, n in copied.items()) or "none"))
+    eplb = (d.get("stats") or {}).get("eplb")
+    if eplb:
+        last = ("" if eplb["last_imbalance_before"] is None else
+                f"; last: imbalance {eplb['last_imbalance_before']:.2f} -> {eplb['last_imbalance_planned']:.2f} "
+                f"planned, {eplb['moved_slots']} slots moved in all")
+        lines.append(f"rebalances: {eplb['rebalances']} done, {eplb['failed']} failed"
+                     + (", staging now" if eplb["staging"] else "") + last)
     return "\n".join(lines)
 
 

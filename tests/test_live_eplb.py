@@ -19,6 +19,7 @@ from maverick_ray.engine.sampling import SamplingParams
 pytestmark = pytest.mark.slow
 
 STREAMS, TOKENS = 32, 16
+SKEW = 3.0   # Engine.skew_routing strength: most tokens go to the lowest expert ids
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,10 @@ def held(eng: Engine) -> list[list[int]]:
 
 
 def test_rebalance_under_32_streams_changes_no_output(eng, reference):
+    from maverick_ray.metrics import EngineMetrics
+    from maverick_ray.top import render
+
+    metrics = EngineMetrics(eng, "eplb-test")   # the /v1/expert-load view, its metrics and `top`
     before = eng.ranks.placement
     skew_towards(eng, 0)
     eng.eplb.request()
@@ -94,7 +99,12 @@ def test_rebalance_under_32_streams_changes_no_output(eng, reference):
     after = eng.ranks.placement
     assert after != before
     assert held(eng) == [list(after.experts_of(r)) for r in range(2)]   # every rank serves the new slots
+    assert st["moved_bytes"] > 0
     assert run(eng) == reference                                          # and keeps doing so
+    view = metrics.expert_load()
+    assert view["placement"] == {"slots": [list(s) for s in after.slots], "replicas": after.replica_counts()}
+    text = render(view)
+    assert "rebalances: 1 done, 0 failed" in text and "slots: r0=" in text and "copies: expert" in text
 
 
 def test_the_trigger_rebalances_on_its_own(eng, reference):
@@ -136,3 +146,29 @@ def test_a_rank_killed_after_a_rebalance_comes_back_with_the_new_placement(eng, 
     assert run(eng) == reference
     assert eng.stats()["recoveries"]["ok"] >= 1
     assert held(eng) == [list(placement.experts_of(r)) for r in range(2)]
+
+
+def balancedness(steps) -> float:
+    """Mean over max of the tokens each rank's experts received, over the steps and MoE layers."""
+    per_rank = [sum(sum(s.rank_received[r]) for s in steps) for r in range(len(steps[0].rank_received))]
+    return sum(per_rank) / len(per_rank) / max(per_rank)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_a_zipf_skewed_router_is_rebalanced_to_even_ranks_with_unchanged_outputs(ckpt, ray_local, ep):
+    par = ParallelConfig(ep_size=ep, redundant_experts=ep, eplb="on", eplb_window_steps=256,
+                         eplb_interval_steps=10**6, spare_ranks=0)
+    with Engine(ckpt, par, EngineConfig(max_num_seqs=STREAMS, max_model_len=128)) as engine:
+        engine.skew_routing(SKEW, hottest=ep)   # the hot experts have no copy at the start
+        steps: list = []
+        engine.add_step_listener(steps.append)
+        reference = run(engine)
+        before = balancedness(steps)
+        engine.eplb.request()
+        assert run(engine) == reference               # during the rebalance
+        assert engine.stats()["eplb"]["rebalances"] == 1
+        steps.clear()
+        assert run(engine) == reference               # after it
+        after = balancedness(steps)
+        print(f"EP={ep}: balancedness {before:.2f} -> {after:.2f}; placement {engine.ranks.placement.slots}")
+        assert before < 0.6 and after >= 0.9, (before, after)

@@ -203,6 +203,22 @@ class Engine:
             for tables in self.scheduler.blocks:
                 tables.forget_cached()
 
+    def skew_routing(self, strength: float | None, exponent: float = 1.2, hottest: int = 0) -> None:
+        """Test and benchmark hook: a Zipf-shaped router. Every rank adds strength * log of a
+        Zipf weight to its router logits (the k-th expert from `hottest` on, wrapping around:
+        (k + 1) ** -exponent), so the experts from `hottest` on win most tokens,
+        deterministically (outputs depend on the input only). None restores the router. Drops
+        the prefix cache, like force_expert."""
+        import math
+
+        E = self.model_config.text.num_local_experts
+        bias = None if strength is None else [-strength * exponent * math.log((e - hottest) % E + 1)
+                                              for e in range(E)]
+        self.ranks.call("skew_routing", bias)
+        with self._cv:
+            for tables in self.scheduler.blocks:
+                tables.forget_cached()
+
     def _new_deadline(self) -> StepDeadline:
         cfg = self.engine_cfg
         return StepDeadline(cfg.step_deadline_factor, cfg.step_deadline_floor_s, cfg.step_timeout_s)

@@ -33,6 +33,7 @@ class Staged:
     placement: ExpertPlacement
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {name: (S, ...)}
     nbytes: int = 0
+    moved_bytes: int = 0   # of the slots filled from the checkpoint (experts this rank did not hold)
     loaded_experts: list[int] = field(default_factory=list)   # read from the checkpoint
     seconds: float = 0.0
 
@@ -71,7 +72,11 @@ def stage(model: nn.Module, checkpoint: Path, config, rank: int, current: Expert
         for tname, cur in _slot_tensors(module).items():
             out = torch.empty((len(new_slots),) + tuple(cur.shape[1:]), dtype=cur.dtype, device=cur.device)
             for j, e in enumerate(new_slots):
-                out[j] = cur[held[e]] if e in held else loaded[f"{name}.{tname}"][row_of[e]].to(cur.device, cur.dtype)
+                if e in held:
+                    out[j] = cur[held[e]]
+                else:
+                    out[j] = loaded[f"{name}.{tname}"][row_of[e]].to(cur.device, cur.dtype)
+                    staged.moved_bytes += out[j].numel() * out.element_size()
             if cur.dim() == 3 and not cur.is_contiguous():   # the fused (output-major) CPU layout
                 out = output_major(out)
             out_module[tname] = out

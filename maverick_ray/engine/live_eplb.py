@@ -41,7 +41,7 @@ class LiveRebalancer:
         self._started = 0.0
         self._last_poll = 0.0
         self._next_check = 0           # the first step at which the window's imbalance is computed again
-        self.stats = {"imbalance": None, "rebalances": 0, "moved_slots": 0, "skipped": 0, "failed": 0, "staging": False,
+        self.stats = {"imbalance": None, "rebalances": 0, "moved_slots": 0, "moved_bytes": 0, "skipped": 0, "failed": 0, "staging": False,
                       "last_imbalance_before": None, "last_imbalance_planned": None, "last_staged_bytes": 0,
                       "last_seconds": None, "last_swap_seconds": None, "last_error": None}
         engine.add_step_listener(lambda s: self.window.add(s.expert_counts, s.rank_received))
@@ -118,6 +118,7 @@ class LiveRebalancer:
         self.window.steps.clear()        # the old placement's rank loads say nothing about the new one
         moved = _moved(old, new)
         self.stats.update(rebalances=self.stats["rebalances"] + 1, moved_slots=self.stats["moved_slots"] + moved,
+                          moved_bytes=self.stats["moved_bytes"] + sum(s["moved_bytes"] for s in status),
                           last_staged_bytes=max(s["nbytes"] for s in status),
                           last_swap_seconds=time.monotonic() - t0, last_seconds=time.monotonic() - self._started)
         log.info("expert rebalance done: %d slot(s) moved in %.2f s (swap %.1f ms, staged %.1f MB per rank at most)",

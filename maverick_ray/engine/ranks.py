@@ -384,8 +384,8 @@ class RayRanks:
                                    "setup": time.perf_counter() - t_up})
         if gpu_ids:
             log.info("rank(s) %s replaced by spare processes", sorted(gpu_ids))
-        if self.spares is not None:   # replace the spares used, in the background
-            self.spares.fill([i["node_id"] for i in infos])
+        if self.spares is not None and gpu_ids:   # replace the spares used, once the replay is under way
+            self.spares.fill_later([i["node_id"] for i in infos])
         for info in infos:
             log.info("rank %d on node %s holds experts %s", info["rank"], info["node_id"], info["experts"])
 

@@ -16,11 +16,16 @@ anything else off them.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 SPARE_PROBE_S = 2.0  # a spare that does not answer within this is dropped, not used
+# A recovery's new spares start this long after it: a spare's start (a process importing torch
+# and DeepSpeed, seconds of CPU) would otherwise compete with the replay of the lost sequences
+# on the same cores (it doubled the re-prefill on a 2-core host; BENCHMARKS.md).
+REFILL_DELAY_S = 10.0
 
 
 class SparePool:
@@ -30,18 +35,43 @@ class SparePool:
     def __init__(self, new_actor: Callable[[str], Any], per_node: int, gpu: bool = False):
         self.new_actor, self.per_node, self.gpu = new_actor, per_node, gpu
         self._spares: dict[str, list[tuple[Any, Any]]] = {}   # node id -> [(actor, ref of its warm())]
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
 
     def fill(self, nodes: list[str]) -> None:
         """Starts spares (without waiting for them) until each of `nodes` has per_node."""
-        for node in dict.fromkeys(n for n in nodes if n):
-            have = self._spares.setdefault(node, [])
-            while len(have) < self.per_node:
-                actor = self.new_actor(node)
-                have.append((actor, actor.warm.remote(self.gpu)))
+        with self._lock:
+            if self._closed:
+                return
+            for node in dict.fromkeys(n for n in nodes if n):
+                have = self._spares.setdefault(node, [])
+                while len(have) < self.per_node:
+                    actor = self.new_actor(node)
+                    have.append((actor, actor.warm.remote(self.gpu)))
+
+    def fill_later(self, nodes: list[str], delay: float = REFILL_DELAY_S) -> None:
+        """fill(nodes) after `delay` seconds, on a timer thread (after a recovery: see REFILL_DELAY_S)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(delay, self._fill_quietly, args=(list(nodes),))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fill_quietly(self, nodes: list[str]) -> None:
+        try:
+            self.fill(nodes)
+        except Exception as e:  # Ray going away under us: the next recovery starts fresh actors
+            log.warning("could not start spare rank processes: %s: %s", type(e).__name__, e)
 
     def take(self, node: str | None) -> Any | None:
         """A warm spare on `node` that answers now, removed from the pool; None when there is none
         (not started, still starting, or dead with its node)."""
+        with self._lock:
+            return self._take(node)
+
+    def _take(self, node: str | None) -> Any | None:
         import ray
 
         have = self._spares.get(node) or []
@@ -65,22 +95,28 @@ class SparePool:
         """How many spares have finished warming up (not probed)."""
         import ray
 
-        refs = [warm for have in self._spares.values() for _, warm in have]
+        with self._lock:
+            refs = [warm for have in self._spares.values() for _, warm in have]
         return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
 
     def warm_info(self) -> list[dict]:
         """What each warmed-up spare reported ({pid, node_id})."""
         import ray
 
-        refs = [warm for have in self._spares.values() for _, warm in have]
+        with self._lock:
+            refs = [warm for have in self._spares.values() for _, warm in have]
         ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
         return ray.get(ready) if ready else []
 
     def shutdown(self) -> None:
-        for have in self._spares.values():
-            for actor, _ in have:
-                _kill(actor)
-        self._spares = {}
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+            for have in self._spares.values():
+                for actor, _ in have:
+                    _kill(actor)
+            self._spares = {}
 
 
 def _kill(actor) -> None:

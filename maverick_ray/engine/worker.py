@@ -219,7 +219,7 @@ class RankWorker:
         if staged is None:
             return {"state": "staging"}
         return {"state": "ready", "nbytes": staged.nbytes, "seconds": staged.seconds,
-                "loaded_experts": staged.loaded_experts}
+                "loaded_experts": staged.loaded_experts, "moved_bytes": staged.moved_bytes}
 
     def swap_placement(self, placement: ExpertPlacement) -> dict:
         """Serves `placement` from the next step on: swaps in the weights staged for it (staging
@@ -357,6 +357,11 @@ class RankWorker:
         """Test hook: route every token to one expert (None restores the router)."""
         for block in self.model.moe_blocks:
             block.force_expert = expert
+
+    def skew_routing(self, bias: list[float] | None) -> None:
+        """Test hook: adds `bias` (E,) to every MoE layer's router logits (None restores it)."""
+        for block in self.model.moe_blocks:
+            block.route_bias = None if bias is None else torch.tensor(bias, dtype=torch.float32)
 
     def enable_phase_timing(self) -> None:
         """Times attention, router, experts, shared expert and dense MLP per step, into each

@@ -233,6 +233,7 @@ class MoEBlock(nn.Module):
         self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
         self.force_expert: int | None = None  # test hook: route every token to this expert
+        self.route_bias: torch.Tensor | None = None  # test hook: (E,) added to the router logits (skew)
 
     def forward(self, x: torch.Tensor, routed_counts: list | None = None) -> torch.Tensor:
         """x (T, C) -> (T, C). Appends this layer's per-expert token counts (E,) to routed_counts."""
@@ -241,6 +242,8 @@ class MoEBlock(nn.Module):
         if self.force_expert is not None:
             logits = torch.full_like(logits, -1e4)
             logits[:, self.force_expert] = 0.0
+        elif self.route_bias is not None:
+            logits = logits + self.route_bias.to(logits.device, logits.dtype)
         scores, ids = route(logits, self.top_k)                  # (T, k), (T, k)
         rows = x[:, None, :] * scores[:, :, None]                # (T, k, C) scaled inputs
         rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
