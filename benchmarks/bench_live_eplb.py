@@ -1,4 +1,5 @@
-"""Live expert rebalancing under load: what a rebalance costs the streams it happens under.
+"""Live expert rebalancing under load: what a rebalance costs the streams it happens under, and
+what it buys under a skewed router.
 
 Each round starts a local Ray cluster and an EP engine with redundant slots and `eplb on` in a
 subprocess, runs N concurrent greedy streams once without a rebalance (the reference), then
@@ -9,8 +10,14 @@ between two steps), the extra bytes staged on the busiest rank, slots moved, the
 gap of any stream during the rebalance against the reference run's median gap, and whether the
 outputs equal the reference. Medians over rounds.
 
+Skewed router (issue 19's benchmark): at --skew-ep ranks with as many redundant slots, a Zipf-shaped
+router (Engine.skew_routing) whose hot experts have no copy at the start, a prefill-heavy load,
+EPLB off (the static placement) against on (rebalanced once before the measured pass), in the
+same rounds: tokens/s, max/mean routed tokens per rank per step, and the busiest rank's routed-
+expert time over the mean (phase timing).
+
 Usage: .venv/bin/python benchmarks/bench_live_eplb.py [--checkpoint mini --ep 2 --redundant 2 --rounds 3
-       --requests 32 --new-tokens 64]
+       --requests 32 --new-tokens 64 --skew-rounds 3 --skew-ep 4]
 """
 
 from __future__ import annotations
@@ -108,6 +115,62 @@ def one_round(ckpt: str, ep: int, redundant: int, requests: int, new_tokens: int
         ray.shutdown()
 
 
+SKEW = 3.0   # Engine.skew_routing strength (as tests/test_live_eplb.py): balancedness about 0.5 at EP 4
+
+
+def skewed_round(ckpt: str, ep: int, redundant: int, eplb: bool, requests: int, prompt_len: int,
+                 new_tokens: int) -> dict:
+    """A prefill-heavy load under a Zipf-skewed router, EPLB on (rebalanced once, before the
+    measured pass) or off (the static placement with the same redundant slots)."""
+    import ray
+
+    from maverick_ray.config import EngineConfig, ParallelConfig
+    from maverick_ray.engine.engine import Engine
+    from maverick_ray.engine.sampling import SamplingParams
+    from maverick_ray.ray_runtime import init_ray
+
+    init_ray("local", num_cpus=ep + 1)
+    eng = None
+    try:
+        par = ParallelConfig(ep_size=ep, redundant_experts=redundant, eplb="on" if eplb else "off",
+                             eplb_interval_steps=10**9, spare_ranks=0)
+        eng = Engine(ckpt, par, EngineConfig(max_num_seqs=requests, max_model_len=prompt_len + new_tokens + 8)).start()
+        eng.skew_routing(SKEW, hottest=redundant)
+        eng.ranks.call("enable_phase_timing")
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        prompts = [[(11 * i + 3 * j) % 700 + 3 for j in range(prompt_len)] for i in range(requests)]
+
+        def load():
+            t0 = time.perf_counter()
+            for s in [eng.add_request(p, params) for p in prompts]:
+                for _ in s:
+                    pass
+            return time.perf_counter() - t0
+
+        load()   # warm-up; with EPLB it fills the window the rebalance plans from
+        if eplb:
+            eng.eplb.request()
+            load()
+            if eng.stats()["eplb"]["rebalances"] != 1:
+                raise RuntimeError(f"the rebalance did not happen: {eng.stats()['eplb']}")
+        steps: list = []
+        eng.add_step_listener(steps.append)
+        wall = load()
+        per_step = []
+        for s in steps:
+            ranks = [sum(r) for r in s.rank_received]
+            if sum(ranks):
+                per_step.append(max(ranks) / (sum(ranks) / len(ranks)))
+        expert_time = [sum(s.rank_expert_seconds[r] for s in steps) for r in range(ep)]
+        return {"tok_s": requests * (prompt_len + new_tokens) / wall,
+                "max_over_mean_tokens": statistics.median(per_step),
+                "busiest_expert_time_over_mean": max(expert_time) / (sum(expert_time) / ep)}
+    finally:
+        if eng is not None:
+            eng.shutdown()
+        ray.shutdown()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +180,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each on a fresh cluster (default: 3)")
     ap.add_argument("--requests", type=int, default=32, help="concurrent greedy streams (default: 32)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per stream (default: 64)")
+    ap.add_argument("--skew-rounds", type=int, default=3,
+                    help="rounds of the skewed-router comparison, EPLB off and on in each (default: 3; 0 skips)")
+    ap.add_argument("--skew-ep", type=int, default=4, help="EP ranks of the skewed-router comparison (default: 4)")
+    ap.add_argument("--skew-requests", type=int, default=16, help="requests per pass of the comparison (default: 16)")
+    ap.add_argument("--skew-prompt-len", type=int, default=256, help="prompt tokens (default: 256: prefill-heavy)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     command = " ".join([".venv/bin/python benchmarks/bench_live_eplb.py"] + (argv if argv is not None else sys.argv[1:]))
@@ -133,6 +201,16 @@ def main(argv=None) -> int:
             print(f"    staging {r['staging']:.2f} s, swap {r['swap'] * 1e3:.1f} ms, longest gap during "
                   f"{r['max_gap_during'] * 1e3:.0f} ms (normal {r['normal_gap'] * 1e3:.0f} ms), "
                   f"identical {r['identical']}", flush=True)
+        skewed = {"off": [], "on": []}
+        for rnd in range(args.skew_rounds):
+            for mode in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
+                print(f"skewed router, EP={args.skew_ep}, EPLB {mode}, round {rnd + 1}/{args.skew_rounds} ...",
+                      flush=True)
+                r = in_subprocess("bench_live_eplb", "skewed_round", ckpt, args.skew_ep, args.skew_ep, mode == "on",
+                                  args.skew_requests, args.skew_prompt_len, 16)
+                skewed[mode].append(r)
+                print(f"    {r['tok_s']:.0f} tok/s, max/mean tokens per rank {r['max_over_mean_tokens']:.2f}, "
+                      f"busiest rank's expert time / mean {r['busiest_expert_time_over_mean']:.2f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
@@ -142,6 +220,19 @@ def main(argv=None) -> int:
             f"{med('staging'):.2f} s | {med('swap') * 1e3:.1f} ms | {med('staged_bytes') / 2**20:.1f} MiB | "
             f"{med('moved'):.0f} | {med('max_gap_during') * 1e3:.0f} ms | {med('normal_gap') * 1e3:.0f} ms | "
             f"{sum(r['identical'] for r in rows)}/{len(rows)} |")
+    if args.skew_rounds:
+        sm = lambda mode, k: statistics.median(r[k] for r in skewed[mode])  # noqa: E731
+        ratios = [on["tok_s"] / off["tok_s"] for on, off in zip(skewed["on"], skewed["off"])]
+        text += (f"\n\nZipf-skewed router (Engine.skew_routing {SKEW}, hot experts uncopied at the start), "
+                 f"{args.checkpoint} EP={args.skew_ep} with {args.skew_ep} redundant slots, {args.skew_requests} "
+                 f"requests of {args.skew_prompt_len} prompt + 16 new tokens per pass (prefill-heavy), EPLB off and "
+                 f"on in each of {args.skew_rounds} rounds (order alternating), medians:\n\n"
+                 "| EPLB | tokens/s | max/mean tokens per rank per step | busiest rank's expert time / mean |\n"
+                 "|---|---|---|---|\n"
+                 + "".join(f"| {mode} | {sm(mode, 'tok_s'):.0f} | {sm(mode, 'max_over_mean_tokens'):.2f} | "
+                           f"{sm(mode, 'busiest_expert_time_over_mean'):.2f} |\n" for mode in ("off", "on"))
+                 + f"\nThroughput on / off within each round: {', '.join(f'{x:.2f}x' for x in ratios)} "
+                 f"(median {statistics.median(ratios):.2f}x).")
     print(text)
     if not args.no_write:
         write_section("bench_live_eplb", "## Live expert rebalancing under load (issue 19)\n\n"

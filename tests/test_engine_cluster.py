@@ -43,6 +43,35 @@ def test_workers_on_distinct_nodes_give_identical_results(tiny_ckpt, three_node_
     assert got == reference
 
 
+def test_a_live_rebalance_moves_experts_across_nodes(tiny_ckpt, three_node_cluster):
+    """EP = 3, one rank per node, a Zipf-skewed router whose hot experts start on one node: the
+    rebalance (the policy placing experts node by node) moves experts between nodes while
+    serving, and the outputs stay those of the placement before."""
+    parallel = ParallelConfig(ep_size=3, placement_strategy="STRICT_SPREAD", redundant_experts=2, eplb="on",
+                              eplb_interval_steps=10**6, spare_ranks=0)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = prompts_for(tiny_ckpt) * 3
+    with Engine(tiny_ckpt, parallel, EngineConfig(max_num_seqs=12, max_model_len=256)) as eng:
+        eng.skew_routing(3.0, hottest=2)
+
+        def run():
+            return [[ev.token_id for ev in s if ev.token_id is not None]
+                    for s in [eng.add_request(p, params) for p in prompts]]
+
+        reference = run()
+        node_of = {i["rank"]: i["node_id"] for i in eng.ranks.infos}
+        before = {node_of[r]: set(eng.ranks.placement.experts_of(r)) for r in range(3)}
+        eng.eplb.request()
+        assert run() == reference
+        assert eng.stats()["eplb"]["rebalances"] == 1
+        after = {node_of[r]: set(eng.ranks.placement.experts_of(r)) for r in range(3)}
+        assert len(set(node_of.values())) == 3 and after != before
+        assert any(after[n] - before[n] for n in after)   # a node took experts it did not hold
+        assert [i["experts"] for i in eng.ranks.call("info")] == [list(eng.ranks.placement.experts_of(r))
+                                                                  for r in range(3)]
+        assert run() == reference
+
+
 def test_a_lost_node_costs_a_pause_and_its_rank_is_placed_elsewhere(tiny_ckpt, three_node_cluster):
     """Runs last in this module: it removes a node. EP = 2 over 3 nodes (one spare); the node
     holding a rank goes away mid-generation; the rank comes back on another node and every

@@ -73,6 +73,7 @@ class StepStats:
     a2a_seconds: list[float]             # per rank
     a2a_bytes: list[int]                 # per rank
     phase_seconds: dict[str, float] = field(default_factory=dict)  # max over ranks
+    rank_expert_seconds: list[float] = field(default_factory=list)  # per rank, its routed experts' time (phase timing)
 
 
 class Engine:
@@ -471,7 +472,8 @@ class Engine:
                          joined_running_batch=admitted > 0 and decoding > 0, expert_counts=experts,
                          rank_received=[r.received for r in results], rank_tokens=[r.num_tokens for r in results],
                          a2a_seconds=[r.a2a_seconds for r in results], a2a_bytes=[r.a2a_bytes for r in results],
-                         phase_seconds=phases)
+                         phase_seconds=phases,
+                         rank_expert_seconds=[r.phase_seconds.get("experts", 0.0) for r in results])
 
     def _on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         if req.state.done:
