@@ -234,6 +234,8 @@ class EngineMetrics:
             if new > 0:
                 getattr(m, name).inc(new, tags=t)
             self._totals[key] = st[key]
+        if not self._totals.get("replicas_set"):
+            self._replicas()
         if st.get("eplb"):
             self._eplb(st["eplb"])
 
@@ -249,15 +251,18 @@ class EngineMetrics:
                 metric.inc(new, tags=tags)
             self._totals["eplb_" + key] = e[key]
         m.eplb_staged_bytes.set(e["last_staged_bytes"], tags=t)
-        if e["rebalances"] > done_before or not self._totals.get("eplb_replicas_set"):
-            if e["rebalances"] > done_before:
-                m.eplb_seconds.observe(e["last_seconds"], tags=t)
-                m.eplb_imbalance.set(e["last_imbalance_before"], tags=dict(t, when="before"))
-                m.eplb_imbalance.set(e["last_imbalance_planned"], tags=dict(t, when="planned"))
-            placement = self.placement()
-            for expert, n in enumerate(placement["replicas"] if placement else []):
-                m.expert_replicas.set(n, tags=dict(t, expert=str(expert)))
-            self._totals["eplb_replicas_set"] = 1
+        if e["rebalances"] > done_before:
+            m.eplb_seconds.observe(e["last_seconds"], tags=t)
+            m.eplb_imbalance.set(e["last_imbalance_before"], tags=dict(t, when="before"))
+            m.eplb_imbalance.set(e["last_imbalance_planned"], tags=dict(t, when="planned"))
+            self._replicas()
+
+    def _replicas(self) -> None:
+        """Copies per expert of the placement served now (at the first step and after each rebalance)."""
+        placement = self.placement()
+        for expert, n in enumerate(placement["replicas"] if placement else []):
+            self.m.expert_replicas.set(n, tags=dict(self.tags, expert=str(expert)))
+        self._totals["replicas_set"] = 1
 
     def on_finish(self, req, reason: str, now: float) -> None:
         m, t = self.m, self.tags

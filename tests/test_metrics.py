@@ -107,8 +107,9 @@ def recovery_exprs() -> list[str]:
 
 def test_dashboard_promql_returns_data(stack):
     # Recovery series need a rank failure (the last test); preemptions a KV budget that runs out
-    # (engine level: test_kv_scheduling).
-    exprs = [e for e in dashboard_exprs() if e not in recovery_exprs() and "preemptions_total" not in e]
+    # (engine level: test_kv_scheduling); live-rebalance series parallel.eplb on (test_live_eplb).
+    exprs = [e for e in dashboard_exprs()
+             if e not in recovery_exprs() and "preemptions_total" not in e and "eplb_" not in e]
     assert len(exprs) >= 8
     load(stack["url"], 2)
     dashboard_queries_return_data(stack["prom"], exprs)
