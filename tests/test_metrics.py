@@ -158,6 +158,10 @@ def test_dashboard_draws_heatmap_under_load(stack):
     # the KV card: pages of the cache, and the prefix cache found the chat template's shared opening
     assert "<th>pages in use</th>" in shot["dom"] and "<th>preemptions</th><td>0</td>" in shot["dom"]
     assert re.search(r"<th>prefix cache hit rate</th><td>[0-9.]+% of [0-9]+ prompt tokens</td>", shot["dom"])
+    # the EPLB card: live rebalancing is off here, and each rank's slots are listed
+    assert "<th>live rebalancing</th><td>off (parallel.eplb)</td>" in shot["dom"]
+    assert re.search(r"<th>rank 1 slots</th><td>[0-9 ]+</td>", shot["dom"])
+    assert "<th>experts with copies</th><td>none</td>" in shot["dom"]
 
 
 def test_top_shows_the_same_view_in_the_terminal(stack):

@@ -104,7 +104,7 @@ function showKV(s) {
   document.getElementById('kv').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
   document.body.dataset.kvPagesUsed = used;
 }
-function showEplb(s) {
+function showEplb(s, placement) {
   const e = s.eplb;
   const num = (v, d) => v == null ? 'not measured yet' : v.toFixed(d);
   const rows = !e ? [['live rebalancing', 'off (parallel.eplb)']] :
@@ -115,6 +115,11 @@ function showEplb(s) {
      ['last: took / swap pause', e.last_seconds == null ? 'none yet'
        : `${e.last_seconds.toFixed(2)} s / ${(1e3 * e.last_swap_seconds).toFixed(1)} ms`],
      ['last: extra memory staged', `${(e.last_staged_bytes / 2 ** 20).toFixed(1)} MiB`]];
+  if (placement) {
+    const copies = placement.replicas.map((n, x) => [x, n]).filter(([, n]) => n > 1);
+    rows.push(['experts with copies', copies.length ? copies.map(([x, n]) => `${x} (x${n})`).join(', ') : 'none']);
+    placement.slots.forEach((slots, r) => rows.push([`rank ${r} slots`, slots.join(' ')]));
+  }
   document.getElementById('eplb').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
   document.body.dataset.eplbRebalances = e ? e.rebalances : 0;
 }
@@ -129,7 +134,7 @@ async function refresh() {
   d = await r.json();
   showRecovery(d.stats, d.last_failure_cause);
   showKV(d.stats);
-  showEplb(d.stats);
+  showEplb(d.stats, d.placement);
   const hm = document.getElementById('heatmap'), c = hm.getContext('2d');
   c.clearRect(0, 0, hm.width, hm.height);
   let nonzero = 0;
