@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from maverick_ray.config import ModelConfig
@@ -13,8 +15,26 @@ def prompts_for(ckpt) -> list[list[int]]:
     return [torch.randint(10, vocab - 50, (n,), generator=g).tolist() for n in (5, 17, 40)]
 
 
-@torch.no_grad()
+_REFERENCES: dict[tuple, list[list[int]]] = {}
+
+
+def checkpoint_state(ckpt) -> tuple:
+    """What a cached reference depends on: the checkpoint's files, as they are now."""
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(ckpt).iterdir()) if f.is_file())
+
+
 def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[int]]:
+    """Greedy continuations of `prompts` from our single-process model or transformers. Computed
+    once per session for the same checkpoint files, prompts and length (several tests and
+    parametrized cases compare against the same reference; each gets its own copy)."""
+    key = (str(Path(ckpt).resolve()), checkpoint_state(ckpt), tuple(map(tuple, prompts)), max_tokens, use_hf)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _greedy_reference(ckpt, prompts, max_tokens, use_hf)
+    return [list(out) for out in _REFERENCES[key]]
+
+
+@torch.no_grad()
+def _greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[int]]:
     if use_hf:
         from transformers import Llama4ForConditionalGeneration
 

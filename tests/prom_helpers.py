@@ -54,7 +54,7 @@ def query(prom: str, q: str) -> list:
     return r.json()["data"]["result"]
 
 
-def wait_for(fn, timeout=90, interval=1.0):
+def wait_for(fn, timeout=90, interval=0.25):  # a query is milliseconds: poll often, return soon
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         try:

@@ -25,7 +25,7 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
             last = r.text
         except requests.RequestException as e:
             last = str(e)
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise TimeoutError(f"{url} not healthy after {timeout}s: {last}")
 
 

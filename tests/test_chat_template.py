@@ -21,6 +21,7 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
+from cli_helpers import run_cli_here
 from fake_engine import FakeEngine
 from image_helpers import image_bytes
 from maverick_ray.checkpoint.chat_template import ChatTemplateError
@@ -243,7 +244,7 @@ def test_generate_cli_takes_chat_template_and_fails_clearly_without_one(tmp_path
     ck = without_template(tiny_ckpt, tmp_path / "c")
     base = [sys.executable, "-m", "maverick_ray.cli", "generate", "--model", str(ck), "--prompt", "hi",
             "--max-tokens", "2", "--json"]
-    r = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    r = run_cli_here(*base[3:])  # the refusal, in this process (tests/cli_helpers.py): no model loads
     assert r.returncode == 2 and "has no chat template" in r.stderr and "Traceback" not in r.stderr
     f = tmp_path / "t.jinja"
     f.write_text(json.loads((tiny_ckpt / "tokenizer_config.json").read_text())["chat_template"])

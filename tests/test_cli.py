@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli_here
 from maverick_ray.checkpoint.writer import TINY_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +21,16 @@ BIN = Path(sys.executable).parent
 
 
 def run(*args, timeout=240, env=None):
+    """`python -m maverick_ray.cli ARGS` as a user runs it: its own interpreter."""
     return subprocess.run([sys.executable, "-m", "maverick_ray.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or os.environ.copy(), cwd=ROOT)
+
+
+# The same command in this process (tests/cli_helpers.py), for runs that start no Ray: the same
+# exit status, stdout and stderr without a new interpreter's imports. Each CLI path still runs
+# as a subprocess somewhere: generate here and in the README examples (test_images: with --image),
+# make-checkpoint in the README examples.
+here = run_cli_here
 
 
 def test_generate_json_greedy_is_deterministic_and_matches_engine(tiny_ckpt):
@@ -29,8 +38,9 @@ def test_generate_json_greedy_is_deterministic_and_matches_engine(tiny_ckpt):
     assert a.returncode == 0, a.stderr
     out = json.loads(a.stdout.strip().splitlines()[-1])
     assert len(out["token_ids"]) <= 8 and isinstance(out["text"], str)
-    b = run("generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-tokens", "8", "--json")
-    assert json.loads(b.stdout.strip().splitlines()[-1]) == out
+    b = here("generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-tokens", "8", "--json")
+    assert b.returncode == 0, b.stderr
+    assert json.loads(b.stdout.strip().splitlines()[-1]) == out  # another process, the same tokens
 
 
 def test_token_ids_work_without_tokenizer_files(tmp_path, tiny_ckpt):
@@ -38,17 +48,17 @@ def test_token_ids_work_without_tokenizer_files(tmp_path, tiny_ckpt):
     shutil.copytree(tiny_ckpt, ck)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (ck / f).unlink()
-    r = run("generate", "--model", str(ck), "--token-ids", "5,6,7,8", "--max-tokens", "5", "--json")
+    r = here("generate", "--model", str(ck), "--token-ids", "5,6,7,8", "--max-tokens", "5", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["token_ids"]) <= 5 and out["text"] is None
-    r = run("generate", "--model", str(ck), "--prompt", "hi")
+    r = here("generate", "--model", str(ck), "--prompt", "hi")
     assert r.returncode == 2 and "tokenizer.json: not found" in r.stderr
 
 
 def test_generate_with_ep2_on_ray_matches_ep1(tiny_ckpt):
     args = ["generate", "--model", str(tiny_ckpt), "--token-ids", "11,12,13,14,15", "--max-tokens", "6", "--json"]
-    one = run(*args)
+    one = here(*args)
     # A dead cluster recorded by an earlier `ray start` must not capture the local start.
     ray_tmp = Path(tempfile.mkdtemp(prefix="mr", dir="/tmp"))
     (ray_tmp / "ray").mkdir()
@@ -63,27 +73,27 @@ def test_generate_with_ep2_on_ray_matches_ep1(tiny_ckpt):
 
 
 def test_bad_input_gives_clear_errors(tmp_path, tiny_ckpt):
-    r = run("generate", "--model", str(tmp_path / "nowhere"), "--token-ids", "1")
+    r = here("generate", "--model", str(tmp_path / "nowhere"), "--token-ids", "1")
     assert r.returncode == 2 and "config.json: not found" in r.stderr and "Traceback" not in r.stderr
-    r = run("generate", "--model", str(tiny_ckpt), "--token-ids", "1,x")
+    r = here("generate", "--model", str(tiny_ckpt), "--token-ids", "1,x")
     assert r.returncode == 2 and "--token-ids" in r.stderr
-    r = run("generate", "--model", str(tiny_ckpt), "--token-ids", "1,2", "--max-tokens", "0")
+    r = here("generate", "--model", str(tiny_ckpt), "--token-ids", "1,2", "--max-tokens", "0")
     assert r.returncode == 2 and "max_tokens" in r.stderr
-    r = run("generate", "--model", str(tiny_ckpt), "--token-ids", "1,2", "--max-tokens", "5000")
+    r = here("generate", "--model", str(tiny_ckpt), "--token-ids", "1,2", "--max-tokens", "5000")
     assert r.returncode == 2 and "context length" in r.stderr
 
 
 def test_make_checkpoint_cli(tmp_path):
-    r = run("make-checkpoint", str(tmp_path / "ck"), "--preset", "tiny", "--experts-layout", "split")
+    r = here("make-checkpoint", str(tmp_path / "ck"), "--preset", "tiny", "--experts-layout", "split")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ck" / "config.json").exists()
-    r = run("make-checkpoint", str(tmp_path / "ck"))
+    r = here("make-checkpoint", str(tmp_path / "ck"))
     assert r.returncode == 2 and "not empty" in r.stderr
 
 
 def test_default_checkpoint_is_created_on_first_use(tmp_path):
-    env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path / "cache"))
-    r = run("generate", "--prompt", "Hi", "--max-tokens", "3", "--json", env=env)
+    r = here("generate", "--prompt", "Hi", "--max-tokens", "3", "--json",
+             env={"MAVERICK_RAY_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cache" / f"tiny-v{TINY_VERSION}" / "config.json").exists()
 
@@ -140,8 +150,8 @@ def test_generate_with_an_image_matches_the_engine_and_names_a_missing_file(tmp_
 
     path = tmp_path / "cat.png"
     path.write_bytes(image_bytes(90, 60, seed=3))
-    r = run("generate", "--model", str(tiny_ckpt), "--prompt", "Describe.", "--image", str(path),
-            "--max-tokens", "6", "--temperature", "0", "--json")
+    r = here("generate", "--model", str(tiny_ckpt), "--prompt", "Describe.", "--image", str(path),
+             "--max-tokens", "6", "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
     ids, mm = prepare_images_from_files(tiny_ckpt, ChatTokenizer.from_pretrained(tiny_ckpt), [str(path)],
@@ -149,5 +159,5 @@ def test_generate_with_an_image_matches_the_engine_and_names_a_missing_file(tmp_
     with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=2, max_model_len=512)) as eng:
         want = eng.generate(ids, SamplingParams(max_tokens=6, temperature=0), mm_inputs=mm)["token_ids"]
     assert got == want and len(got) > 0
-    missing = run("generate", "--model", str(tiny_ckpt), "--prompt", "Describe.", "--image", str(tmp_path / "no.png"))
+    missing = here("generate", "--model", str(tiny_ckpt), "--prompt", "Describe.", "--image", str(tmp_path / "no.png"))
     assert missing.returncode != 0 and "no.png" in missing.stderr and "Traceback" not in missing.stderr

@@ -13,13 +13,15 @@ from maverick_ray.engine.engine import Engine
 from maverick_ray.engine.request import EngineError
 from maverick_ray.engine.sampling import SamplingParams
 
-from engine_helpers import greedy_reference, prompts_for
+from engine_helpers import checkpoint_state, greedy_reference, prompts_for
+
+
+_IMAGE_REFS: dict[tuple, list[int]] = {}
 
 
 def image_reference(ckpt):
-    """An image prompt and transformers' greedy continuation of it."""
-    from transformers import Llama4ForConditionalGeneration
-
+    """An image prompt and transformers' greedy continuation of it (computed once per session:
+    the parametrized EP cases share it; the prompt and image inputs are made afresh each call)."""
     from maverick_ray.checkpoint.tokenizer import ChatTokenizer
     from maverick_ray.engine.multimodal import prepare_images_from_files
 
@@ -28,11 +30,16 @@ def image_reference(ckpt):
     path = ckpt.parent / "engine_img.png"
     path.write_bytes(image_bytes(110, 110, seed=5))
     ids, mm = prepare_images_from_files(ckpt, ChatTokenizer.from_pretrained(ckpt), [str(path)], "Describe.", 8)
-    hf = Llama4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor([ids]), pixel_values=mm["pixel_values"], max_new_tokens=8,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    return ids, mm, ref
+    key = (str(ckpt), checkpoint_state(ckpt), tuple(ids), mm["pixel_values"].numpy().tobytes())
+    if key not in _IMAGE_REFS:
+        from transformers import Llama4ForConditionalGeneration
+
+        hf = Llama4ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+        with torch.no_grad():
+            _IMAGE_REFS[key] = hf.generate(input_ids=torch.tensor([ids]), pixel_values=mm["pixel_values"],
+                                           max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)[0, len(ids):].tolist()
+    return ids, mm, list(_IMAGE_REFS[key])
 
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -167,18 +167,20 @@ def test_a_peer_that_exits_fails_the_exchange_at_once_not_at_the_timeout():
     assert waited < 5, f"took {waited:.1f} s (the group's timeout is 120 s)"
 
 
-def _peer_absent_main(rank: int, world: int, address: str, results, timeout_s):
+def _peer_absent_main(rank: int, world: int, address: str, results, timeout_s, gave_up):
     dist, pg = _init(rank, world, address, timeout_s=timeout_s)
     x, out = torch.zeros(4, 2), torch.empty(4, 2)
     if rank == 1:
-        time.sleep(timeout_s + 3)     # alive, but never joins the exchange
+        gave_up.wait(timeout_s + 3)   # alive, but never joins the exchange (until rank 0 gave up on it)
         results.put((1, "slept"))
         return
     results.put((0, _failing_a2a(dist, out, x)))
+    gave_up.set()
 
 
 def test_a_peer_that_never_joins_times_out_with_the_groups_timeout():
-    procs, results = _spawn(_peer_absent_main, 2, 2.0)
+    gave_up = mp.get_context("spawn").Event()  # referenced here until the ranks are done with it
+    procs, results = _spawn(_peer_absent_main, 2, 2.0, gave_up)
     msg, waited = _collect(procs, results)[0]
     assert "timed out after 2 s waiting for rank 1" in msg
     assert 2 <= waited < 6

@@ -4,10 +4,13 @@ of the main venv, so it runs in the oracle venv (`make test` builds .venv-oracle
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +34,54 @@ MAVERICK_PREPROCESSOR = {
     "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
 
 
+class _Oracle:
+    """One oracle process (tests/oracle/hf_image_processor.py --serve) for the whole session: its
+    start, the imports of torch and transformers, costs ~10 s, each job a fraction of that. Each
+    job still loads the processor afresh from its directory, as a separate run did."""
+
+    proc: subprocess.Popen | None = None
+    log = None
+
+    @classmethod
+    def run(cls, job: Path, out: Path) -> None:
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls.log = tempfile.TemporaryFile(mode="w+")
+            cls.proc = subprocess.Popen([str(ORACLE), str(ROOT / "tests" / "oracle" / "hf_image_processor.py"),
+                                         "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=cls.log, text=True)
+            atexit.register(cls.close)
+        cls.proc.stdin.write(json.dumps([str(job), str(out)]) + "\n")
+        cls.proc.stdin.flush()
+        watchdog = threading.Timer(600, cls.proc.kill)  # a job's time limit, as a run's was
+        watchdog.start()
+        try:
+            for line in cls.proc.stdout:  # lines not starting with "oracle: " are the libraries' own prints
+                if line.startswith("oracle: "):
+                    answer = line[len("oracle: "):].rstrip("\n")
+                    assert answer == "ok", json.loads(answer[len("error "):])[-3000:]
+                    return
+        finally:
+            watchdog.cancel()
+        cls.log.seek(0)
+        pytest.fail(f"the oracle process exited ({cls.proc.wait()}): {cls.log.read()[-3000:]}")
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.stdin.close()
+            try:
+                cls.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                cls.proc.kill()
+
+
 def oracle(tmp_path: Path, processor_dir: Path, images: list[Path], prompt: str | None = None) -> dict:
     if not ORACLE.exists():
         pytest.fail(f"the oracle venv is missing ({ORACLE}); `make test` creates it")
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"processor_dir": str(processor_dir), "images": [str(p) for p in images],
                                "prompt": prompt}))
-    run = subprocess.run([str(ORACLE), str(ROOT / "tests" / "oracle" / "hf_image_processor.py"), str(job),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _Oracle.run(job, tmp_path / "out.pt")
     return torch.load(tmp_path / "out.pt")
 
 

@@ -39,8 +39,20 @@ def hf(tiny_ckpt):
     return Llama4ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
 
 
+_HF_GREEDY: dict[tuple, list[int]] = {}
+
+
 def hf_greedy(hf, prompt: list[int], p: SamplingParams, eos: list[int]) -> list[int]:
-    """transformers' greedy continuation under the processors matching `p` (vLLM's order)."""
+    """transformers' greedy continuation under the processors matching `p` (vLLM's order). The
+    module's one model: computed once per prompt and parameters (the EP = 1 and EP = 2 tests and
+    the replay test check against the same references)."""
+    key = (id(hf), tuple(prompt), repr(p), tuple(eos))
+    if key not in _HF_GREEDY:
+        _HF_GREEDY[key] = _hf_greedy(hf, prompt, p, eos)
+    return list(_HF_GREEDY[key])
+
+
+def _hf_greedy(hf, prompt: list[int], p: SamplingParams, eos: list[int]) -> list[int]:
     from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, MinPLogitsWarper,
                               RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor)
 

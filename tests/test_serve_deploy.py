@@ -19,13 +19,14 @@ RAY = str(Path(sys.executable).parent / "ray")
 SERVE = str(Path(sys.executable).parent / "serve")
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One `ray start --head` cluster for the module (starting and stopping one costs ~20 s)."""
     import secrets
 
     # Ray's token authentication: the cluster and the `serve deploy` client share one token.
-    env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path / "cache"), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path_factory.mktemp("deploy") / "cache"),
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     gcs, dash = free_port(), free_port()
     subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -36,6 +37,26 @@ def ray_head(tmp_path):
     subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
 
 
+@pytest.fixture
+def ray_head(ray_cluster):
+    """The module's cluster with no Serve on it, as right after `ray start`: each test's `serve
+    deploy` starts Serve afresh (its own HTTP port), and Serve is shut down after the test."""
+    env, dashboard = ray_cluster
+    yield ray_cluster
+    # What `serve shutdown -y` does (the dashboard's REST API), without a CLI process per call.
+    auth = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    r = requests.delete(dashboard + "/api/serve/applications/", headers=auth, timeout=300)
+    assert r.status_code == 200, r.text
+    deadline, details = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        details = requests.get(dashboard + "/api/serve/applications/", headers=auth, timeout=30).json()
+        if details["controller_info"].get("node_id") is None and not details.get("applications"):
+            break
+        time.sleep(0.2)
+    assert details["controller_info"].get("node_id") is None and not details.get("applications"), \
+        f"Serve did not shut down: {details}"
+
+
 def serve_deploy(cfg_file: Path, dashboard: str, env: dict) -> None:
     deadline = time.monotonic() + 60
     while True:  # the dashboard's REST API takes a moment after `ray start`
@@ -43,7 +64,7 @@ def serve_deploy(cfg_file: Path, dashboard: str, env: dict) -> None:
                              env=env, timeout=120)
         if out.returncode == 0 or time.monotonic() > deadline:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert out.returncode == 0, out.stderr
 
 
@@ -96,6 +117,6 @@ def test_serve_status_names_the_missing_tokenizer_of_a_deployed_config(ray_head,
         status = out.stdout
         if "DEPLOY_FAILED" in status:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert "DEPLOY_FAILED" in status, status
     assert "tokenizer.json: not found" in status and str(ck) in status

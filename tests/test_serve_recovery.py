@@ -17,14 +17,24 @@ from serve_fixtures import start_serve, stop_serve
 STREAMS = 32
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda ep: f"ep{ep}")
-def server(request, tiny_ckpt):
-    ep = request.param
-    url = start_serve({"/": {"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": ep,
-                             "max_model_len": 256, "max_num_seqs": 32 // ep, "step_deadline_floor_s": 3.0}},
-                      num_cpus=ep + 3)
+EPS = (2, 4)
+
+
+@pytest.fixture(scope="module")
+def serve_url(tiny_ckpt):
+    """One Ray + Serve for the module with an app per EP size at /ep2 and /ep4: one Ray and Serve
+    start instead of one per EP size. Each app has its own replica, ranks and engine stats, and
+    the logical CPUs of two separate clusters (ep + 3 each)."""
+    url = start_serve({f"/ep{ep}": {"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": ep,
+                                    "max_model_len": 256, "max_num_seqs": 32 // ep, "step_deadline_floor_s": 3.0}
+                       for ep in EPS}, num_cpus=sum(ep + 3 for ep in EPS))
     yield url
     stop_serve()
+
+
+@pytest.fixture(params=EPS, ids=lambda ep: f"ep{ep}")
+def server(request, serve_url):
+    return f"{serve_url}/ep{request.param}"
 
 
 def stream_all(url: str, fault=None) -> tuple[list[str], list[str]]:
