@@ -83,6 +83,36 @@ def held(eng: Engine) -> list[list[int]]:
     return [info["experts"] for info in eng.ranks.call("info")]
 
 
+def balancedness(steps) -> float:
+    """Mean over max of the tokens each rank's experts received, over the steps and MoE layers."""
+    per_rank = [sum(sum(s.rank_received[r]) for s in steps) for r in range(len(steps[0].rank_received))]
+    return sum(per_rank) / len(per_rank) / max(per_rank)
+
+
+# Defined (so run) before the tests of the module's shared engine `eng`: at EP = 4 it needs 4 of
+# ray_local's 5 CPUs, and `eng`, once started, holds 2 of them until the module ends (the EP = 4
+# engine's placement group would wait for CPUs that never free).
+@pytest.mark.parametrize("ep", [2, 4])
+def test_a_zipf_skewed_router_is_rebalanced_to_even_ranks_with_unchanged_outputs(ckpt, ray_local, ep):
+    # half a logical CPU per rank: the module's EP = 2 engine holds 2 of ray_local's 5 CPUs meanwhile
+    par = ParallelConfig(ep_size=ep, redundant_experts=ep, eplb="on", eplb_window_steps=256,
+                         eplb_interval_steps=10**6, spare_ranks=0, num_cpus_per_worker=0.5)
+    with Engine(ckpt, par, EngineConfig(max_num_seqs=STREAMS, max_model_len=128)) as engine:
+        engine.skew_routing(SKEW, hottest=ep)   # the hot experts have no copy at the start
+        steps: list = []
+        engine.add_step_listener(steps.append)
+        reference = run(engine)
+        before = balancedness(steps)
+        engine.eplb.request()
+        assert run(engine) == reference               # during the rebalance
+        assert engine.stats()["eplb"]["rebalances"] == 1
+        steps.clear()
+        assert run(engine) == reference               # after it
+        after = balancedness(steps)
+        print(f"EP={ep}: balancedness {before:.2f} -> {after:.2f}; placement {engine.ranks.placement.slots}")
+        assert before < 0.6 and after >= 0.9, (before, after)
+
+
 def test_rebalance_under_32_streams_changes_no_output(eng, reference):
     from maverick_ray.metrics import EngineMetrics
     from maverick_ray.top import render
@@ -146,29 +176,3 @@ def test_a_rank_killed_after_a_rebalance_comes_back_with_the_new_placement(eng, 
     assert run(eng) == reference
     assert eng.stats()["recoveries"]["ok"] >= 1
     assert held(eng) == [list(placement.experts_of(r)) for r in range(2)]
-
-
-def balancedness(steps) -> float:
-    """Mean over max of the tokens each rank's experts received, over the steps and MoE layers."""
-    per_rank = [sum(sum(s.rank_received[r]) for s in steps) for r in range(len(steps[0].rank_received))]
-    return sum(per_rank) / len(per_rank) / max(per_rank)
-
-
-@pytest.mark.parametrize("ep", [2, 4])
-def test_a_zipf_skewed_router_is_rebalanced_to_even_ranks_with_unchanged_outputs(ckpt, ray_local, ep):
-    par = ParallelConfig(ep_size=ep, redundant_experts=ep, eplb="on", eplb_window_steps=256,
-                         eplb_interval_steps=10**6, spare_ranks=0)
-    with Engine(ckpt, par, EngineConfig(max_num_seqs=STREAMS, max_model_len=128)) as engine:
-        engine.skew_routing(SKEW, hottest=ep)   # the hot experts have no copy at the start
-        steps: list = []
-        engine.add_step_listener(steps.append)
-        reference = run(engine)
-        before = balancedness(steps)
-        engine.eplb.request()
-        assert run(engine) == reference               # during the rebalance
-        assert engine.stats()["eplb"]["rebalances"] == 1
-        steps.clear()
-        assert run(engine) == reference               # after it
-        after = balancedness(steps)
-        print(f"EP={ep}: balancedness {before:.2f} -> {after:.2f}; placement {engine.ranks.placement.slots}")
-        assert before < 0.6 and after >= 0.9, (before, after)
