@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from pathlib import Path
@@ -26,14 +27,19 @@ def crd_text(name: str) -> str:
     return gzip.decompress((SCHEMAS / (name + ".gz")).read_bytes()).decode()
 
 
+@functools.lru_cache
+def crd(name: str) -> dict:
+    """The kept CRD, parsed once per session (a ~1 MB YAML: seconds to parse; read, never changed)."""
+    return yaml.safe_load(crd_text(name))
+
+
 def crd_schema(name: str) -> dict:
-    crd = yaml.safe_load(crd_text(name))
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return next(v for v in crd(name)["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
 def test_kept_crd_is_kuberays_rayservice_crd():
-    crd = yaml.safe_load(crd_text("ray.io_rayservices.yaml"))
-    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "RayService"
+    kept = crd("ray.io_rayservices.yaml")
+    assert kept["kind"] == "CustomResourceDefinition" and kept["spec"]["names"]["kind"] == "RayService"
 
 
 def strict_unknown_fields(obj, schema: dict, path: str = "") -> list[str]:

@@ -89,12 +89,12 @@ def balancedness(steps) -> float:
     return sum(per_rank) / len(per_rank) / max(per_rank)
 
 
-# Defined (so run) before the tests of the module's shared engine `eng`: at EP = 4 it needs 4 of
-# ray_local's 5 CPUs, and `eng`, once started, holds 2 of them until the module ends (the EP = 4
-# engine's placement group would wait for CPUs that never free).
+# Defined (so run) before the tests of the module's shared engine `eng`, which holds 2 of
+# ray_local's 5 CPUs from its first use to the module's end; with half a CPU per rank (below) the
+# EP = 4 engine fits beside it too, whatever order the tests are selected or run in.
 @pytest.mark.parametrize("ep", [2, 4])
 def test_a_zipf_skewed_router_is_rebalanced_to_even_ranks_with_unchanged_outputs(ckpt, ray_local, ep):
-    # half a logical CPU per rank: the module's EP = 2 engine holds 2 of ray_local's 5 CPUs meanwhile
+    # half a logical CPU per rank: room beside the module's EP = 2 engine, should it be running
     par = ParallelConfig(ep_size=ep, redundant_experts=ep, eplb="on", eplb_window_steps=256,
                          eplb_interval_steps=10**6, spare_ranks=0, num_cpus_per_worker=0.5)
     with Engine(ckpt, par, EngineConfig(max_num_seqs=STREAMS, max_model_len=128)) as engine:

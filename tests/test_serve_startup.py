@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve(ckpt: Path, tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path / "cache"))
+    # Serve marks a deployment failed after 3 failed starts of its replica (the same failure each
+    # time here: a broken checkpoint); the terminal shows the same error after one.
+    env = dict(os.environ, MAVERICK_RAY_CACHE=str(tmp_path / "cache"), RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT="1")
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "maverick_ray.cli", "serve", "--model", str(ckpt), "--ep", "1",
                            "--port", str(free_port()), "--metrics-port", str(free_port())],
