@@ -200,9 +200,7 @@ class Engine:
         """Test hook: every rank routes every token to `expert` (None restores the router). The
         prefix cache is dropped: blocks computed with the other routing would not match."""
         self.ranks.call("force_expert", expert)
-        with self._cv:
-            for tables in self.scheduler.blocks:
-                tables.forget_cached()
+        self._forget_prefix_cache()
 
     def skew_routing(self, strength: float | None, exponent: float = 1.2, hottest: int = 0) -> None:
         """Test and benchmark hook: a Zipf-shaped router. Every rank adds strength * log of a
@@ -216,6 +214,10 @@ class Engine:
         bias = None if strength is None else [-strength * exponent * math.log((e - hottest) % E + 1)
                                               for e in range(E)]
         self.ranks.call("skew_routing", bias)
+        self._forget_prefix_cache()
+
+    def _forget_prefix_cache(self) -> None:
+        """Drops every rank's cached prefix blocks (computed under routing that has changed)."""
         with self._cv:
             for tables in self.scheduler.blocks:
                 tables.forget_cached()

@@ -113,7 +113,7 @@ class LiveRebalancer:
         self.pending = None
         self.stats["staging"] = False
         ranks.call("swap_placement", new)
-        for info, r in zip(ranks.infos, range(len(ranks.infos))):
+        for r, info in enumerate(ranks.infos):
             info["experts"] = list(new.experts_of(r))
         self.window.steps.clear()        # the old placement's rank loads say nothing about the new one
         moved = _moved(old, new)

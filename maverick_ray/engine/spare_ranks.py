@@ -38,6 +38,7 @@ class SparePool:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._closed = False
+        self._done: set = set()   # warm() refs known to be ready (see _warmed)
 
     def fill(self, nodes: list[str]) -> None:
         """Starts spares (without waiting for them) until each of `nodes` has per_node."""
@@ -91,21 +92,27 @@ class SparePool:
             return actor
         return None
 
-    def ready(self) -> int:
-        """How many spares have finished warming up (not probed)."""
+    def _warmed(self) -> list:
+        """The warm() refs of the spares that have finished warming up. A ref once ready stays
+        ready, so Ray is asked only about the others (engine stats call this every step)."""
         import ray
 
         with self._lock:
             refs = [warm for have in self._spares.values() for _, warm in have]
-        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+        pending = [r for r in refs if r not in self._done]
+        if pending:
+            self._done.update(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
+        return [r for r in refs if r in self._done]
+
+    def ready(self) -> int:
+        """How many spares have finished warming up (not probed)."""
+        return len(self._warmed())
 
     def warm_info(self) -> list[dict]:
         """What each warmed-up spare reported ({pid, node_id})."""
         import ray
 
-        with self._lock:
-            refs = [warm for have in self._spares.values() for _, warm in have]
-        ready = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        ready = self._warmed()
         return ray.get(ready) if ready else []
 
     def shutdown(self) -> None:
