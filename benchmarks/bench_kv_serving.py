@@ -75,14 +75,15 @@ def ttft_round(ckpt: str, caching: str, system_len: int, requests: int) -> dict:
     return {"median": statistics.median(firsts), "p90": firsts[int(0.9 * (len(firsts) - 1))], "hit_tokens": hit}
 
 
-def gaps_round(ckpt: str, budget: int, long_len: int, streams_n: int) -> dict:
-    """16 decoding streams; a long prompt arrives; token gaps of the streams before and during its prefill."""
+def gaps_round(ckpt: str, budget: int, long_len: int, streams_n: int, slowdown: float = 0.0) -> dict:
+    """16 decoding streams; a long prompt arrives; token gaps of the streams before and during its
+    prefill. slowdown: the engine's max_decode_slowdown (0: a fixed budget of `budget` tokens a step)."""
     from maverick_ray.config import EngineConfig, ParallelConfig
     from maverick_ray.engine.engine import Engine
     from maverick_ray.engine.sampling import SamplingParams
 
     cfg = EngineConfig(max_num_seqs=streams_n + 1, max_prefill_tokens=budget, max_model_len=long_len + 64,
-                       kv_cache_memory_gb=1.0)
+                       kv_cache_memory_gb=1.0, max_decode_slowdown=slowdown)
     with Engine(ckpt, ParallelConfig(ep_size=1), cfg) as eng:
         eng.generate(_tokens(8, 7), SamplingParams(max_tokens=2, temperature=0))  # warm-up
         params = SamplingParams(max_tokens=long_len, temperature=0, ignore_eos=True)  # aborted at the end
@@ -129,7 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--long", type=int, default=16384, help="the long prompt's tokens (default: 16384)")
     ap.add_argument("--streams", type=int, default=16, help="decoding streams (default: 16)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 32768],
-                    help="max_prefill_tokens values for the token-gap runs; one >= --long is the old behaviour")
+                    help="fixed max_prefill_tokens values (no pacing) for the token-gap runs; one >= --long is "
+                         "the behaviour before chunked prefill")
+    ap.add_argument("--slowdowns", type=float, nargs="*", default=[2.0],
+                    help="max_decode_slowdown values for paced token-gap runs (max_prefill_tokens 4096)")
+    ap.add_argument("--skip-ttft", action="store_true", help="only the token-gap runs")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     command = " ".join([".venv/bin/python benchmarks/bench_kv_serving.py"] + (argv if argv is not None else sys.argv[1:]))
@@ -138,39 +143,42 @@ def main(argv=None) -> int:
         print("checkpoint mini ...", flush=True)
         ckpt = in_subprocess("bench_kv_serving", "make_mini", tmp)
         ttft = {"on": [], "off": []}
-        for rnd in range(args.rounds):
+        for rnd in range(0 if args.skip_ttft else args.rounds):
             for caching in (("on", "off") if rnd % 2 == 0 else ("off", "on")):
                 r = in_subprocess("bench_kv_serving", "ttft_round", ckpt, caching, args.system, args.requests)
                 ttft[caching].append(r)
                 print(f"TTFT round {rnd + 1}, prefix caching {caching}: median {r['median']:.2f} s, "
                       f"p90 {r['p90']:.2f} s", flush=True)
         gaps = {}
-        for budget in args.budgets:
-            gaps[budget] = in_subprocess("bench_kv_serving", "gaps_round", ckpt, budget, args.long, args.streams)
-            g = gaps[budget]
-            print(f"budget {budget}: gaps before p99 {g['before_p99'] * 1e3:.0f} ms, during p99 "
+        runs = [(f"{b}", b, 0.0) for b in args.budgets] + \
+               [(f"4096, paced: max_decode_slowdown {s:g}", 4096, s) for s in args.slowdowns]
+        for label, budget, slowdown in runs:
+            if budget >= args.long:
+                label += " (whole prompt in one step: before chunked prefill)"
+            g = gaps[label] = in_subprocess("bench_kv_serving", "gaps_round", ckpt, budget, args.long, args.streams,
+                                            slowdown)
+            print(f"{label}: gaps before p99 {g['before_p99'] * 1e3:.0f} ms, during p99 "
                   f"{g['during_p99'] * 1e3:.0f} ms, prefill {g['prefill_s']:.1f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     on, off = ttft["on"], ttft["off"]
-    lines = [f"TTFT, {args.requests} requests sharing a {args.system}-token system prompt (+24 tokens each) that one "
+    lines = [] if args.skip_ttft else [f"TTFT, {args.requests} requests sharing a {args.system}-token system prompt (+24 tokens each) that one "
              f"earlier request used, submitted at once, `mini` EP=1, {args.rounds} alternating rounds:", "",
              "| prefix caching | TTFT median | TTFT p90 | prompt tokens found cached |", "|---|---|---|---|",
              f"| off | {med(off, 'median'):.2f} s | {med(off, 'p90'):.2f} s | {med(off, 'hit_tokens'):.0f} |",
              f"| on | {med(on, 'median'):.2f} s | {med(on, 'p90'):.2f} s | {med(on, 'hit_tokens'):.0f} |", "",
-             f"Median TTFT off / on: **{med(off, 'median') / med(on, 'median'):.1f}x** (goal >= 5x).", "",
-             f"Token gaps of {args.streams} decoding streams while a {args.long}-token prompt prefills (`mini` EP=1):",
+             f"Median TTFT off / on: **{med(off, 'median') / med(on, 'median'):.1f}x** (goal >= 5x).", ""]
+    lines += [f"Token gaps of {args.streams} decoding streams while a {args.long}-token prompt prefills (`mini` EP=1):",
              "", "| max_prefill_tokens | gap p50 before | gap p99 before | gap p50 during | gap p99 during | "
              "p99 during / p99 before | the prompt's prefill |", "|---|---|---|---|---|---|---|"]
-    for budget, g in gaps.items():
-        label = f"{budget}" + (" (whole prompt in one step: before chunked prefill)" if budget >= args.long else "")
+    for label, g in gaps.items():
         lines.append(f"| {label} | {g['before_p50'] * 1e3:.0f} ms | {g['before_p99'] * 1e3:.0f} ms | "
                      f"{g['during_p50'] * 1e3:.0f} ms | {g['during_p99'] * 1e3:.0f} ms | "
                      f"{g['during_p99'] / g['before_p99']:.1f}x | {g['prefill_s']:.1f} s |")
     text = "\n".join(lines)
     print(text)
-    if not args.no_write:
+    if not (args.no_write or args.skip_ttft):  # the section holds both tables
         write_section("bench_kv_serving", f"## Prefix caching and chunked prefill (issue 17)\n\nMachine: "
                       f"{machine_line()}.\n\n{text}\n\nCommand: `{command}`\n")
     return 0

@@ -389,6 +389,11 @@ class EngineConfig:
     max_waiting: int = knob(1024, "queued requests beyond which new ones are refused (HTTP 503)")
     max_prefill_tokens: int = knob(4096, "prompt tokens each rank runs per step: longer prompts are prefilled in "
                                          "chunks over several steps while running sequences keep decoding")
+    max_decode_slowdown: float = knob(2.0, "while sequences decode, a step that also prefills may take at most this "
+                                           "many times a decode-only step (measured online): the prompt tokens per "
+                                           "step shrink to fit (at least 16, at most max_prefill_tokens). Keeps "
+                                           "inter-token gaps steady while long prompts arrive, at the cost of their "
+                                           "time to first token. 0: no pacing, every step takes max_prefill_tokens")
     kv_cache_memory_gb: float = knob(0.0, "KV cache memory per rank, GiB. 0: on GPU kv_cache_fraction of the "
                                           "memory free after the weights; on CPU room for max_num_seqs sequences "
                                           "of min(max_model_len, 2048) tokens")
@@ -436,6 +441,9 @@ class EngineConfig:
                  f"must be a positive integer, or 0 for the checkpoint's context; got {self.max_model_len!r}")
         _require(math.isfinite(self.kv_cache_memory_gb) and self.kv_cache_memory_gb >= 0, "kv_cache_memory_gb",
                  f"must be a number of GiB >= 0 (0: automatic), got {self.kv_cache_memory_gb!r}")
+        _require(math.isfinite(self.max_decode_slowdown) and (self.max_decode_slowdown == 0
+                                                              or self.max_decode_slowdown > 1),
+                 "max_decode_slowdown", f"must be 0 (no pacing) or a factor > 1, got {self.max_decode_slowdown!r}")
         _require(0 < self.kv_cache_fraction <= 1, "kv_cache_fraction", f"must be in (0, 1], got {self.kv_cache_fraction}")
         _require(isinstance(self.max_recoveries, int) and self.max_recoveries >= 0, "max_recoveries",
                  f"must be a non-negative integer, got {self.max_recoveries!r}")

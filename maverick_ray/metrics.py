@@ -89,6 +89,7 @@ class _Defs:
     prefix_queried: object
     prefix_hit: object
     prefill_tokens: object
+    prefill_budget: object
     eplb_rebalances: object
     eplb_moved_slots: object
     eplb_staged_bytes: object
@@ -156,6 +157,10 @@ def _define() -> _Defs:
                            "Prompt tokens found in the prefix cache (not prefilled again).", tag_keys=r),
         prefill_tokens=Histogram("maverick_prefill_tokens_per_step", "Prompt tokens prefilled in one step.",
                                  boundaries=PREFILL_BUCKETS, tag_keys=r),
+        prefill_budget=Gauge("maverick_prefill_budget_tokens",
+                             "Prompt tokens a rank may prefill in the next step: max_prefill_tokens, or fewer "
+                             "while the prefill pacer keeps decoding streams within max_decode_slowdown.",
+                             tag_keys=r),
         eplb_rebalances=Counter("maverick_eplb_rebalances_total",
                                 "Live expert rebalances, by outcome: done, or failed (could not be staged).",
                                 tag_keys=r + ("outcome",)),
@@ -228,6 +233,7 @@ class EngineMetrics:
             m.kv_pages.set(pages, tags=dict(t, state=state))
             m.kv_bytes.set(pages * st["kv_page_bytes"], tags=dict(t, state=state))
         m.prefill_tokens.observe(st["prefill_tokens_last_step"], tags=t)
+        m.prefill_budget.set(st["prefill_budget"], tags=t)
         for name, key in (("preemptions", "preemptions"), ("prefix_queried", "prefix_cache_queried_tokens"),
                           ("prefix_hit", "prefix_cache_hit_tokens")):  # engine totals -> counter increments
             new = st[key] - self._totals.get(key, 0)

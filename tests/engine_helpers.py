@@ -23,22 +23,51 @@ def checkpoint_state(ckpt) -> tuple:
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(ckpt).iterdir()) if f.is_file())
 
 
-def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[int]]:
+def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool, hf_piece: int = 0) -> list[list[int]]:
     """Greedy continuations of `prompts` from our single-process model or transformers. Computed
     once per session for the same checkpoint files, prompts and length (several tests and
-    parametrized cases compare against the same reference; each gets its own copy)."""
-    key = (str(Path(ckpt).resolve()), checkpoint_state(ckpt), tuple(map(tuple, prompts)), max_tokens, use_hf)
+    parametrized cases compare against the same reference; each gets its own copy).
+
+    hf_piece > 0: transformers prefills each prompt `hf_piece` tokens at a time through its own
+    cache (`hf_greedy_in_pieces`), for prompts whose one-shot eager attention would not fit."""
+    key = (str(Path(ckpt).resolve()), checkpoint_state(ckpt), tuple(map(tuple, prompts)), max_tokens, use_hf,
+           hf_piece)
     if key not in _REFERENCES:
-        _REFERENCES[key] = _greedy_reference(ckpt, prompts, max_tokens, use_hf)
+        if hf_piece:
+            _REFERENCES[key] = [hf_greedy_in_pieces(_hf_model(ckpt), p, max_tokens, hf_piece) for p in prompts]
+        else:
+            _REFERENCES[key] = _greedy_reference(ckpt, prompts, max_tokens, use_hf)
     return [list(out) for out in _REFERENCES[key]]
+
+
+def _hf_model(ckpt):
+    from transformers import Llama4ForConditionalGeneration
+
+    return Llama4ForConditionalGeneration.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy_in_pieces(model, prompt: list[int], max_tokens: int, piece: int) -> list[int]:
+    """transformers' greedy continuation of one prompt, prefilled `piece` tokens per forward into
+    its own DynamicCache (chunked-attention layers as transformers windows them). Eager attention
+    over a 32k prompt in one forward needs tens of GB; in 1024-token pieces it needs ~0.5 GB."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    ids = torch.tensor([prompt])
+    for s in range(0, len(prompt), piece):
+        out = model(input_ids=ids[:, s:s + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tokens = []
+    for _ in range(max_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=cache, use_cache=True)
+    return tokens
 
 
 @torch.no_grad()
 def _greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool) -> list[list[int]]:
     if use_hf:
-        from transformers import Llama4ForConditionalGeneration
-
-        model = Llama4ForConditionalGeneration.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+        model = _hf_model(ckpt)
         outs = []
         for p in prompts:
             ids = torch.tensor([p])

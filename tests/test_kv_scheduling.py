@@ -40,6 +40,37 @@ def test_long_prompts_in_chunks_across_attention_chunks_equal_transformers(tiny_
     assert got == want
 
 
+@pytest.fixture(scope="module")
+def prompt_32k(tiny_ckpt):
+    """A 32k-token prompt ending 12 tokens before a 32-token attention chunk boundary, so its
+    40 greedy tokens cross it, and transformers' continuation of it (prefilled in 1024-token
+    pieces through its own cache: one-shot eager attention would need tens of GB)."""
+    vocab = ModelConfig.from_pretrained(tiny_ckpt).text.vocab_size
+    prompt = torch.randint(10, vocab - 50, (LONG_32K,), generator=torch.Generator().manual_seed(11)).tolist()
+    return prompt, greedy_reference(tiny_ckpt, [prompt], 40, use_hf=True, hf_piece=1024)[0]
+
+
+LONG_32K = 32768 - 12  # ~1024 attention chunks of the tiny checkpoint
+
+
+def test_the_piecewise_transformers_reference_equals_its_one_shot_generate(tiny_ckpt):
+    """The 32k oracle is transformers itself, fed in pieces: check the pieces change nothing."""
+    prompts = long_prompts(tiny_ckpt)
+    assert greedy_reference(tiny_ckpt, prompts, 40, use_hf=True, hf_piece=70) == \
+        greedy_reference(tiny_ckpt, prompts, 40, use_hf=True)
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_a_32k_prompt_across_a_thousand_attention_chunks_equals_transformers(tiny_ckpt, prompt_32k, ep, request):
+    if ep > 1:
+        request.getfixturevalue("ray_local")
+    prompt, want = prompt_32k
+    cfg = EngineConfig(max_num_seqs=4, max_prefill_tokens=2048, max_model_len=LONG_32K + 64, kv_cache_memory_gb=0.05)
+    with Engine(tiny_ckpt, ParallelConfig(ep_size=ep), cfg) as eng:
+        got = eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))["token_ids"]
+    assert got == want
+
+
 def test_streams_keep_decoding_while_a_16k_prompt_prefills(tiny_ckpt):
     long_len, budget = 16384, 256
     cfg = EngineConfig(max_num_seqs=32, max_prefill_tokens=budget, max_model_len=long_len + 64)

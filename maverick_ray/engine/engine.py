@@ -74,6 +74,8 @@ class StepStats:
     a2a_bytes: list[int]                 # per rank
     phase_seconds: dict[str, float] = field(default_factory=dict)  # max over ranks
     rank_expert_seconds: list[float] = field(default_factory=list)  # per rank, its routed experts' time (phase timing)
+    prefill_tokens: int = 0              # prompt tokens run this step (all ranks)
+    decodes: int = 0                     # sequences that decoded a token this step
 
 
 class Engine:
@@ -324,6 +326,7 @@ class Engine:
                     "prefix_cache_queried_tokens": self.scheduler.prefix_queried,
                     "prefix_cache_hit_tokens": self.scheduler.prefix_hit,
                     "prefill_tokens_last_step": self.scheduler.prefill_tokens_last_step,
+                    "prefill_budget": self.scheduler.pacer.budget(self.scheduler.num_decoding > 0),
                     "ep_size": self.parallel.ep_size, "finished": dict(self.finished),
                     "rank_failures": dict(self.failures), "recoveries": dict(self.recoveries),
                     "recovering": self.recovering, "replayed_sequences": self.replayed_sequences,
@@ -448,6 +451,7 @@ class Engine:
     def _finish_step(self, plans, results, admitted, decoding, seconds) -> None:
         with self._cv:
             self.scheduler.commit(plans)
+            self.scheduler.pacer.record(seconds, self.scheduler.decodes_last_step, self.scheduler.prefill_tokens_busiest)
             for res in results:
                 for seq_id, token in res.tokens.items():
                     req = self._requests.get(seq_id)
@@ -475,7 +479,9 @@ class Engine:
                          rank_received=[r.received for r in results], rank_tokens=[r.num_tokens for r in results],
                          a2a_seconds=[r.a2a_seconds for r in results], a2a_bytes=[r.a2a_bytes for r in results],
                          phase_seconds=phases,
-                         rank_expert_seconds=[r.phase_seconds.get("experts", 0.0) for r in results])
+                         rank_expert_seconds=[r.phase_seconds.get("experts", 0.0) for r in results],
+                         prefill_tokens=self.scheduler.prefill_tokens_last_step,
+                         decodes=self.scheduler.decodes_last_step)
 
     def _on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         if req.state.done:

@@ -3,7 +3,9 @@
 Every step, on every rank: each running sequence decodes one token; prefills in progress get
 their next chunk; waiting requests are admitted onto the least-loaded rank with room. A rank
 runs at most `max_prefill_tokens` prompt tokens per step (chunked prefill): a long prompt is
-split over several steps while the running sequences keep decoding in the same steps. KV
+split over several steps while the running sequences keep decoding in the same steps; while
+they decode, the PrefillPacer (engine/prefill_pacer.py) shrinks that budget to what keeps a step
+within `max_decode_slowdown` times a decode-only step. KV
 memory is pages (engine/kv_blocks.py); when a rank runs out, the request admitted last on it is
 preempted: its pages are freed and it goes back to the front of the queue, to be prefilled
 again (prompt + the tokens it produced) when pages free up, as vLLM's recompute preemption.
@@ -22,6 +24,7 @@ from collections import deque
 from ..config import EngineConfig
 from ..model.kv_cache import KVLayout
 from .kv_blocks import BlockTables, block_hashes
+from .prefill_pacer import PrefillPacer
 from .request import EngineFull, Request, RequestState
 from .step_types import RankPlan, SeqWork
 
@@ -47,7 +50,10 @@ class Scheduler:
         self._running: dict[str, Request] = {}   # admitted: PREFILLING or RUNNING
         self.pending_release: list[list[str]] = [[] for _ in range(world_size)]
         self.preemptions = 0
-        self.prefill_tokens_last_step = 0
+        self.prefill_tokens_last_step = 0   # all ranks
+        self.prefill_tokens_busiest = 0     # the most any one rank ran (what the pacer measures)
+        self.decodes_last_step = 0
+        self.pacer = PrefillPacer(engine.max_prefill_tokens, engine.max_decode_slowdown)
         self.layout = layout
         self.pages_per_rank = pages_per_rank or 0
         self.blocks = [self._tables() for _ in range(world_size)] if layout else []
@@ -217,9 +223,12 @@ class Scheduler:
         """Plans for every rank and the number of requests admitted this step."""
         plans = [RankPlan(release=self.pending_release[r]) for r in range(self.world)]
         self.pending_release = [[] for _ in range(self.world)]
-        budget = [self.engine.max_prefill_tokens] * self.world
+        decoding = sorted((r for r in self._running.values() if r.state is S.RUNNING), key=lambda r: r.arrival)
+        step_budget = self.pacer.budget(bool(decoding))
+        budget = [step_budget] * self.world
         # Running decodes first, oldest first: a preemption takes the newest.
-        for req in sorted((r for r in self._running.values() if r.state is S.RUNNING), key=lambda r: r.arrival):
+        decodes = 0
+        for req in decoding:
             if req.request_id not in self._running:  # preempted for an older one this step
                 continue
             start = req.cached_tokens
@@ -228,6 +237,7 @@ class Scheduler:
                 self.preemptions += 1
                 continue
             plans[req.rank].work.append(self._work(req, start, [req.output_ids[-1]]))
+            decodes += 1
         # Prefills in progress: their next chunk.
         for req in sorted((r for r in self._running.values() if r.state is S.PREFILLING), key=lambda r: r.arrival):
             self._prefill_chunk(req, plans, budget)
@@ -264,7 +274,9 @@ class Scheduler:
         most = max(sum(len(w.token_ids) for w in p.work) for p in plans)
         for p in plans:
             p.max_rank_tokens = most
-        self.prefill_tokens_last_step = sum(self.engine.max_prefill_tokens - b for b in budget)
+        self.prefill_tokens_last_step = sum(step_budget - b for b in budget)
+        self.prefill_tokens_busiest = max(step_budget - b for b in budget)
+        self.decodes_last_step = decodes
         return plans, admitted
 
     def _cached_blocks(self, req: Request, ranks: list[int]) -> dict[int, int]:

@@ -100,7 +100,8 @@ function showKV(s) {
                 ['tokens of block', s.kv_block_size], ['context per sequence', s.max_model_len],
                 ['preemptions', s.preemptions || 0],
                 ['prefix cache hit rate', asked ? `${(100 * hit / asked).toFixed(1)}% of ${asked} prompt tokens` : 'none yet'],
-                ['prompt tokens, last step', s.prefill_tokens_last_step || 0]];
+                ['prompt tokens, last step', s.prefill_tokens_last_step || 0],
+                ['prompt token budget, next step', s.prefill_budget ?? '']];
   document.getElementById('kv').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
   document.body.dataset.kvPagesUsed = used;
 }
