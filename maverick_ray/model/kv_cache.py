@@ -175,23 +175,25 @@ class KVView:
 
     def __init__(self, layout: KVLayout, starts: list[int], lengths: list[int],
                  first: list[list[int]], tables: list[list[list[int]]], device: torch.device | str = "cpu"):
-        bs, B = layout.block_size, len(starts)
+        # Built from Python lists, a handful of tensors per step: a decode step's host time is
+        # mostly per-op dispatch, and tensor arithmetic here cost ~50 ops a step (issue 21).
+        bs, B, G = layout.block_size, len(starts), layout.num_groups
         self.block_size = bs
-        seq = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths, dtype=torch.long))       # (T,)
-        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]) if B else torch.zeros(0, dtype=torch.long)
-        self.end = torch.tensor([s + n for s, n in zip(starts, lengths)], dtype=torch.long)            # (B,)
-        self.table: list[torch.Tensor] = []       # per group: (B, nb) pages
-        self.nblocks: list[torch.Tensor] = []     # per group: (B,) real blocks of each row of table
-        self.first: list[torch.Tensor] = []       # per group: (B,) first logical block
-        self.write_rows: list[torch.Tensor] = []  # per group: (T,) flat rows of the new tokens
-        for g in range(layout.num_groups):
+        self.end = torch.tensor([s + n for s, n in zip(starts, lengths)], dtype=torch.long)           # (B,)
+        firsts = torch.tensor(first, dtype=torch.long).view(G, B)
+        counts = torch.tensor([[len(t) for t in tables[g]] for g in range(G)], dtype=torch.long).view(G, B)
+        rows = [_write_rows(tables[g], first[g], starts, lengths, bs) for g in range(G)]
+        T = sum(lengths)
+        write = torch.tensor(rows, dtype=torch.long).view(G, T)
+        if torch.device(device).type != "cpu":
+            write = write.to(device)
+        self.table: list[torch.Tensor] = []       # per group: (B, nb) pages, padded with page 0
+        for g in range(G):
             nb = max((len(t) for t in tables[g]), default=0)
-            table = torch.tensor([t + [0] * (nb - len(t)) for t in tables[g]], dtype=torch.long).view(B, nb)
-            f = torch.tensor(first[g], dtype=torch.long)
-            self.table.append(table)
-            self.first.append(f)
-            self.nblocks.append(torch.tensor([len(t) for t in tables[g]], dtype=torch.long))
-            self.write_rows.append((table[seq, pos // bs - f[seq]] * bs + pos % bs if len(pos) else pos).to(device))
+            self.table.append(torch.tensor([t + [0] * (nb - len(t)) for t in tables[g]], dtype=torch.long).view(B, nb))
+        self.first = list(firsts.unbind(0))       # per group: (B,) first logical block
+        self.nblocks = list(counts.unbind(0))     # per group: (B,) real blocks of each row of table
+        self.write_rows = list(write.unbind(0))   # per group: (T,) flat rows of the new tokens
         self.device = device
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -237,6 +239,23 @@ class KVView:
         tables = [[list(range(base_page[g][i] + f, base_page[g][i] + math.ceil((s + n) / bs)))
                    for i, (f, s, n) in enumerate(zip(first[g], starts, lengths))] for g in range(layout.num_groups)]
         return cls(layout, starts, lengths, first, tables, device)
+
+
+def _write_rows(tables: list[list[int]], first: list[int], starts: list[int], lengths: list[int],
+                bs: int) -> list[int]:
+    """Flat cache rows (page * bs + offset) of every new token, sequence after sequence, walked
+    block by block: positions start..start+n-1 of sequence i sit in logical blocks from
+    start // bs on, and tables[i][block - first[i]] holds each one's page."""
+    out: list[int] = []
+    for table, f, start, n in zip(tables, first, starts, lengths):
+        p, end = start, start + n
+        while p < end:
+            block = p // bs
+            stop = min(end, (block + 1) * bs)
+            base = (table[block - f] - block) * bs  # row of position p = base + p
+            out.extend(range(base + p, base + stop))
+            p = stop
+    return out
 
 
 class _PerGroup:
