@@ -187,7 +187,7 @@ class FakeStream:
                 yield self._finish("stop", text.tail(req.output_ids))
                 return
             req.output_ids.append(token)
-            delta, stopped = text.add(req.output_ids)
+            delta, stopped = text.add(req.output_ids, len(req.output_ids) >= p.min_tokens)
             yield self._event(token, delta)
             if stopped:
                 yield self._finish("stop")

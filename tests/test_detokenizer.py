@@ -175,6 +175,22 @@ def test_held_back_text_is_sent_when_no_stop_completes(tok):
     assert sent == "the end is " and out.tail(grown) == "ST"
 
 
+def test_stop_strings_do_not_end_the_output_before_min_tokens(tok):
+    """As vLLM: before min_tokens the text goes out whole, stop strings included; from then on a
+    stop string ends the output."""
+    ids = tok.encode("STOP and more STOP tail")
+    out, grown, sent, stopped_at = TextOutput(tok.decode, ["STOP"]), [], "", None
+    min_tokens = len(tok.encode("STOP and"))
+    for i in ids:
+        grown.append(i)
+        piece, stopped = out.add(grown, stops_active=len(grown) >= min_tokens)
+        sent += piece
+        if stopped:
+            stopped_at = len(grown)
+            break
+    assert sent == "STOP and more " and stopped_at == len(tok.encode("STOP and more STOP"))
+
+
 def test_random_stop_strings_match_a_full_text_search(tok):
     rng = random.Random(99)
     alphabet = list("abc 世界🙂") + ["ab", "🎉x"]

@@ -496,7 +496,8 @@ class Engine:
             self._finish(req, "stop", tail=self._text_tail(req))  # text held back (partial character or stop)
             return
         req.output_ids.append(token)
-        delta, stopped = req.text.add(req.output_ids) if req.text is not None else ("", False)
+        delta, stopped = req.text.add(req.output_ids, len(req.output_ids) >= p.min_tokens) \
+            if req.text is not None else ("", False)
         self._emit(req, token, delta, logprobs)
         if stopped:
             self._finish(req, "stop")

@@ -43,8 +43,12 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.pending = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text to send now, whether a stop string ended the output)."""
+    def feed(self, text: str, active: bool = True) -> tuple[str, bool]:
+        """(text to send now, whether a stop string ended the output). Inactive (the request
+        has not reached its min_tokens yet, as in vLLM), the text goes out whole, unsearched."""
+        if not active:
+            out, self.pending = self.pending + text, ""
+            return out, False
         if not self.stops:
             return text, False
         text = self.pending + text
@@ -68,9 +72,10 @@ class TextOutput:
         self.detokenizer = IncrementalDetokenizer(decode)
         self.stop_strings = StopStrings(stops)
 
-    def add(self, output_ids: Sequence[int]) -> tuple[str, bool]:
-        """The text the newest id adds that is safe to send, and whether a stop string matched."""
-        return self.stop_strings.feed(self.detokenizer.step(output_ids))
+    def add(self, output_ids: Sequence[int], stops_active: bool = True) -> tuple[str, bool]:
+        """The text the newest id adds that is safe to send, and whether a stop string matched.
+        stops_active False: the output is still short of min_tokens, so stop strings do not end it."""
+        return self.stop_strings.feed(self.detokenizer.step(output_ids), stops_active)
 
     def tail(self, output_ids: Sequence[int]) -> str:
         """Everything held back (a partial character, a partial stop string), for the final event;
