@@ -34,19 +34,45 @@ def test_unmeasured_costs_take_a_first_chunk_then_the_budget_follows_the_measure
     assert three.budget(True) == 64                    # twice the room, twice the tokens
 
 
-def test_a_costlier_context_shrinks_the_chunk_down_to_one_block_and_a_cheap_one_grows_it_to_the_ceiling():
+def test_a_costlier_context_shrinks_the_chunk_down_to_one_token_and_a_cheap_one_grows_it_to_the_ceiling():
     p = PrefillPacer(4096, 2.0)
     p.record(0.020, 16, 0)
     p.record(0.020 + 32 * 0.0005, 16, 32)
     first = p.budget(True)
     p.record(0.020 + 32 * 0.002, 16, 32)               # deeper into the prompt: 4x the cost per token
     assert p.budget(True) < first
-    for _ in range(10):
-        p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances one block a step
-    assert p.budget(True) == pp.MIN_TOKENS
-    for _ in range(20):
+    for _ in range(60):
+        p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances a token a step
+        p.record(0.020, 16, 0)                         # (decode-only steps between: no probe due)
+    assert p.budget(True) == pp.MIN_TOKENS == 1
+    for _ in range(300):
         p.record(0.020 + 16 * 1e-7, 16, 16)            # almost free (a GPU's decode step): the ceiling
+        p.record(0.020, 16, 0)
     assert p.budget(True) == 4096
+
+
+def test_one_noisy_step_moves_the_chunk_a_little():
+    """A mixed step that happened to run as fast as a decode step (noise) must not double the
+    next chunk: each sample moves the per-token estimate by a bounded factor."""
+    p = PrefillPacer(4096, 2.0)
+    p.record(0.020, 16, 0)
+    p.record(0.020 + 32 * 0.0005, 16, 32)
+    before = p.budget(True)
+    p.record(0.0201, 16, 32)                           # nearly "free" prompt tokens
+    assert before < p.budget(True) <= before * 1.15
+    p.record(0.020 + 32 * 0.05, 16, 32)                # a stall
+    assert p.budget(True) >= before * 0.85
+
+
+def test_a_stale_decode_figure_comes_down_instead_of_inflating_the_chunks():
+    """Decode steps measured slow (a busy host) and then mixed steps faster than that: the
+    decode figure falls toward them, so the chunk does not keep growing on 'free' tokens."""
+    p = PrefillPacer(4096, 2.0)
+    p.record(0.100, 16, 0)
+    p.record(0.100 + 32 * 0.0005, 16, 32)
+    for _ in range(30):
+        p.record(0.030, 16, 32)
+    assert p.decode_s < 0.035 and p.budget(True) < 64
 
 
 def test_nonstop_prefill_gets_a_decode_only_step_to_remeasure():

@@ -8,11 +8,14 @@ almost free. So while sequences decode, the pacer lets a step carry as many prom
 in `(max_decode_slowdown - 1)` times a decode-only step, measured online:
 
     decode_s     EMA of steps that ran decodes and no prompt tokens
-    per_token_s  EMA of (mixed step - decode_s) / prompt tokens of that step
+    per_token_s  EMA of (mixed step - decode_s) / prompt tokens of that step, each sample kept
+                 within [1/SAMPLE_CLAMP, SAMPLE_CLAMP] times the estimate (one noisy step must
+                 not halve it and double the next chunk)
     budget       (slowdown - 1) * decode_s * MARGIN / per_token_s, within [MIN_TOKENS, max_prefill_tokens]
 
 The per-token figure tracks the context as a long prompt advances because each mixed step
-updates it. With no sequence decoding nothing is slowed down, and the step takes the whole
+updates it. Deep into a long prompt a token costs far more than a decode token (on a CPU, a
+token at 16k context does ~80 MFLOP of attention alone), so chunks there may be a few tokens. With no sequence decoding nothing is slowed down, and the step takes the whole
 `max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
 decodes only, to keep `decode_s` current. This is Sarathi-Serve's stall-free batching with the
 token budget derived from measured time rather than profiled offline.
@@ -20,11 +23,12 @@ token budget derived from measured time rather than profiled offline.
 
 from __future__ import annotations
 
-MIN_TOKENS = 16       # one KV block: a prompt always advances, whatever the measurements say
-FIRST_TOKENS = 128    # the chunk while the costs are not measured yet
-MARGIN = 0.8          # aim below the target: the next chunk attends over a longer context
-DECODE_ALPHA = 0.2    # EMA weights: decode steps vary little, per-token cost moves with context
-TOKEN_ALPHA = 0.5
+MIN_TOKENS = 1        # a prompt always advances, whatever the measurements say
+FIRST_TOKENS = 32     # the chunk while the costs are not measured yet
+MARGIN = 0.8          # aim below the target: step times vary, and the next chunk attends further
+DECODE_ALPHA = 0.2    # EMA weights
+TOKEN_ALPHA = 0.3
+SAMPLE_CLAMP = 1.5
 PROBE_EVERY = 64      # steps between decode-only measurements while prompts prefill nonstop
 
 
@@ -67,9 +71,16 @@ class PrefillPacer:
         self._since_decode_only += 1
         if self.decode_s is None:
             return
+        if seconds <= self.decode_s:  # a step with prompt tokens beat the decode-only figure: that is
+            # stale (a busy host calmed down), and this step says nothing of what prompt tokens cost
+            self.decode_s = (1 - DECODE_ALPHA) * self.decode_s + DECODE_ALPHA * seconds
+            return
         sample = max(seconds - self.decode_s, 0.0) / prompt_tokens
-        self.per_token_s = sample if self.per_token_s is None else \
-            (1 - TOKEN_ALPHA) * self.per_token_s + TOKEN_ALPHA * sample
+        if self.per_token_s is None:
+            self.per_token_s = max(sample, 1e-9)
+            return
+        sample = min(max(sample, self.per_token_s / SAMPLE_CLAMP), self.per_token_s * SAMPLE_CLAMP)
+        self.per_token_s = (1 - TOKEN_ALPHA) * self.per_token_s + TOKEN_ALPHA * sample
 
     def info(self) -> dict:
         return {"decode_step_seconds": self.decode_s, "prefill_token_seconds": self.per_token_s}
