@@ -73,7 +73,8 @@ def test_a_32k_prompt_across_a_thousand_attention_chunks_equals_transformers(tin
 
 def test_streams_keep_decoding_while_a_16k_prompt_prefills(tiny_ckpt):
     long_len, budget = 16384, 256
-    cfg = EngineConfig(max_num_seqs=32, max_prefill_tokens=budget, max_model_len=long_len + 64)
+    # a fixed budget (no pacing, tests/test_prefill_pacer.py): exactly long_len / budget chunks
+    cfg = EngineConfig(max_num_seqs=32, max_prefill_tokens=budget, max_model_len=long_len + 64, max_decode_slowdown=0)
     with Engine(tiny_ckpt, ParallelConfig(ep_size=1), cfg) as eng:
         streams = [eng.add_request([5 + i, 6, 7], SamplingParams(max_tokens=long_len, temperature=0, ignore_eos=True))
                    for i in range(16)]
