@@ -1,14 +1,17 @@
 """Where a decode step's time goes on the host: EP = 1 engine, 1 and 32 sequences (issue 21).
 
-Two runs per sequence count on one in-process engine (no Ray), after a warm-up:
+Three runs per sequence count on one in-process engine (no Ray), after a warm-up:
 1. timed: per step, the engine loop's interval between two steps, the ranks' step call
    (StepStats.seconds), what is left of the interval (engine host work: scheduling, planning,
    finishing the step, emitting tokens), and the rank's phases (module hooks: attention, router,
    routed experts, shared expert, dense MLP; the rest of the rank's step is embedding, norms,
    lm_head, sampling and bookkeeping);
 2. profiled (torch.profiler on the rank's compute thread; slower, so only counts come from it):
-   aten ops dispatched per step and, on a GPU, kernel launches and the GPU's busy time per step.
-   On a GPU, step / GPU busy time says how host-bound decoding is (1.0: the GPU never waits).
+   aten ops dispatched per step, their summed self time (on a CPU: the kernels' own compute, so
+   the ranks' step call minus it is Python, dispatch and threading overhead) and, on a GPU,
+   kernel launches and the GPU's busy time per step. On a GPU, step / GPU busy time says how
+   host-bound decoding is (1.0: the GPU never waits);
+3. cProfile on the compute thread: Python function calls per step.
 
 Writes a table to BENCHMARKS.md unless --no-write. Usage:
   .venv/bin/python benchmarks/bench_host_overhead.py [--checkpoint mini --tokens 64 --device auto]
@@ -79,7 +82,7 @@ def measure(eng, seqs: int, tokens: int) -> dict:
 
     counted: list = []
     eng.add_step_listener(counted.append)
-    aten = launches = gpu_us = None
+    aten = launches = gpu_us = aten_self_us = None
     try:   # counts only; a profiler that cannot run here leaves them out
         eng.ranks._compute.run(start)
         run_streams(eng, seqs, tokens)
@@ -91,19 +94,37 @@ def measure(eng, seqs: int, tokens: int) -> dict:
                        if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")) / n
         gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events
                      if str(getattr(e, "device_type", "")).endswith("CUDA")) / n
+        aten_self_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / n
     except Exception as e:
         print(f"profiled run failed, counts left out: {type(e).__name__}: {e}", flush=True)
     eng._listeners.remove(counted.append)
+    py_calls = python_calls_per_step(eng, seqs, tokens)
     interval = statistics.median(intervals)
     return {"seqs": seqs, "step_ms": 1e3 * interval, "ranks_call_ms": 1e3 * statistics.median(ranks_call),
             "engine_host_ms": 1e3 * statistics.median(host),
             "phases_ms": {p: 1e3 * v for p, v in phases.items()},
             "aten_ops_per_step": aten, "kernel_launches_per_step": launches,
-            "gpu_busy_ms_per_step": gpu_us / 1e3 if gpu_us else None}
+            "gpu_busy_ms_per_step": gpu_us / 1e3 if gpu_us else None,
+            "aten_self_ms_per_step": aten_self_us / 1e3 if aten_self_us else None, "python_calls_per_step": py_calls}
+
+
+def python_calls_per_step(eng, seqs: int, tokens: int) -> float:
+    """Python function calls the rank's compute thread makes per step (cProfile on that thread)."""
+    import cProfile
+    import pstats
+
+    prof, counted = cProfile.Profile(), []
+    eng.add_step_listener(counted.append)
+    eng.ranks._compute.run(prof.enable)   # cProfile hooks the thread that enables it
+    run_streams(eng, seqs, tokens)
+    eng.ranks._compute.run(prof.disable)
+    eng._listeners.remove(counted.append)
+    return pstats.Stats(prof).total_calls / max(len(counted), 1)
 
 
 HEADER = ("| sequences | step (loop interval) | ranks' step call | engine host work | " + " | ".join(PHASES)
-          + " | aten ops / step | kernel launches / step | GPU busy / step | step / GPU busy |")
+          + " | aten ops / step | aten self time / step (profiled) | Python calls / step | kernel launches / step "
+            "| GPU busy / step | step / GPU busy |")
 
 
 def row(r: dict) -> str:
@@ -111,7 +132,9 @@ def row(r: dict) -> str:
     busy = r["gpu_busy_ms_per_step"]
     return (f"| {r['seqs']} | {r['step_ms']:.2f} ms | {r['ranks_call_ms']:.2f} ms | {r['engine_host_ms']:.2f} ms | "
             + " | ".join(f"{r['phases_ms'][p]:.2f} ms" for p in PHASES)
-            + f" | {n(r['aten_ops_per_step'])} | {n(r['kernel_launches_per_step'])} | "
+            + f" | {n(r['aten_ops_per_step'])} | "
+            + ("n/a" if r.get("aten_self_ms_per_step") is None else f"{r['aten_self_ms_per_step']:.2f} ms")
+            + f" | {n(r.get('python_calls_per_step'))} | {n(r['kernel_launches_per_step'])} | "
             + (f"{busy:.2f} ms | {r['step_ms'] / busy:.1f}x |" if busy else "n/a | n/a |"))
 
 
@@ -149,7 +172,7 @@ def main(argv=None) -> int:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    lines = [HEADER, "|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|"] + [row(r) for r in rows]
+    lines = [HEADER, "|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|---|"] + [row(r) for r in rows]
     text = "\n".join(lines)
     print(f"device {device}\n{text}")
     if not args.no_write:
