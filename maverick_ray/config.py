@@ -391,7 +391,7 @@ class EngineConfig:
                                          "chunks over several steps while running sequences keep decoding")
     max_decode_slowdown: float = knob(2.0, "while sequences decode, a step that also prefills may take at most this "
                                            "many times a decode-only step (measured online): the prompt tokens per "
-                                           "step shrink to fit (at least 1, at most max_prefill_tokens). Keeps "
+                                           "step shrink to fit (at least 16, at most max_prefill_tokens). Keeps "
                                            "inter-token gaps steady while long prompts arrive, at the cost of their "
                                            "time to first token. 0: no pacing, every step takes max_prefill_tokens")
     kv_cache_memory_gb: float = knob(0.0, "KV cache memory per rank, GiB. 0: on GPU kv_cache_fraction of the "

@@ -34,7 +34,7 @@ def test_unmeasured_costs_take_a_first_chunk_then_the_budget_follows_the_measure
     assert three.budget(True) == 64                    # twice the room, twice the tokens
 
 
-def test_a_costlier_context_shrinks_the_chunk_down_to_one_token_and_a_cheap_one_grows_it_to_the_ceiling():
+def test_a_costlier_context_shrinks_the_chunk_down_to_one_block_and_a_cheap_one_grows_it_to_the_ceiling():
     p = PrefillPacer(4096, 2.0)
     p.record(0.020, 16, 0)
     p.record(0.020 + 32 * 0.0005, 16, 32)
@@ -42,9 +42,9 @@ def test_a_costlier_context_shrinks_the_chunk_down_to_one_token_and_a_cheap_one_
     p.record(0.020 + 32 * 0.002, 16, 32)               # deeper into the prompt: 4x the cost per token
     assert p.budget(True) < first
     for _ in range(60):
-        p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances a token a step
+        p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances one block a step
         p.record(0.020, 16, 0)                         # (decode-only steps between: no probe due)
-    assert p.budget(True) == pp.MIN_TOKENS == 1
+    assert p.budget(True) == pp.MIN_TOKENS == 16
     for _ in range(300):
         p.record(0.020 + 16 * 1e-7, 16, 16)            # almost free (a GPU's decode step): the ceiling
         p.record(0.020, 16, 0)

@@ -15,7 +15,10 @@ in `(max_decode_slowdown - 1)` times a decode-only step, measured online:
 
 The per-token figure tracks the context as a long prompt advances because each mixed step
 updates it. Deep into a long prompt a token costs far more than a decode token (on a CPU, a
-token at 16k context does ~80 MFLOP of attention alone), so chunks there may be a few tokens. With no sequence decoding nothing is slowed down, and the step takes the whole
+token at 16k context does ~80 MFLOP of attention alone). A step carrying a prompt sequence also
+pays a fixed cost (its whole context gathered and masked per layer) that this linear model folds
+into the per-token figure; below one 16-token block more shrinking only slows the prefill
+(measured: 1-token chunks took 4x longer for no better gaps; BENCHMARKS.md). With no sequence decoding nothing is slowed down, and the step takes the whole
 `max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
 decodes only, to keep `decode_s` current. This is Sarathi-Serve's stall-free batching with the
 token budget derived from measured time rather than profiled offline.
@@ -23,7 +26,7 @@ token budget derived from measured time rather than profiled offline.
 
 from __future__ import annotations
 
-MIN_TOKENS = 1        # a prompt always advances, whatever the measurements say
+MIN_TOKENS = 16       # one KV block: a prompt advances at least this much a step (see below)
 FIRST_TOKENS = 32     # the chunk while the costs are not measured yet
 MARGIN = 0.8          # aim below the target: step times vary, and the next chunk attends further
 DECODE_ALPHA = 0.2    # EMA weights
