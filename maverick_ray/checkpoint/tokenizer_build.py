@@ -37,17 +37,20 @@ The image shows a cat, a dog, a red car, a blue sky, green trees and yellow flow
 """
 
 
-def build_tokenizer(vocab_size: int = 640):
-    """Returns (tokenizers.Tokenizer, {special name: id})."""
+def build_tokenizer(vocab_size: int = 640, lines=None, split_digits: bool = False):
+    """Returns (tokenizers.Tokenizer, {special name: id}), trained on `lines` (an iterable of
+    strings; default: the built-in CORPUS). split_digits: every digit is its own token (the demo
+    model's arithmetic reads and writes numbers digit by digit)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    lines = CORPUS.splitlines() * 4
-    tok.train_from_iterator(lines, trainer=trainer)
+    tok.train_from_iterator(CORPUS.splitlines() * 4 if lines is None else lines, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
     return tok, ids

@@ -27,8 +27,9 @@ from .tokenizer_build import build_tokenizer, write_tokenizer
 log = logging.getLogger(__name__)
 
 
-def _config_dict(preset: str, vocab: int, ids: dict[str, int]) -> dict:
-    text, vision = PRESETS[preset]
+def config_dict(text: dict, vision: dict | None, vocab: int, ids: dict[str, int]) -> dict:
+    """config.json (Llama4Config form) for text and vision fields (presets.py's form), a vocab
+    size and the special tokens' ids."""
     stops = [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]
     text_cfg = dict(text, model_type="llama4_text", vocab_size=vocab, bos_token_id=ids["<|begin_of_text|>"],
                     eos_token_id=stops, pad_token_id=ids["<|finetune_right_pad|>"], hidden_act="silu",
@@ -117,7 +118,7 @@ def write_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, max_s
     out.mkdir(parents=True, exist_ok=True)
     tok, ids = build_tokenizer()
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    cfg_dict = _config_dict(preset, vocab, ids)
+    cfg_dict = config_dict(*PRESETS[preset], vocab, ids)
     cfg = ModelConfig.from_dict(cfg_dict)
     if progress:
         print(f"writing {preset} checkpoint to {out} ...", flush=True)
@@ -127,18 +128,27 @@ def write_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, max_s
         from .fp8_writer import quantize_experts_fp8
 
         tensors, compressor = quantize_experts_fp8(tensors)
-    _save_shards(out, tensors, max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    save_checkpoint(out, cfg_dict, tensors, tok, ids, max_shard_bytes)
     if compressor is not None:
         compressor.update_config(str(out))   # adds quantization_config
+    return out
+
+
+def save_checkpoint(out: Path, cfg_dict: dict, tensors: dict[str, torch.Tensor], tok, ids: dict[str, int],
+                    max_shard_bytes: int = 2 * 2**30) -> None:
+    """Writes on-disk-named tensors, config.json, generation_config.json, the tokenizer files (with
+    the chat template) and, with a vision tower, the processor configs into the directory `out`.
+    Used for the random checkpoints here and for the trained demo model (maverick_ray/train)."""
+    _save_shards(out, tensors, max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
     t = cfg_dict["text_config"]
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": t["bos_token_id"], "eos_token_id": t["eos_token_id"], "pad_token_id": t["pad_token_id"]},
         indent=2))
     write_tokenizer(out, tok, ids)
+    cfg = ModelConfig.from_dict(cfg_dict)
     if cfg.vision is not None:
         _write_processor_configs(out, cfg)
-    return out
 
 
 def _write_processor_configs(out: Path, cfg: ModelConfig, max_tiles: int = 16) -> None:
