@@ -34,7 +34,10 @@ def greedy_reference(ckpt, prompts, max_tokens: int, use_hf: bool, hf_piece: int
            hf_piece)
     if key not in _REFERENCES:
         if hf_piece:
-            _REFERENCES[key] = [hf_greedy_in_pieces(_hf_model(ckpt), p, max_tokens, hf_piece) for p in prompts]
+            if not use_hf:
+                raise ValueError("hf_piece is a transformers reference: it needs use_hf=True")
+            model = _hf_model(ckpt)  # loaded once for every prompt
+            _REFERENCES[key] = [hf_greedy_in_pieces(model, p, max_tokens, hf_piece) for p in prompts]
         else:
             _REFERENCES[key] = _greedy_reference(ckpt, prompts, max_tokens, use_hf)
     return [list(out) for out in _REFERENCES[key]]

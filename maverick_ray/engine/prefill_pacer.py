@@ -18,8 +18,8 @@ updates it. Deep into a long prompt a token costs far more than a decode token (
 token at 16k context does ~80 MFLOP of attention alone). A step carrying a prompt sequence also
 pays a fixed cost (its whole context gathered and masked per layer) that this linear model folds
 into the per-token figure; below one 16-token block more shrinking only slows the prefill
-(measured: 1-token chunks took 4x longer for no better gaps; BENCHMARKS.md). With no sequence decoding nothing is slowed down, and the step takes the whole
-`max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
+(measured: 1-token chunks took 4x longer for no better gaps; BENCHMARKS.md). With no sequence
+decoding nothing is slowed down, and the step takes the whole `max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
 decodes only, to keep `decode_s` current. This is Sarathi-Serve's stall-free batching with the
 token budget derived from measured time rather than profiled offline.
 """
@@ -78,12 +78,9 @@ class PrefillPacer:
             # stale (a busy host calmed down), and this step says nothing of what prompt tokens cost
             self.decode_s = (1 - DECODE_ALPHA) * self.decode_s + DECODE_ALPHA * seconds
             return
-        sample = max(seconds - self.decode_s, 0.0) / prompt_tokens
+        sample = (seconds - self.decode_s) / prompt_tokens  # > 0: slower steps only get here
         if self.per_token_s is None:
             self.per_token_s = max(sample, 1e-9)
             return
         sample = min(max(sample, self.per_token_s / SAMPLE_CLAMP), self.per_token_s * SAMPLE_CLAMP)
         self.per_token_s = (1 - TOKEN_ALPHA) * self.per_token_s + TOKEN_ALPHA * sample
-
-    def info(self) -> dict:
-        return {"decode_step_seconds": self.decode_s, "prefill_token_seconds": self.per_token_s}
