@@ -302,8 +302,13 @@ class EngineMetrics:
         out = self.window.summary()
         out.update({"moe_layers": self.moe_layers[:out["layers"]], "ep_size": self.engine.parallel.ep_size,
                     "num_experts": self.engine.model_config.text.num_local_experts, "stats": self.engine.stats(),
-                    "last_failure_cause": self.last_failure_cause, "placement": self.placement()})
+                    "last_failure_cause": self.last_failure_cause, "placement": self.placement(),
+                    "by_token_class": self._by_token_class()})
         return out
+
+    def _by_token_class(self) -> dict | None:
+        load = getattr(self.engine, "token_class_load", None)   # engine/token_classes.py
+        return load.summary() if load is not None else None
 
     def placement(self) -> dict | None:
         """The physical slots each rank holds (expert per slot) and the replicas of each expert."""

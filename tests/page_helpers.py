@@ -10,7 +10,7 @@ from pathlib import Path
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
-def dashboard_screenshot(url: str, work: Path, name: str, screenshot: bool = True) -> dict:
+def dashboard_screenshot(url: str, work: Path, name: str, screenshot: bool = True, height: int = 700) -> dict:
     """Loads url/dashboard, lets its scripts run 5 s of virtual time, and returns the DOM, the
     page's <body data-*> attributes (`data`; the heatmap's count also as `nonzero_cells`) and,
     with `screenshot`, artifacts/dashboard-<name>.png (`png`)."""
@@ -18,7 +18,7 @@ def dashboard_screenshot(url: str, work: Path, name: str, screenshot: bool = Tru
     assert chromium, "Debian's chromium package is required (make test installs it)"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={work / ('chrome-' + name)}", "--virtual-time-budget=5000", "--window-size=1300,700"]
+             f"--user-data-dir={work / ('chrome-' + name)}", "--virtual-time-budget=5000", f"--window-size=1300,{height}"]
     png = None
     if screenshot:
         ARTIFACTS.mkdir(exist_ok=True)

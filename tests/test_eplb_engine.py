@@ -4,6 +4,8 @@ started from the load recorded under a skewed router balanced from its first ste
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from maverick_ray.config import EngineConfig, ModelConfig, ParallelConfig
@@ -51,12 +53,16 @@ def recorded(tiny_ckpt, ray_local, reference, tmp_path_factory):
         eng.add_step_listener(steps.append)
         eng.force_expert(0)           # expert 0 has a copy on each rank
         eng.generate(prompts[1], GREEDY)
+        settle(eng, steps)
         spread = balancedness(steps)
         eng.force_expert(HOT)
         window = attach_window(eng, steps=1000)
+        marks: list = []
+        eng.add_step_listener(marks.append)   # after the window's listener
         steps.clear()
         for p in prompts:
             eng.generate(p, GREEDY)
+        settle(eng, marks)
         skewed = balancedness(steps)
         load = load_of_window(window, eng.model_config.text.moe_layers)
         eng.force_expert(None)
@@ -64,6 +70,15 @@ def recorded(tiny_ckpt, ray_local, reference, tmp_path_factory):
     load.save(path)
     return {"path": path, "E": E, "spread": spread, "skewed": skewed,
             "tokens": sum(s.num_tokens for s in steps), "moe_layers": len(steps[0].expert_counts)}
+
+
+def settle(eng, seen: list) -> None:
+    """generate() returns on its last token, before the engine loop runs that step's listeners:
+    waits until `seen` (filled by the last listener registered) has the loop's latest step."""
+    deadline = time.monotonic() + 30
+    while not (seen and seen[-1].step >= eng.step_count) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen and seen[-1].step >= eng.step_count, "the step listeners did not catch up in 30 s"
 
 
 def test_redundant_copies_give_identical_output_and_share_a_hot_experts_tokens(recorded):

@@ -38,13 +38,14 @@ def test_gradients_reach_router_experts_shared_expert_vision_and_projector(tiny_
     model = DemoModel(cfg)
     model.init_weights(0)
     batch = _image_batch(encoder)
-    counts: list = []
-    logits = model(batch.ids, batch.lengths, batch.pixels, routed_counts=counts)
+    routed_ids: list = []
+    logits = model(batch.ids, batch.lengths, batch.pixels, routed_ids=routed_ids)
     # every position in the loss, so every routed row matters (with the answer-only mask, the
     # last MoE layer's prompt rows rightly get no gradient)
     torch.nn.functional.cross_entropy(logits[:-1], batch.ids[1:]).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for block, routed in zip(model.text.moe_blocks, counts):
+    for block, ids in zip(model.text.moe_blocks, routed_ids):
+        routed = torch.bincount(ids.reshape(-1), minlength=block.num_experts)
         assert block.router.weight.grad.abs().sum() > 0          # through the sigmoid score scaling the input
         assert block.shared_expert.up_proj.weight.grad.abs().sum() > 0
         per_expert = block.experts.gate_up_proj.grad.abs().sum(dim=(1, 2))  # (E,)

@@ -32,6 +32,7 @@ from .sampling import InvalidRequest, SamplingParams, TokenLogprobs
 from .scheduler import Scheduler
 from .seq_history import attach_history
 from .text_output import TextOutput
+from .token_classes import TokenClassLoad
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class Engine:
         self._stopping = False
         self.error: str | None = None
         self.step_count = 0
+        # tokens per (MoE layer, token class, expert) since start: /v1/expert-load's by_token_class
+        self.token_class_load = TokenClassLoad(self.model_config.text.moe_layers,
+                                               self.model_config.text.num_local_experts)
         self.finished: dict[str, int] = {}   # requests ended, by finish reason
         self.last_step: StepStats | None = None
         self._listeners: list[Callable[[StepStats], None]] = []
@@ -468,6 +472,8 @@ class Engine:
 
     def _step_stats(self, results, admitted, decoding, seconds) -> StepStats:
         n_moe = len(results[0].routed_counts) if results else 0
+        for r in results:
+            self.token_class_load.add(r.class_counts)
         experts = [[sum(col) for col in zip(*(r.routed_counts[layer] for r in results))] for layer in range(n_moe)]
         phases: dict[str, float] = {}
         for r in results:

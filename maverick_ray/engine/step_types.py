@@ -45,3 +45,5 @@ class RankResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     num_tokens: int = 0
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # seq_id -> logprobs, where asked
+    class_counts: list[list[int]] = field(default_factory=lambda: [[], []])  # non-zero (layer, class, expert)
+    # cells: [flat indices, tokens] (engine/token_classes.py)

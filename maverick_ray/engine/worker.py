@@ -26,6 +26,7 @@ from ..parallel.all_to_all import AllToAllDispatcher
 from ..parallel.placement import ExpertPlacement
 from .sampling import SamplingParams
 from .step_types import RankPlan, RankResult
+from .token_classes import RoutingTally, token_class_table
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class RankWorker:
             self.cache.decode_kernel = paged_decode_kernel()
             self.native_paged_attention = self.cache.decode_kernel is not None
         self.params: dict[str, SamplingParams] = {}
+        self.tally = RoutingTally(token_class_table(self.checkpoint, self.config.text.vocab_size,
+                                                    self.config.image_token_id), self.config.text.num_local_experts)
         self.vision = None  # built lazily by the vision path when a prompt carries images
         self._phase = defaultdict(float)
         self._fail_in: tuple[int, str] | None = None  # test hook: (steps left, message)
@@ -302,9 +305,10 @@ class RankWorker:
         ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
         embeds = self._embed(ids, plan)
         self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
-        counts: list[torch.Tensor] = []
+        routed: list[torch.Tensor] = []
         self._phase.clear()
-        logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_counts=counts)
+        logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_ids=routed)
+        counts, by_class = self.tally.count(routed, ids)
         # A prefill chunk that is not its prompt's last samples nothing.
         sampled = [i for i, w in enumerate(plan.work) if w.sample]
         if len(sampled) < len(plan.work):
@@ -312,7 +316,7 @@ class RankWorker:
         tokens = self._sample(plan, logits)
         st = self.dispatcher.stats
         received = [st.received_per_layer.get(b.layer, 0) for b in self.model.moe_blocks]
-        return RankResult(rank=self.rank, tokens=tokens, routed_counts=[c.tolist() for c in counts],
+        return RankResult(rank=self.rank, tokens=tokens, routed_counts=counts, class_counts=by_class,
                           received=received, a2a_seconds=st.seconds, a2a_bytes=st.bytes_sent,
                           step_seconds=time.perf_counter() - t0, phase_seconds=dict(self._phase),
                           num_tokens=int(ids.numel()), logprobs=self._last_logprobs)

@@ -235,8 +235,9 @@ class MoEBlock(nn.Module):
         self.force_expert: int | None = None  # test hook: route every token to this expert
         self.route_bias: torch.Tensor | None = None  # test hook: (E,) added to the router logits (skew)
 
-    def forward(self, x: torch.Tensor, routed_counts: list | None = None) -> torch.Tensor:
-        """x (T, C) -> (T, C). Appends this layer's per-expert token counts (E,) to routed_counts."""
+    def forward(self, x: torch.Tensor, routed_ids: list | None = None) -> torch.Tensor:
+        """x (T, C) -> (T, C). Appends this layer's routed expert ids (T, k) to routed_ids (the
+        rank worker counts them per expert and per token class: engine/token_classes.py)."""
         T, C = x.shape
         logits = self.router(x)                                  # (T, E)
         if self.force_expert is not None:
@@ -245,10 +246,10 @@ class MoEBlock(nn.Module):
         elif self.route_bias is not None:
             logits = logits + self.route_bias.to(logits.device, logits.dtype)
         scores, ids = route(logits, self.top_k)                  # (T, k), (T, k)
+        if routed_ids is not None:
+            routed_ids.append(ids)
         rows = x[:, None, :] * scores[:, :, None]                # (T, k, C) scaled inputs
         rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
-        if routed_counts is not None:
-            routed_counts.append(torch.bincount(ids, minlength=self.num_experts))
         local_rows, local_ids, handle = self.dispatcher.dispatch(rows, ids, self.layer)
         local_out = self.experts(local_rows, local_ids)          # (Rl, C)
         routed = self.dispatcher.combine(local_out, handle)       # (R, C)

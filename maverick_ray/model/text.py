@@ -36,10 +36,10 @@ class DecoderLayer(nn.Module):
         else:
             self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x, batch, rot, cache, routed_counts):
+    def forward(self, x, batch, rot, cache, routed_ids):
         h = x + self.self_attn(self.input_layernorm(x), batch, rot, cache)
         y = self.post_attention_layernorm(h)
-        y = self.feed_forward(y, routed_counts) if self.is_moe else self.feed_forward(y)
+        y = self.feed_forward(y, routed_ids) if self.is_moe else self.feed_forward(y)
         return h + y
 
 
@@ -89,13 +89,13 @@ class TextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, batch: ForwardBatch | None = None,
                 cache: PagedKVCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                all_logits: bool = False, routed_counts: list | None = None) -> torch.Tensor:
+                all_logits: bool = False, routed_ids: list | None = None) -> torch.Tensor:
         """Runs the new tokens of `batch` and returns logits.
 
         input_ids (T,) or inputs_embeds (T, C). Without a batch, the tokens are one sequence
         starting at position 0. Returns (T, V) logits when all_logits, else (B, V) for each
-        sequence's last new token. routed_counts, when a list, receives one (E,) count of
-        tokens per expert for each MoE layer.
+        sequence's last new token. routed_ids, when a list, receives each MoE layer's routed
+        expert ids (T, k).
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (T, C)
         if batch is None:
@@ -106,7 +106,7 @@ class TextModel(nn.Module):
             batch.kv = cache.contiguous_view(batch.starts, batch.lengths, x.device, batch.slots)
         rot = rotation(batch.positions, self.inv_freq)  # (T, D/2) complex
         for layer in self.model.layers:
-            x = layer(x, batch, rot, cache, routed_counts)
+            x = layer(x, batch, rot, cache, routed_ids)
         if not all_logits and not batch.is_decode:  # decode: every row already is a last token
             x = x[batch.last_token_index()]  # (B, C)
         return self.lm_head(self.model.norm(x))

@@ -1,7 +1,9 @@
 """The live expert-utilization page served at /dashboard: self-contained (no external resources).
 
 It polls `v1/expert-load` (relative, so it works under any route prefix) every 2 s and draws a
-layer x expert heatmap, balancedness per layer and per-rank load. From the engine's stats in the
+layer x expert heatmap, balancedness per layer and per-rank load, and the experts' specialization
+by token class since start (per MoE layer, a class x expert map of each expert's share of a class
+over the class's share of all tokens; engine/token_classes.py). From the engine's stats in the
 same reply it shows a banner while the engine replaces failed ranks, and the failure and
 recovery counters.
 
@@ -22,6 +24,9 @@ DASHBOARD_HTML = """<!doctype html>
  table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: right; }
  #recovery-banner { background: #f5a623; color: #222; font-weight: 600; padding: 8px 12px; border-radius: 6px;
  margin: 8px 0; }
+ #specialization-note { font-size: 13px; color: #555; }
+ table.spec { margin: 4px 0 8px; } table.spec th { font-weight: 500; font-size: 11px; }
+ td.specialised { outline: 2px solid #222; outline-offset: -2px; }
  #login { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px; margin: 8px 0; }
 </style></head>
 <body>
@@ -41,6 +46,8 @@ DASHBOARD_HTML = """<!doctype html>
  <div class="card"><h2>KV cache</h2><table id="kv"></table></div>
  <div class="card"><h2>Expert rebalancing (EPLB)</h2><table id="eplb"></table></div>
 </div>
+<div class="card" id="specialization-card"><h2>Expert specialization by token class (since start)</h2>
+ <div id="specialization-note"></div><div id="specialization"></div></div>
 <script>
 const KEY = 'maverick-ray-api-key';
 const fragmentKey = new URLSearchParams(location.hash.slice(1)).get('key');
@@ -124,6 +131,34 @@ function showEplb(s, placement) {
   document.getElementById('eplb').innerHTML = rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
   document.body.dataset.eplbRebalances = e ? e.rebalances : 0;
 }
+function ratioColor(v) {  // share ratio: 0 white, 1 light, >= 3 deep orange (log scale)
+  const t = Math.max(0, Math.min(1, Math.log2(1 + v) / 2));
+  return `rgb(${Math.round(255 - 20 * t)},${Math.round(255 - 150 * t)},${Math.round(255 - 235 * t)})`;
+}
+function showSpecialization(b) {
+  const box = document.getElementById('specialization'), note = document.getElementById('specialization-note');
+  if (!b) { note.textContent = 'not reported by this server'; return; }
+  const total = b.tokens.reduce((s, layer) => s + layer.reduce((t, row) => t + row.reduce((u, v) => u + v, 0), 0), 0);
+  const found = b.specialised.reduce((s, l) => s + l.length, 0), experts = b.tokens.length * (b.tokens[0] || [[]])[0].length;
+  note.textContent = total ? `${found} of ${experts} experts take a token class at ${b.threshold}x or more of its ` +
+    `share of all tokens (cells: an expert's share of a class over the class's share; deep = ${b.threshold}x or more)`
+    : 'no routed tokens yet';
+  let cells = 0;
+  box.innerHTML = b.moe_layers.map((layer, i) => {
+    const mark = new Set(b.specialised[i].map(s => s.expert + ':' + s.class));
+    const wide = b.tokens[i][0].length > 32;  // Maverick's 128 experts: thin cells, no numbers
+    const head = '<tr><th>layer ' + layer + '</th>' + b.tokens[i][0].map((_, e) => `<th>${wide ? '' : e}</th>`).join('') + '</tr>';
+    const rows = b.classes.map((cls, k) => '<tr><th>' + cls + '</th>' + b.ratio[i][k].map((v, e) => {
+      cells += v > 0 ? 1 : 0;
+      const strong = mark.has(e + ':' + cls) ? ' class="specialised"' : '';
+      return `<td${strong} title="expert ${e}: ${b.tokens[i][k][e]} ${cls} tokens, ${v.toFixed(2)}x" ` +
+             `style="background:${ratioColor(v)};min-width:${wide ? 3 : 14}px;padding:${wide ? '6px 0' : '2px 8px'}"></td>`;
+    }).join('') + '</tr>').join('');
+    return '<table class="spec">' + head + rows + '</table>';
+  }).join('');
+  document.body.dataset.specialisedExperts = found;
+  document.body.dataset.specializationCells = cells;
+}
 async function refresh() {
   let r, d;
   try { r = await fetch('v1/expert-load', {headers: authHeaders()}); }
@@ -136,6 +171,7 @@ async function refresh() {
   showRecovery(d.stats, d.last_failure_cause);
   showKV(d.stats);
   showEplb(d.stats, d.placement);
+  showSpecialization(d.by_token_class);
   const hm = document.getElementById('heatmap'), c = hm.getContext('2d');
   c.clearRect(0, 0, hm.width, hm.height);
   let nonzero = 0;

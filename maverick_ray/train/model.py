@@ -64,7 +64,7 @@ class DemoModel(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
     def forward(self, ids: torch.Tensor, lengths: list[int], pixels: torch.Tensor | None = None,
-                routed_counts: list | None = None) -> torch.Tensor:
+                routed_ids: list | None = None) -> torch.Tensor:
         """ids (T,) of sequences of `lengths` (each from position 0), pixels (N, 3, S, S) for the
         batch's images in order -> logits (T, V)."""
         x = self.text.embed(ids)                                             # (T, C)
@@ -75,7 +75,7 @@ class DemoModel(nn.Module):
                 raise ValueError(f"{pos.numel()} patch tokens for {feats.shape[0]} image features")
             x = x.index_copy(0, pos, feats)
         batch = ForwardBatch.build([0] * len(lengths), lengths, device=ids.device)
-        return self.text(inputs_embeds=x, batch=batch, all_logits=True, routed_counts=routed_counts)
+        return self.text(inputs_embeds=x, batch=batch, all_logits=True, routed_ids=routed_ids)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """On-disk (HF) name -> tensor, contiguous fp32 copies."""
