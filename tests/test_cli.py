@@ -104,16 +104,24 @@ def test_help_texts():
         assert r.returncode == 0 and "--" in r.stdout
 
 
-def readme_commands() -> list[str]:
+def readme_commands() -> list[tuple[str, str | None]]:
+    """(command, the answer its `# -> answer` comment shows, if any) per README example."""
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
-            if line.strip().startswith(".venv/bin/maverick-ray")]
+    out = []
+    for block in blocks:
+        for line in block.splitlines():
+            if line.strip().startswith(".venv/bin/maverick-ray"):
+                command, _, comment = line.partition(" #")
+                answer = comment.strip()[2:].strip() if comment.strip().startswith("->") else None
+                out.append((command.strip(), answer))
+    return out
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_examples_run(command, tmp_path):
-    """Every maverick-ray command in the README's examples runs (servers: until ready)."""
+@pytest.mark.parametrize("command,answer", readme_commands())
+def test_readme_examples_run(command, answer, tmp_path):
+    """Every maverick-ray command in the README's examples runs (servers: until ready), and prints
+    the answer its `# -> answer` comment shows."""
     import shlex
 
     argv = shlex.split(command)[1:]
@@ -138,6 +146,8 @@ def test_readme_examples_run(command, tmp_path):
         return
     r = subprocess.run(exe + argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+    if answer is not None:
+        assert answer in r.stdout, f"the README shows {answer!r}; the command printed {r.stdout!r}"
 
 
 def test_generate_with_an_image_matches_the_engine_and_names_a_missing_file(tmp_path, tiny_ckpt):

@@ -38,7 +38,7 @@ def test_gpus_and_ports_match_the_serve_config_it_deploys():
     serve = yaml.safe_load((ROOT / "configs" / "maverick-gpu.yaml").read_text())
     app = serve["applications"][0]["args"]
     gpu_nodes = config["available_node_types"]["gpu8"]
-    assert gpu_nodes["node_config"]["InstanceType"] == "p5.48xlarge"  # 8 GPUs per node
+    assert gpu_nodes["node_config"]["InstanceType"] == "p5en.48xlarge"  # 8 H200s per node (the config is sized for them)
     gpus_per_replica = app["ep_size"] * app["num_gpus_per_worker"]
     assert gpu_nodes["min_workers"] * 8 >= gpus_per_replica
     assert "configs/maverick-gpu.yaml" in LAUNCHER.read_text()

@@ -257,3 +257,25 @@ def test_cli_json_gives_serve_args_serve_accepts(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "paged (what the engine allocates)" in text and "slot design before paging" in text
     assert "not built yet" not in text and "kv_cache_memory_gb: " in text
+
+
+@pytest.mark.parametrize("path", ["configs/maverick-gpu.yaml", "k8s/rayservice-maverick-gpu.yaml"])
+def test_the_shipped_maverick_gpu_configs_fit_the_h200_nodes_they_are_sized_for(path):
+    """The Serve config and the KubeRay manifest as shipped: plan says they fit 2 x 8 H200, and
+    their KV budget is within what plan leaves (and they would not fit H100s)."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / path).read_text())
+    serve = yaml.safe_load(doc["spec"]["serveConfigV2"]) if "spec" in doc else doc
+    args = serve["applications"][0]["args"]
+    deployment = serve["applications"][0]["deployments"][0]
+    work = Workload(max_model_len=args["max_model_len"], max_num_seqs=args["max_num_seqs"],
+                    max_prefill_tokens=args.get("max_prefill_tokens", 4096))
+    nodes = args["ep_size"] * args["num_gpus_per_worker"] // 8
+    p = make_plan("maverick", Cluster(gpus=8, nodes=nodes, gpu_memory_gib=141), work, dtype="bf16")
+    assert p.fits, p.verdict
+    assert args["kv_cache_memory_gb"] <= p.kv_cache_memory_gb
+    assert len(deployment["placement_group_bundles"]) == 1 + args["ep_size"]
+    assert not make_plan("maverick", Cluster(gpus=8, nodes=nodes, gpu_memory_gib=80), work, dtype="bf16").fits
