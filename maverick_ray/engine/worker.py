@@ -279,7 +279,9 @@ class RankWorker:
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
     # ---- one lockstep step ---------------------------------------------------------------
-    @torch.no_grad()
+    # inference_mode, not no_grad: measured, a 1-sequence mini decode step 6-10% faster (less
+    # dispatcher bookkeeping per op). Tensors made here are only ever used inside steps.
+    @torch.inference_mode()
     def step(self, plan: RankPlan) -> RankResult:
         t0 = time.perf_counter()
         if self._stall_in is not None:
