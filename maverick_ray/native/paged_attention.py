@@ -35,7 +35,8 @@ class PagedDecodeKernel:
                 and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape[1:] == (KV, D)):
             raise ValueError("paged decode kernel needs fp32 CPU q (B, KV, G, D) and contiguous pools (rows, KV, D)")
         q = q.contiguous()
-        table, first, end = (t.to(torch.int64).contiguous() for t in (table, first, end))
+        table, first, end = (t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+                             for t in (table, first, end))   # KVView's are int64 already: no op dispatched
         out = torch.empty_like(q)
         rc = self._fn(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), first.data_ptr(),
                       end.data_ptr(), B, table.shape[1], KV, G, D, block_size, chunk or 0, 1.0 / math.sqrt(D),
