@@ -17,6 +17,7 @@ from torch import nn
 from ..config import TextConfig
 from .batch import ForwardBatch
 from .kv_cache import PagedKVCache
+from . import prefill_attention
 from .norm import rms_normalize
 from .rope import apply_rope
 
@@ -179,6 +180,15 @@ class Attention(nn.Module):
             if n == 0:
                 continue
             start = batch.starts[i]
+            if cache is not None and start > 0 and prefill_attention.supported(q):
+                # a chunk continuing a cached prompt: past and new keys apart, no gather of the new
+                # ones, no mask (model/prefill_attention.py)
+                def past_kv(lo: int, hi: int, i=i):
+                    return cache.gather(self.layer, batch.kv.rows_between(self.group, i, lo, hi)[None])
+                outs.append(prefill_attention.continued_prefill(q[offset:offset + n], k[offset:offset + n],
+                                                                v[offset:offset + n], start, self.chunk, past_kv))
+                offset += n
+                continue
             q_i = q[offset:offset + n].transpose(0, 1)[None]  # (1, H, n, D)
             q_pos = batch.positions[offset:offset + n]
             if cache is not None:

@@ -209,6 +209,15 @@ class KVView:
             self._rows[g] = rows.to(self.device), torch.where(valid, kpos, -1).to(self.device)
         return self._rows[g]
 
+    def rows_between(self, g: int, i: int, lo: int, hi: int) -> torch.Tensor:
+        """(hi - lo,) flat cache rows of sequence i's keys at positions lo..hi-1 in group g (kept
+        blocks only: lo must not be before the sequence's first kept block)."""
+        bs, f = self.block_size, int(self.first[g][i])
+        blocks = torch.arange(lo // bs, -(-hi // bs)) - f                       # indexes into its table row
+        pages = self.table[g][i][blocks]
+        rows = (pages[:, None] * bs + torch.arange(bs)).reshape(-1)
+        return rows[lo % bs:lo % bs + hi - lo].to(self.device)
+
     @property
     def read_rows(self) -> "_PerGroup":
         return _PerGroup(lambda g: self._gather_index(g)[0])
