@@ -1,0 +1,120 @@
+"""One layer's attention for a prompt chunk that continues a long cached sequence (issue 17).
+
+The `mini` preset's attention (8 query heads, 2 kv heads of 64) on its global (NoPE) layer and
+on a chunked layer (chunk 8192), one sequence with L cached tokens scattered over the pages of a
+paged cache, and a chunk of n new tokens after them. Two paths of `Attention._per_sequence`, in
+alternating rounds in one process: the masked one (gather every cached key and value, a boolean
+mask over the context, one GQA SDPA) and model/prefill_attention.py's (past and new keys apart,
+merged by log-sum-exp). What a paced prefill chunk costs per layer, and so how small a chunk can
+be before its fixed cost dominates the decode step it joins.
+
+Usage: .venv/bin/python benchmarks/bench_prefill_attention.py [--context 16000 --new 1 4 16 64 --rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line, write_section  # noqa: E402
+
+
+def setup(layer: int, context: int, n: int):
+    from maverick_ray.checkpoint.presets import PRESETS
+    from maverick_ray.config import TextConfig
+    from maverick_ray.model.attention import Attention
+    from maverick_ray.model.batch import ForwardBatch
+    from maverick_ray.model.kv_cache import KVLayout, KVView, PagedKVCache
+
+    text = TextConfig.from_dict({**PRESETS["mini"][0], "vocab_size": 640, "max_position_embeddings": 131072})
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(text, layer)
+    layout = KVLayout.from_config(text)
+    bs = layout.block_size
+    pages = (context + n) // bs + 2
+    cache = PagedKVCache(layout, pages * layout.num_groups)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=g))
+    perm = torch.randperm(pages * layout.num_groups, generator=g).tolist()   # pages scattered
+    first, tables = [], []
+    for grp in range(layout.num_groups):
+        blocks = layout.blocks_for(grp, context, context + n)
+        first.append([blocks.start])
+        tables.append([[perm[grp * pages + j] for j in range(len(blocks))]])
+    batch = ForwardBatch.build([context], [n], kv=KVView(layout, [context], [n], first, tables))
+    attn.group = cache.group_of(layer)
+    q = torch.randn(n, text.num_attention_heads, text.head_dim, generator=g)
+    k = torch.randn(n, text.num_key_value_heads, text.head_dim, generator=g)
+    v = torch.randn(n, text.num_key_value_heads, text.head_dim, generator=g)
+    cache.write(layer, batch.kv.write_rows[attn.group], k, v)   # as the forward does before attending
+    return attn, batch, cache, q, k, v
+
+
+def measure(layer: int, context: int, n: int, rounds: int, repeats: int = 5) -> dict:
+    from maverick_ray.model import prefill_attention
+
+    attn, batch, cache, q, k, v = setup(layer, context, n)
+    real = prefill_attention.supported
+    times = {"masked": [], "split": []}
+    outs = {}
+    for r in range(rounds):
+        for mode in (("masked", "split") if r % 2 == 0 else ("split", "masked")):
+            prefill_attention.supported = real if mode == "split" else (lambda q: False)
+            try:
+                outs[mode] = attn._per_sequence(q, k, v, batch, cache)
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    attn._per_sequence(q, k, v, batch, cache)
+                    ts.append(time.perf_counter() - t0)
+                times[mode].append(statistics.median(ts))
+            finally:
+                prefill_attention.supported = real
+    diff = float((outs["masked"] - outs["split"]).abs().max())
+    return {"masked": statistics.median(times["masked"]), "split": statistics.median(times["split"]),
+            "ratio": statistics.median(m / s for m, s in zip(times["masked"], times["split"])), "max_diff": diff}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=16000,
+                    help="cached tokens before the chunk (default: 16000: the chunked layer sees the 7808 of its chunk)")
+    ap.add_argument("--new", type=int, nargs="+", default=[1, 4, 16, 64], help="new tokens per chunk")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: 5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = " ".join([".venv/bin/python benchmarks/bench_prefill_attention.py"]
+                       + (argv if argv is not None else sys.argv[1:]))
+    rows = []
+    for layer, kind in ((3, "global (NoPE)"), (0, "chunked (8192)")):
+        for n in args.new:
+            r = measure(layer, args.context, n, args.rounds)
+            rows.append((kind, n, r))
+            print(f"{kind}, {n} new: masked {r['masked'] * 1e3:.2f} ms, split {r['split'] * 1e3:.2f} ms, "
+                  f"{r['ratio']:.2f}x, max |diff| {r['max_diff']:.1e}", flush=True)
+    text = (f"`mini` attention (8 query heads, 2 kv heads of 64), one sequence with {args.context} cached tokens "
+            f"on scattered pages, a chunk of n new tokens; one layer's `Attention._per_sequence`, medians over "
+            f"{args.rounds} alternating rounds of 5 calls, {args.threads} torch thread(s). Machine: {machine_line()}.\n\n"
+            "| layer | new tokens | masked: gather all, mask, GQA SDPA | split: past + new, LSE merge | masked / split | max abs diff |\n"
+            "|---|---|---|---|---|---|\n"
+            + "".join(f"| {kind} | {n} | {r['masked'] * 1e3:.2f} ms | {r['split'] * 1e3:.2f} ms | {r['ratio']:.2f}x | "
+                      f"{r['max_diff']:.1e} |\n" for kind, n, r in rows)
+            + f"\nCommand: `{command}`\n")
+    print(text)
+    if not args.no_write:
+        write_section("bench_prefill_attention", "## A prefill chunk's attention over a long cached context (issue 17)\n\n"
+                      + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
