@@ -66,6 +66,35 @@ def test_block_tables_allocate_trim_and_release():
     assert tables.release("a") == 6 and tables.used == 0
 
 
+def test_decode_steps_extend_the_last_allocation_as_a_full_walk_would():
+    """allocate keeps each sequence's last view and extends it; every step must still return what
+    walking all of the step's blocks gives, across chunk boundaries, trims, a release and reuse."""
+    layout = KVLayout.from_config(small_text(32), block_size=4)
+    tables = BlockTables(layout, num_pages=200)
+
+    def walked(seq, start, end):
+        t = tables.tables[seq]
+        return ([layout.blocks_for(g, start, end).start for g in range(layout.num_groups)],
+                [[t[g][j] for j in layout.blocks_for(g, start, end)] for g in range(layout.num_groups)])
+
+    for seq in ("a", "b"):
+        tables.allocate(seq, 0, 10)
+    plans = []
+    for pos in range(10, 75):                           # crosses chunk boundaries at 32 and 64
+        for seq in ("a", "b"):
+            need = tables.pages_needed(seq, pos, pos + 1)
+            held = tables.used
+            got = tables.allocate(seq, pos, pos + 1)
+            assert tables.used - held == need
+            assert got == walked(seq, pos, pos + 1), (seq, pos)
+            plans.append((got, [list(g) for g in got[1]]))
+            tables.trim(seq, pos + 1)
+        if pos == 40:
+            tables.release("b")                          # preempted: recomputed from 0 next step
+            tables.allocate("b", 0, 41)
+    assert all(got[1] == copy for got, copy in plans)   # later steps never change an earlier plan's lists
+
+
 def test_kv_view_rows_and_positions():
     text = small_text(8)
     layout = KVLayout.from_config(text, block_size=4)

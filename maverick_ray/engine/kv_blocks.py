@@ -46,6 +46,9 @@ class BlockTables:
         self.key_of: dict[int, tuple[int, int]] = {}                # registered page -> (group, block hash)
         self.page_of: dict[tuple[int, int], int] = {}               # (group, block hash) -> page
         self.tables: dict[str, list[dict[int, int]]] = {}   # seq id -> per group: logical block -> page
+        # seq id -> per group (first block, end block, pages) of its last allocate: a decode step
+        # extends it by at most one block instead of walking the whole context (O(context) before)
+        self._last: dict[str, list[tuple[int, int, list[int]]]] = {}
 
     @property
     def used(self) -> int:
@@ -83,8 +86,14 @@ class BlockTables:
     def pages_needed(self, seq_id: str, start: int, end: int) -> int:
         """New pages a step over positions start..end-1 needs for this sequence."""
         table = self.tables.get(seq_id)
-        return sum(1 for g in range(self.layout.num_groups) for j in self.layout.blocks_for(g, start, end)
-                   if table is None or j not in table[g])
+        last = self._last.get(seq_id)
+        need = 0
+        for g in range(self.layout.num_groups):
+            blocks = self.layout.blocks_for(g, start, end)
+            if last is not None and last[g][0] == blocks.start and last[g][1] <= blocks.stop:
+                blocks = range(last[g][1], blocks.stop)        # the ones before are held
+            need += sum(1 for j in blocks if table is None or j not in table[g])
+        return need
 
     def allocate(self, seq_id: str, start: int, end: int) -> tuple[list[int], list[list[int]]]:
         """Gives the sequence pages for every block a step over start..end-1 uses; returns, per
@@ -94,14 +103,23 @@ class BlockTables:
         if need > self.available:
             raise OutOfPages(f"{need} pages needed, {self.available} available")
         table = self._table(seq_id)
-        first, pages = [], []
+        last = self._last.get(seq_id)
+        first, pages, now = [], [], []
         for g in range(self.layout.num_groups):
             blocks = self.layout.blocks_for(g, start, end)
-            for j in blocks:
+            held: list[int] = []
+            if last is not None and last[g][0] == blocks.start and last[g][1] <= blocks.stop:
+                held, blocks_new = last[g][2], range(last[g][1], blocks.stop)
+            else:
+                blocks_new = blocks
+            for j in blocks_new:
                 if j not in table[g]:
                     table[g][j] = self._take()
+            group_pages = held + [table[g][j] for j in blocks_new]   # a new list: plans keep theirs
             first.append(blocks.start)
-            pages.append([table[g][j] for j in blocks])
+            pages.append(group_pages)
+            now.append((blocks.start, blocks.stop, group_pages))
+        self._last[seq_id] = now
         return first, pages
 
     def trim(self, seq_id: str, length: int) -> None:
@@ -117,6 +135,7 @@ class BlockTables:
 
     def release(self, seq_id: str) -> int:
         """Lets go of every page of the sequence; returns how many."""
+        self._last.pop(seq_id, None)
         table = self.tables.pop(seq_id, None)
         if table is None:
             return 0
@@ -173,6 +192,7 @@ class BlockTables:
 
     def adopt(self, seq_id: str, hashes: list[int], blocks: int) -> None:
         """The sequence starts from the cached pages of its first `blocks` blocks."""
+        self._last.pop(seq_id, None)
         table = self._table(seq_id)
         for g in range(self.layout.num_groups):
             for j in (range(blocks) if not self.layout.local[g] else self._window(g, blocks)):
