@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     t.add_argument("--balance-coef", type=float, default=d.balance_coef,
                    help=f"load-balancing loss weight, 0 = off (default: {d.balance_coef})")
+    t.add_argument("--vision-pretrain-steps", type=int, default=d.vision_pretrain_steps,
+                   help=f"steps of vision-only pre-training before the main loop, 0 = none "
+                        f"(default: {d.vision_pretrain_steps})")
     t.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default: {d.threads})")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = sub.add_parser("eval", help="held-out evaluation of a checkpoint",
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from .loop import TrainArgs, train
 
         s = train(TrainArgs(out=args.out, steps=args.steps, seed=args.seed, lr=args.lr,
-                            balance_coef=args.balance_coef, threads=args.threads, progress=not args.no_progress))
+                            balance_coef=args.balance_coef, vision_pretrain_steps=args.vision_pretrain_steps,
+                            threads=args.threads, progress=not args.no_progress))
         print(json.dumps({k: v for k, v in s.items() if k != "history"}, indent=2))
         return 0
     from .evaluate import evaluate

@@ -46,10 +46,11 @@ class DemoModel(nn.Module):
             model.vision.load_state_dict({k: v for k, v in state.items() if k.startswith(vision_names)})
         return model.eval()
 
-    def init_weights(self, seed: int) -> None:
+    def init_weights(self, seed: int, fusion_std: float = 0.02) -> None:
         """Seeded init: matrices N(0, 0.02) (output projections scaled down by depth, as GPT-2
-        does), norms 1, biases 0. TextModel leaves the experts uninitialised on purpose (they
-        are loaded), so this must run before training."""
+        does; the vision adapter and projector N(0, fusion_std)), norms 1, biases 0. TextModel
+        leaves the experts uninitialised on purpose (they are loaded), so this must run before
+        training."""
         g = torch.Generator().manual_seed(seed)
         depth = self.cfg.text.num_hidden_layers
         with torch.no_grad():
@@ -58,6 +59,8 @@ class DemoModel(nn.Module):
                     p.fill_(1.0)
                 elif name.endswith(".bias"):
                     p.zero_()
+                elif "vision_adapter." in name or "multi_modal_projector." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * fusion_std)
                 else:
                     std = 0.02 / (2 * depth) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight",
                                                                         "experts.down_proj")) else 0.02

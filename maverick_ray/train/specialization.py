@@ -7,7 +7,8 @@ conversations (with pictures), labels every token with one domain (prose, code, 
 digits, image patches, chat headers: the special tokens of the chat format), and records each
 token's top-1 expert in every MoE layer (argmax of the router's raw logits: Llama 4's top-1).
 An expert is specialised for a domain when the domain's share of its tokens is at least 3x the
-domain's share of all tokens. Writes a JSON summary and a PNG heatmap (Pillow).
+domain's share of all tokens. Per layer it also gives the busiest expert's token count over the
+mean count (1 = even load). Writes a JSON summary and a PNG heatmap (Pillow).
 
     python -m maverick_ray.train.specialization CKPT --out expert_specialization.png
 """
@@ -99,7 +100,10 @@ def summarize(table: torch.Tensor, threshold: float = 3.0) -> dict:
             top = int(ratio[layer, e].argmax())
             experts.append({"expert": e, "tokens": int(table[layer, e].sum()),
                             "top_domain": DOMAINS[top], "top_ratio": round(float(ratio[layer, e, top]), 2)})
-        layers.append({"specialised": int(special[layer].sum()), "used": int(used[layer].sum()), "experts": experts})
+        load = table[layer].sum(-1)                                 # (E,) tokens per expert
+        layers.append({"specialised": int(special[layer].sum()), "used": int(used[layer].sum()),
+                       "max_over_mean_load": round(float(load.max() / load.mean().clamp(min=1e-9)), 2),
+                       "experts": experts})
     return {"domains": list(DOMAINS), "corpus_mix": [round(float(x), 4) for x in mix], "threshold": threshold,
             "specialised_share": round(float(special.sum() / special.numel()), 3), "layers": layers}
 
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     heatmap(table, args.out, moe_layers)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}
-                     | {"specialised_per_layer": [l["specialised"] for l in summary["layers"]]}, indent=2))
+                     | {"specialised_per_layer": [l["specialised"] for l in summary["layers"]],
+                        "max_over_mean_load_per_layer": [l["max_over_mean_load"] for l in summary["layers"]]}, indent=2))
     return 0
 
 
