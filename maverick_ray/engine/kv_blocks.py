@@ -83,15 +83,21 @@ class BlockTables:
             else:
                 self.free.append(page)
 
+    def _unseen(self, seq_id: str, g: int, blocks: range) -> tuple[list[int], range]:
+        """(pages of the leading blocks the sequence's last allocate already listed, the blocks
+        after them) for a step needing `blocks` in group g: a step continuing the last one (same
+        first block) only has to look at blocks past its end; otherwise ([], blocks)."""
+        last = self._last.get(seq_id)
+        if last is not None and last[g][0] == blocks.start and last[g][1] <= blocks.stop:
+            return last[g][2], range(last[g][1], blocks.stop)
+        return [], blocks
+
     def pages_needed(self, seq_id: str, start: int, end: int) -> int:
         """New pages a step over positions start..end-1 needs for this sequence."""
         table = self.tables.get(seq_id)
-        last = self._last.get(seq_id)
         need = 0
         for g in range(self.layout.num_groups):
-            blocks = self.layout.blocks_for(g, start, end)
-            if last is not None and last[g][0] == blocks.start and last[g][1] <= blocks.stop:
-                blocks = range(last[g][1], blocks.stop)        # the ones before are held
+            _, blocks = self._unseen(seq_id, g, self.layout.blocks_for(g, start, end))
             need += sum(1 for j in blocks if table is None or j not in table[g])
         return need
 
@@ -103,19 +109,14 @@ class BlockTables:
         if need > self.available:
             raise OutOfPages(f"{need} pages needed, {self.available} available")
         table = self._table(seq_id)
-        last = self._last.get(seq_id)
         first, pages, now = [], [], []
         for g in range(self.layout.num_groups):
             blocks = self.layout.blocks_for(g, start, end)
-            held: list[int] = []
-            if last is not None and last[g][0] == blocks.start and last[g][1] <= blocks.stop:
-                held, blocks_new = last[g][2], range(last[g][1], blocks.stop)
-            else:
-                blocks_new = blocks
-            for j in blocks_new:
+            held, unseen = self._unseen(seq_id, g, blocks)
+            for j in unseen:
                 if j not in table[g]:
                     table[g][j] = self._take()
-            group_pages = held + [table[g][j] for j in blocks_new]   # a new list: plans keep theirs
+            group_pages = held + [table[g][j] for j in unseen]   # a new list: plans keep theirs
             first.append(blocks.start)
             pages.append(group_pages)
             now.append((blocks.start, blocks.stop, group_pages))
