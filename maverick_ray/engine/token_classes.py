@@ -31,7 +31,7 @@ MIN_EXPERT_TOKENS = 10  # experts with fewer tokens are left out of the count (o
 
 def token_class_table(checkpoint: str | Path, vocab_size: int, image_token_id: int | None) -> torch.Tensor:
     """(V,) int64: the class index of every token id of the checkpoint's tokenizer."""
-    table = torch.zeros(vocab_size, dtype=torch.long)
+    classes = [0] * vocab_size            # a list, one tensor at the end: Maverick has 202k tokens
     path = Path(checkpoint) / "tokenizer.json"
     if path.exists():
         from tokenizers import Tokenizer
@@ -40,17 +40,16 @@ def token_class_table(checkpoint: str | Path, vocab_size: int, image_token_id: i
         n = min(vocab_size, tok.get_vocab_size(with_added_tokens=True))
         texts = tok.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
         for i, text in enumerate(texts):
-            stripped = text.strip()
-            if stripped.isdigit():
-                table[i] = TOKEN_CLASSES.index("digits")
+            if text.strip().isdigit():
+                classes[i] = TOKEN_CLASSES.index("digits")
             elif not any(c.isalpha() for c in text):
-                table[i] = TOKEN_CLASSES.index("punctuation")
+                classes[i] = TOKEN_CLASSES.index("punctuation")
         for i, added in tok.get_added_tokens_decoder().items():
             if added.special and i < vocab_size:
-                table[i] = TOKEN_CLASSES.index("special")
+                classes[i] = TOKEN_CLASSES.index("special")
     if image_token_id is not None and 0 <= image_token_id < vocab_size:
-        table[image_token_id] = TOKEN_CLASSES.index("image patches")
-    return table
+        classes[image_token_id] = TOKEN_CLASSES.index("image patches")
+    return torch.tensor(classes, dtype=torch.long)
 
 
 class RoutingTally:
@@ -77,7 +76,7 @@ class RoutingTally:
         cls = self.table[token_ids] * E                                           # (T,)
         if k > 1:
             cls = cls.repeat_interleave(k)
-        ids = torch.cat(routed_ids, 1).t() if k == 1 else torch.stack([r.reshape(-1) for r in routed_ids])  # (L, T*k)
+        ids = torch.stack([r.reshape(-1) for r in routed_ids])                   # (L, T*k)
         cells = torch.bincount((ids + cls + offsets).reshape(-1), minlength=L * K * E)  # (L*K*E,)
         per_expert = cells.view(L, K, E).sum(1).tolist()
         nonzero = cells.nonzero().squeeze(1)
