@@ -16,7 +16,7 @@ in `(max_decode_slowdown - 1)` times a decode-only step, measured online:
 The per-token figure tracks the context as a long prompt advances because each mixed step
 updates it. Deep into a long prompt a token costs far more than a decode token (on a CPU, a
 token at 16k context does ~80 MFLOP of attention alone). A step carrying a prompt sequence also
-pays a fixed cost (its whole context gathered and masked per layer) that this linear model folds
+pays a fixed cost (its cached context gathered and attended per layer) that this linear model folds
 into the per-token figure; below one 16-token block more shrinking only slows the prefill
 (measured: 1-token chunks took 4x longer for no better gaps; BENCHMARKS.md). With no sequence
 decoding nothing is slowed down, and the step takes the whole `max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs

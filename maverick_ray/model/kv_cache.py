@@ -17,7 +17,6 @@ Keys are stored after RoPE / QK norm, as attention consumes them.
 from __future__ import annotations
 
 import array
-
 import math
 from dataclasses import dataclass
 

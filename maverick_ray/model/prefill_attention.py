@@ -9,9 +9,10 @@ The two parts run as two SDPAs and are merged by their log-sum-exps:
     out = (o_past * exp(lse_past) + o_new * exp(lse_new)) / (exp(lse_past) + exp(lse_new))
 The past part puts the G query heads that share a key/value head in as G * m rows of that head,
 (1, KV, G*m, D) over (1, KV, P, D), with no mask, so SDPA neither expands keys per query head nor
-reads a mask. Measured at 16k cached keys against the masked GQA SDPA over the whole gathered
-context: 1.9 vs 5.9 ms for 1 new token, 8.6 vs 12.5 ms for 16 (BENCHMARKS.md, issue 17): the
-fixed cost a chunk pays per layer is what bounds how small a paced chunk can usefully be.
+reads a mask. Measured per layer at 16k cached keys against the masked GQA SDPA over the whole
+gathered context (benchmarks/bench_prefill_attention.py): 1.7x faster for 1-4 new tokens, 1.3x
+for 16-64; the fixed cost a chunk pays per layer is what bounds how small a paced chunk can
+usefully be.
 On chunked-attention layers the new tokens are split where they cross into a new attention
 chunk; a segment that starts a chunk has no past.
 """
