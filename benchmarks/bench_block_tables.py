@@ -17,17 +17,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line, write_section  # noqa: E402
+from common import machine_line, mini_text_config, write_section  # noqa: E402
 
 
 def step_times(contexts: list[int], seqs: int, walk: bool, steps: int = 64) -> dict[int, float]:
-    from maverick_ray.checkpoint.presets import PRESETS
-    from maverick_ray.config import TextConfig
     from maverick_ray.engine.kv_blocks import BlockTables
     from maverick_ray.model.kv_cache import KVLayout
 
-    layout = KVLayout.from_config(TextConfig.from_dict({**PRESETS["mini"][0], "vocab_size": 640,
-                                                        "max_position_embeddings": 131072}))
+    layout = KVLayout.from_config(mini_text_config())
     out = {}
     for ctx in contexts:
         tables = BlockTables(layout, seqs * layout.num_groups * ((ctx + steps) // layout.block_size + 2))

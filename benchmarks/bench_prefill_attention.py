@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line, write_section  # noqa: E402
+from common import machine_line, median_time, mini_text_config, write_section  # noqa: E402
 
 
 def setup(layer: int, context: int, n: int):
-    from maverick_ray.checkpoint.presets import PRESETS
-    from maverick_ray.config import TextConfig
     from maverick_ray.model.attention import Attention
     from maverick_ray.model.batch import ForwardBatch
     from maverick_ray.model.kv_cache import KVLayout, KVView, PagedKVCache
 
-    text = TextConfig.from_dict({**PRESETS["mini"][0], "vocab_size": 640, "max_position_embeddings": 131072})
+    text = mini_text_config()
     g = torch.Generator().manual_seed(0)
     attn = Attention(text, layer)
     layout = KVLayout.from_config(text)
@@ -67,13 +64,8 @@ def measure(layer: int, context: int, n: int, rounds: int, repeats: int = 5) -> 
         for mode in (("masked", "split") if r % 2 == 0 else ("split", "masked")):
             prefill_attention.supported = real if mode == "split" else (lambda q: False)
             try:
-                outs[mode] = attn._per_sequence(q, k, v, batch, cache)
-                ts = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    attn._per_sequence(q, k, v, batch, cache)
-                    ts.append(time.perf_counter() - t0)
-                times[mode].append(statistics.median(ts))
+                outs[mode] = attn._per_sequence(q, k, v, batch, cache)   # also the warm-up
+                times[mode].append(median_time(lambda: attn._per_sequence(q, k, v, batch, cache), repeats, warmup=0))
             finally:
                 prefill_attention.supported = real
     diff = float((outs["masked"] - outs["split"]).abs().max())

@@ -25,6 +25,15 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def mini_text_config(context: int = 131072):
+    """The `mini` preset's TextConfig with a long context (for benchmarks of long-context pieces
+    that need no checkpoint)."""
+    from maverick_ray.checkpoint.presets import PRESETS
+    from maverick_ray.config import TextConfig
+
+    return TextConfig.from_dict({**PRESETS["mini"][0], "vocab_size": 640, "max_position_embeddings": context})
+
+
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     """fp32 FLOP/s of a square matmul (the machine's compute ceiling for these kernels)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
