@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .data_images import count_scene, describe, place_of, single_scene
+from .data_images import describe, place_of, random_scene
 
 ADDITION_TEMPLATES = ("What is {a}+{b}?", "What is {a} + {b}?", "{a}+{b}=", "Compute {a} + {b}.",
                       "Add {a} and {b}.", "What is the sum of {a} and {b}?")
@@ -63,7 +63,7 @@ def counting(rng: random.Random) -> tuple[str, str]:
 
 
 def scene_facts(rng: random.Random) -> tuple[str, str]:
-    scene = count_scene(rng) if rng.random() < 0.4 else single_scene(rng)
+    scene = random_scene(rng, counted=0.4)
     it, n = scene.items[0], len(scene.items)
     q = rng.choice(["shape", "colour", "count"] + (["where"] if n == 1 else []))
     question, answer = {

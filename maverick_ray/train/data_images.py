@@ -76,6 +76,11 @@ def count_scene(rng: random.Random) -> Scene:
     return Scene(items, _background(rng))
 
 
+def random_scene(rng: random.Random, counted: float = 0.25) -> Scene:
+    """A count scene with probability `counted`, else a single shape (the pictures' mix)."""
+    return count_scene(rng) if rng.random() < counted else single_scene(rng)
+
+
 def _polygon(item: Item, size: int) -> list[tuple[float, float]]:
     cx, cy, r = item.cx * size, item.cy * size, item.r * size
     if item.shape == "square":
@@ -154,7 +159,7 @@ def questions(scene: Scene, rng: random.Random) -> tuple[str, str]:
 def image_example(rng: random.Random, size: int | None = None):
     """(PNG bytes, question, answer) for a new random scene; most pictures are one 64 px tile,
     some larger (several tiles plus the global tile), so other sizes work too."""
-    scene = count_scene(rng) if rng.random() < 0.25 else single_scene(rng)
+    scene = random_scene(rng)
     if size is None:
         size = 64 if rng.random() < 0.9 else rng.choice((48, 96, 128))
     question, answer = questions(scene, rng)

@@ -17,7 +17,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .data_images import COLOURS, SHAPES, count_scene, render, single_scene
+from .data_images import COLOURS, SHAPES, random_scene, render
 
 
 def picture_batch(rng: random.Random, n: int, tile: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -26,7 +26,7 @@ def picture_batch(rng: random.Random, n: int, tile: int) -> tuple[torch.Tensor, 
 
     tiles, labels = [], {"shape": [], "colour": [], "count": []}
     for _ in range(n):
-        scene = count_scene(rng) if rng.random() < 0.25 else single_scene(rng)
+        scene = random_scene(rng)
         t, _ = image_tiles(render(scene, tile, rng), tile, 1)
         tiles.append(t)
         it = scene.items[0]
