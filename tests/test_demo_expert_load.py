@@ -5,29 +5,26 @@ arithmetic, pictures) through the openai client, then `GET /v1/expert-load`'s `b
 from __future__ import annotations
 
 import base64
-import threading
-import time
-
 import json
 import urllib.request
+
 import openai
 import pytest
-import uvicorn
 
 from maverick_ray.demo_model import demo_checkpoint_dir
 from maverick_ray.engine.token_classes import TOKEN_CLASSES, token_class_table
 from maverick_ray.train.data_images import png_bytes, render, single_scene
-from serve_fixtures import free_port
 from page_helpers import dashboard_screenshot
+from serve_fixtures import app_on_loopback
 
 DEMO = demo_checkpoint_dir()
+PROMPTS = ["The module defines the following functions:", "def read_file(path):\n    with open(path) as f:\n",
+           "import os\nimport sys\n\n\nclass Config:\n", "This is useful when the value is not known in advance."]
 
 
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.load(r)
-PROMPTS = ["The module defines the following functions:", "def read_file(path):\n    with open(path) as f:\n",
-           "import os\nimport sys\n\n\nclass Config:\n", "This is useful when the value is not known in advance."]
 
 
 def test_the_class_of_each_token_comes_from_the_tokenizer():
@@ -48,7 +45,11 @@ def test_the_class_of_each_token_comes_from_the_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served():
+    """The demo server on loopback after a mixed workload: prose and code completions, sums,
+    pictures; yields (url, engine)."""
+    import random
+
     from maverick_ray.checkpoint.tokenizer import ChatTokenizer
     from maverick_ray.engine.engine import Engine
     from maverick_ray.metrics import EngineMetrics
@@ -62,34 +63,19 @@ def served(tmp_path_factory):
     with Engine(DEMO, settings.parallel(), settings.engine(), use_ray=False, tokenizer=tok) as eng:
         service = OpenAIService(eng, tok, settings, "demo", image_prompt_builder(DEMO, eng, tok, settings))
         backend = Backend(service, EngineMetrics(eng, "demo-test", window_steps=10_000))
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(make_api(lambda: backend), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "the HTTP server did not start in 30 s"
-        url = f"http://127.0.0.1:{port}"
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        import random
-
-        rng = random.Random(7)
-        for prompt in PROMPTS:
-            client.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0)
-        for a, b in ((12, 34), (56, 27), (71, 18), (45, 45)):
-            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": f"What is {a}+{b}?"}],
-                                           max_tokens=8, temperature=0)
-        for _ in range(4):
-            url_png = "data:image/png;base64," + base64.b64encode(png_bytes(render(single_scene(rng), 64))).decode()
-            client.chat.completions.create(model="demo", max_tokens=8, temperature=0, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": url_png}}, {"type": "text", "text": "What colour is the shape?"}]}])
-        try:
+        with app_on_loopback(make_api(lambda: backend)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            rng = random.Random(7)
+            for prompt in PROMPTS:
+                client.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0)
+            for a, b in ((12, 34), (56, 27), (71, 18), (45, 45)):
+                client.chat.completions.create(model="demo", messages=[{"role": "user", "content": f"What is {a}+{b}?"}],
+                                               max_tokens=8, temperature=0)
+            for _ in range(4):
+                url_png = "data:image/png;base64," + base64.b64encode(png_bytes(render(single_scene(rng), 64))).decode()
+                client.chat.completions.create(model="demo", max_tokens=8, temperature=0, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url_png}}, {"type": "text", "text": "What colour is the shape?"}]}])
             yield url, eng
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
 
 
 def test_expert_load_on_a_mixed_workload_shows_experts_specialised_by_token_class(served):

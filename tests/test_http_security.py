@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -150,21 +148,10 @@ def test_dashboard_public_exempts_only_the_page_and_its_data(make_client):
 @pytest.fixture
 def live_url(make_app):
     """The app on a real socket (uvicorn in a thread), for headless Chromium."""
-    import uvicorn
+    from serve_fixtures import app_on_loopback
 
-    from serve_fixtures import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(api_key=KEY), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_on_loopback(make_app(api_key=KEY), join_timeout=10) as url:
+        yield url
 
 
 def dump_dom(url: str, work) -> tuple[dict, str]:

@@ -19,7 +19,7 @@ from maverick_ray.engine.sampling import SamplingParams
 from maverick_ray.engine.step_channel import RankFailed
 from maverick_ray.metrics import EngineMetrics, _Defs
 from page_helpers import dashboard_screenshot
-from serve_fixtures import free_port
+from serve_fixtures import app_on_loopback
 
 DIED = RankFailed(1, "ConnectionError", "the step channel closed")
 
@@ -145,8 +145,6 @@ def test_engine_metrics_count_failures_recoveries_replays_and_the_time(tiny_ckpt
 def page_server(tiny_ckpt):
     """The real HTTP routes on loopback over an unstarted engine with a gated stand-in rank group
     and a real EngineMetrics; yields (url, engine, gate)."""
-    import uvicorn
-
     from maverick_ray.serve.http_api import Backend, make_api
     from maverick_ray.serve.openai_service import OpenAIService
     from maverick_ray.serve.settings import ServeSettings
@@ -156,16 +154,11 @@ def page_server(tiny_ckpt):
     settings = ServeSettings.from_args({"model": str(tiny_ckpt), "served_model_name": "tiny", "ep_size": 1,
                                         "max_model_len": 256})
     backend = Backend(OpenAIService(eng, None, settings, "tiny"), EngineMetrics(eng, "replica-1"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_api(lambda: backend), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}", eng, gate
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(timeout=30)
+    with app_on_loopback(make_api(lambda: backend)) as url:
+        try:
+            yield url, eng, gate
+        finally:
+            gate.set()   # before the server stops: a request waiting on the gate can finish
 
 
 def test_live_page_shows_the_recovery_while_it_runs_and_the_counters_after(page_server, tmp_path):
