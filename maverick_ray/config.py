@@ -391,9 +391,14 @@ class EngineConfig:
                                          "chunks over several steps while running sequences keep decoding")
     max_decode_slowdown: float = knob(2.0, "while sequences decode, a step that also prefills may take at most this "
                                            "many times a decode-only step (measured online): the prompt tokens per "
-                                           "step shrink to fit (at least 16, at most max_prefill_tokens). Keeps "
+                                           "step shrink to fit (at least min_prefill_chunk, at most max_prefill_tokens). Keeps "
                                            "inter-token gaps steady while long prompts arrive, at the cost of their "
                                            "time to first token. 0: no pacing, every step takes max_prefill_tokens")
+    min_prefill_chunk: int = knob(1, "the fewest prompt tokens a paced step runs: a long prompt advances at least "
+                                     "this much per step even where that takes the step past max_decode_slowdown. "
+                                     "Higher prefills long prompts faster under load (16 took 0.4x the time of 1 for "
+                                     "a 16k prompt beside 16 streams on a 2-core CPU) at the cost of bumpier "
+                                     "streams deep into them (BENCHMARKS.md)")
     kv_cache_memory_gb: float = knob(0.0, "KV cache memory per rank, GiB. 0: on GPU kv_cache_fraction of the "
                                           "memory free after the weights; on CPU room for max_num_seqs sequences "
                                           "of min(max_model_len, 2048) tokens")
@@ -434,7 +439,7 @@ class EngineConfig:
                                   "chat_template.jinja or chat_template.json)")
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens", "kv_block_size"):
+        for name in ("max_num_seqs", "max_waiting", "max_prefill_tokens", "min_prefill_chunk", "kv_block_size"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
         _require(isinstance(self.max_model_len, int) and self.max_model_len >= 0, "max_model_len",

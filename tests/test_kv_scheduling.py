@@ -40,6 +40,23 @@ def test_long_prompts_in_chunks_across_attention_chunks_equal_transformers(tiny_
     assert got == want
 
 
+@pytest.mark.parametrize("budget", [7, 20])
+def test_prompts_prefilled_a_few_tokens_a_step_side_by_side_equal_transformers(tiny_ckpt, budget):
+    """Both prompts at once, a few tokens a step: chunks of at most 8 tokens that continue a cached
+    prompt go through the native kernel (read in place, one call with the decodes), longer ones
+    through flash SDPA; with a 20-token budget one step can hold both kinds."""
+    prompts = long_prompts(tiny_ckpt)
+    want = greedy_reference(tiny_ckpt, prompts, 40, use_hf=True)
+    steps = []
+    with Engine(tiny_ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=4, max_prefill_tokens=budget)) as eng:
+        assert eng.ranks.infos[0]["native_paged_attention"]
+        eng.add_step_listener(lambda st: steps.append(st.prefill_tokens))
+        streams = [eng.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for p in prompts]
+        got = [[ev.token_id for ev in st if ev.token_id is not None] for st in streams]
+    assert got == want
+    assert max(steps) <= budget and len(steps) > sum(map(len, prompts)) // budget
+
+
 @pytest.fixture(scope="module")
 def prompt_32k(tiny_ckpt):
     """A 32k-token prompt ending 12 tokens before a 32-token attention chunk boundary, so its

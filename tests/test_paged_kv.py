@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,35 +140,72 @@ def test_context_length_follows_the_checkpoint_and_the_kv_budget(tiny_ckpt):
                               text, layout, pages)
 
 
-@pytest.mark.parametrize("chunk", [None, 8])
-def test_native_paged_decode_equals_the_torch_gather_path(chunk):
-    from maverick_ray.model.attention import paged_mask
-    from maverick_ray.native.paged_attention import paged_decode_kernel
+def _scattered_view(layout: KVLayout, starts: list[int], lengths: list[int], pages: int, g) -> KVView:
+    """A view of sequences at `starts` adding `lengths` tokens, their pages scattered over the pool."""
+    perm = torch.randperm(pages, generator=g).tolist()
+    tables, first, used = [[] for _ in layout.groups], [[] for _ in layout.groups], 0
+    for s, n in zip(starts, lengths):
+        for grp in range(layout.num_groups):
+            blocks = layout.blocks_for(grp, s, s + n)
+            first[grp].append(blocks.start)
+            tables[grp].append(perm[used:used + len(blocks)])
+            used += len(blocks)
+    assert used <= pages
+    return KVView(layout, starts, lengths, first, tables)
 
-    kernel = paged_decode_kernel()
+
+# (block size, head_dim): 16-token blocks with head_dim 64 or 32 take the kernel's vector path,
+# block size 4 its generic loop.
+@pytest.mark.parametrize("block,head_dim", [(16, 64), (16, 32), (4, 16)])
+@pytest.mark.parametrize("chunk", [None, 8, 48])
+def test_native_paged_attention_equals_the_torch_gather_path(chunk, block, head_dim):
+    """Decode (one new token per sequence) and prompt chunks continuing a cached sequence (several
+    new tokens, each seeing the keys up to its own position, across attention-chunk boundaries),
+    against the gather + mask + SDPA path the engine uses without the kernel."""
+    from maverick_ray.model.attention import attention_mask
+    from maverick_ray.native.paged_attention import paged_attention_kernel
+
+    kernel = paged_attention_kernel()
     assert kernel is not None, "the C compiler is part of the test machine's setup"
     g = torch.Generator().manual_seed(0)
-    text = small_text(chunk, heads=8)
-    layout = KVLayout.from_config(text, block_size=4)
-    cache = PagedKVCache(layout, 64)
+    text = dataclasses.replace(small_text(chunk, heads=8), head_dim=head_dim)
+    layout = KVLayout.from_config(text, block_size=block)
+    pages = 400
+    cache = PagedKVCache(layout, pages)
     for t in cache.k + cache.v:
         t.copy_(torch.randn(t.shape, generator=g))
-    starts = [0, 5, 17, 30]  # decode of one token after that many cached ones
-    perm = torch.randperm(64, generator=g).tolist()  # pages scattered over the pool
-    tables, first = [[] for _ in layout.groups], [[] for _ in layout.groups]
-    for i, s in enumerate(starts):
-        for grp in range(layout.num_groups):
-            blocks = layout.blocks_for(grp, s, s + 1)
-            first[grp].append(blocks.start)
-            tables[grp].append([perm[(i * 16 + grp * 4 + j) % 64] for j in range(len(blocks))])
-    view = KVView(layout, starts, [1] * 4, first, tables)
-    q = torch.randn(4, 2, 4, 16, generator=g)  # (B, KV, G, D)
-    for layer in range(4):
-        grp = cache.group_of(layer)
-        k, v = cache.gather(layer, view.read_rows[grp])
-        mask = paged_mask(torch.tensor(starts), view.key_pos[grp], chunk if layout.local[grp] else None)
-        want = torch.nn.functional.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                                                attn_mask=mask[:, None, None, :])
-        got = kernel(q, *cache.pools(layer), view.table[grp], view.first[grp], view.end, 4,
-                     chunk if layout.local[grp] else None)
-        assert torch.allclose(got, want, atol=1e-5), (layer, (got - want).abs().max())
+    cases = {"decode": ([0, 5, 17, 30, 161], [1] * 5),
+             "chunks": ([3, 40, 44, 0, 100, 7], [5, 9, 20, 1, 64, 1])}
+    for name, (starts, lengths) in cases.items():
+        view = _scattered_view(layout, starts, lengths, pages, g)
+        T = sum(lengths)
+        q = torch.randn(T, 2, 4, head_dim, generator=g)  # (T, KV, G, D)
+        for layer in range(4):
+            grp = cache.group_of(layer)
+            local = chunk if layout.local[grp] else None
+            got = kernel(q, *cache.pools(layer), view.table[grp], view.first[grp], view.end, block, local,
+                         None if name == "decode" else torch.tensor(lengths))
+            k, v = cache.gather(layer, view.read_rows[grp])   # (B, N, KV, D)
+            offset = 0
+            for i, (s, n) in enumerate(zip(starts, lengths)):
+                kpos = view.key_pos[grp][i]
+                mask = attention_mask(torch.arange(s, s + n), kpos, local) & (kpos >= 0)[None, :]   # (n, N)
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q[offset:offset + n].permute(1, 2, 0, 3),            # (KV, G, n, D)
+                    k[i].transpose(0, 1)[:, None], v[i].transpose(0, 1)[:, None],  # (KV, 1, N, D)
+                    attn_mask=mask)                                       # -> (KV, G, n, D)
+                assert torch.allclose(got[offset:offset + n], want.permute(2, 0, 1, 3), atol=1e-5), \
+                    (name, layer, i, (got[offset:offset + n] - want.permute(2, 0, 1, 3)).abs().max())
+                offset += n
+
+
+def test_native_paged_attention_rejects_a_query_count_that_does_not_add_up():
+    from maverick_ray.native.paged_attention import paged_attention_kernel
+
+    text = small_text(None)
+    layout = KVLayout.from_config(text, block_size=16)
+    cache = PagedKVCache(layout, 8)
+    view = _scattered_view(layout, [0], [3], 8, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="3 query tokens, but the sequences add up to 4"):
+        paged_attention_kernel()(torch.zeros(3, 2, 2, 16), *cache.pools(0), view.table[0], view.first[0], view.end,
+                                 16, None, torch.tensor([4]))

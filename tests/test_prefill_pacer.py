@@ -34,21 +34,38 @@ def test_unmeasured_costs_take_a_first_chunk_then_the_budget_follows_the_measure
     assert three.budget(True) == 64                    # twice the room, twice the tokens
 
 
-def test_a_costlier_context_shrinks_the_chunk_down_to_one_block_and_a_cheap_one_grows_it_to_the_ceiling():
-    p = PrefillPacer(4096, 2.0)
+def test_a_costlier_context_shrinks_the_chunk_down_to_the_floor_and_a_cheap_one_grows_it_to_the_ceiling():
+    p = PrefillPacer(4096, 2.0, min_tokens=16)
     p.record(0.020, 16, 0)
     p.record(0.020 + 32 * 0.0005, 16, 32)
     first = p.budget(True)
     p.record(0.020 + 32 * 0.002, 16, 32)               # deeper into the prompt: 4x the cost per token
     assert p.budget(True) < first
     for _ in range(60):
-        p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances one block a step
+        p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances the floor a step
         p.record(0.020, 16, 0)                         # (decode-only steps between: no probe due)
-    assert p.budget(True) == pp.MIN_TOKENS == 16
+    assert p.budget(True) == 16
+    assert PrefillPacer(4096, 2.0).min_tokens == pp.MIN_TOKENS == EngineConfig().min_prefill_chunk == 1
     for _ in range(300):
         p.record(0.020 + 16 * 1e-7, 16, 16)            # almost free (a GPU's decode step): the ceiling
         p.record(0.020, 16, 0)
     assert p.budget(True) == 4096
+
+
+def test_a_lower_floor_lets_the_chunk_shrink_to_what_fits_and_a_floor_below_one_is_refused():
+    """min_prefill_chunk 1: deep in a prompt, where even 16 tokens would take the step past the
+    target, the chunk keeps shrinking toward what fits (down to one token a step)."""
+    for floor in (1, 4):
+        p = PrefillPacer(4096, 2.0, min_tokens=floor)
+        p.record(0.020, 16, 0)
+        for _ in range(60):
+            p.record(0.020 + 16 * 0.01, 16, 16)        # 10 ms a prompt token: 2 tokens fit 20 ms * MARGIN
+            p.record(0.020, 16, 0)
+        assert p.budget(True) == max(floor, int(0.020 * pp.MARGIN / 0.01))
+    assert PrefillPacer(8, 2.0, min_tokens=16).min_tokens == 8  # never above the ceiling
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ConfigError, match="min_prefill_chunk"):
+            EngineConfig(min_prefill_chunk=bad)
 
 
 def test_one_noisy_step_moves_the_chunk_a_little():

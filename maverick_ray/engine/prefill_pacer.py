@@ -11,22 +11,27 @@ in `(max_decode_slowdown - 1)` times a decode-only step, measured online:
     per_token_s  EMA of (mixed step - decode_s) / prompt tokens of that step, each sample kept
                  within [1/SAMPLE_CLAMP, SAMPLE_CLAMP] times the estimate (one noisy step must
                  not halve it and double the next chunk)
-    budget       (slowdown - 1) * decode_s * MARGIN / per_token_s, within [MIN_TOKENS, max_prefill_tokens]
+    budget       (slowdown - 1) * decode_s * MARGIN / per_token_s, within [min_prefill_chunk, max_prefill_tokens]
 
 The per-token figure tracks the context as a long prompt advances because each mixed step
 updates it. Deep into a long prompt a token costs far more than a decode token (on a CPU, a
 token at 16k context does ~80 MFLOP of attention alone). A step carrying a prompt sequence also
-pays a fixed cost (its cached context gathered and attended per layer) that this linear model folds
-into the per-token figure; below one 16-token block more shrinking only slows the prefill
-(measured: 1-token chunks took 4x longer for no better gaps; BENCHMARKS.md). With no sequence
-decoding nothing is slowed down, and the step takes the whole `max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
+pays a fixed cost (its cached context read once per layer) that this linear model folds into the
+per-token figure. That still converges: each sample is taken at the current chunk size n, so the
+chunk settles where fixed + n * marginal fills the target, and only where one token alone overruns
+it does the floor `min_prefill_chunk` bind. Short chunks read their pages in place (native kernel),
+which keeps the fixed cost small enough for a default floor of one token: with a 16-token floor
+streams beside a 16k prompt slowed 2.4x at p99, with 1 they slowed 1.3x (BENCHMARKS.md).
+
+With no sequence decoding nothing is slowed down, and the step takes the whole
+`max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
 decodes only, to keep `decode_s` current. This is Sarathi-Serve's stall-free batching with the
 token budget derived from measured time rather than profiled offline.
 """
 
 from __future__ import annotations
 
-MIN_TOKENS = 16       # one KV block: a prompt advances at least this much a step (see below)
+MIN_TOKENS = 1        # the default floor (min_prefill_chunk): a prompt advances at least this much a step
 FIRST_TOKENS = 32     # the chunk while the costs are not measured yet
 MARGIN = 0.8          # aim below the target: step times vary, and the next chunk attends further
 DECODE_ALPHA = 0.2    # EMA weights
@@ -36,11 +41,12 @@ PROBE_EVERY = 64      # steps between decode-only measurements while prompts pre
 
 
 class PrefillPacer:
-    def __init__(self, max_tokens: int, slowdown: float):
+    def __init__(self, max_tokens: int, slowdown: float, min_tokens: int = MIN_TOKENS):
         """max_tokens: the per-step ceiling (max_prefill_tokens); slowdown: how many times a
         decode-only step a step with prompt tokens may take while sequences decode (<= 1: no
-        pacing, every step may take max_tokens)."""
+        pacing, every step may take max_tokens); min_tokens: the floor (min_prefill_chunk)."""
         self.max_tokens, self.slowdown = max_tokens, slowdown
+        self.min_tokens = min(min_tokens, max_tokens)
         self.decode_s: float | None = None
         self.per_token_s: float | None = None
         self._since_decode_only = 0
@@ -59,7 +65,7 @@ class PrefillPacer:
         if self.decode_s is None or self.per_token_s is None:
             return min(self.max_tokens, FIRST_TOKENS)
         n = int((self.slowdown - 1) * self.decode_s * MARGIN / max(self.per_token_s, 1e-9))
-        return max(min(n, self.max_tokens), min(MIN_TOKENS, self.max_tokens))
+        return max(min(n, self.max_tokens), self.min_tokens)
 
     def record(self, seconds: float, decodes: int, prompt_tokens: int) -> None:
         """One step that ran: its wall time, how many sequences decoded in it, and the most prompt

@@ -53,7 +53,7 @@ class Scheduler:
         self.prefill_tokens_last_step = 0   # all ranks
         self.prefill_tokens_busiest = 0     # the most any one rank ran (what the pacer measures)
         self.decodes_last_step = 0
-        self.pacer = PrefillPacer(engine.max_prefill_tokens, engine.max_decode_slowdown)
+        self.pacer = PrefillPacer(engine.max_prefill_tokens, engine.max_decode_slowdown, engine.min_prefill_chunk)
         self.layout = layout
         self.pages_per_rank = pages_per_rank or 0
         self.blocks = [self._tables() for _ in range(world_size)] if layout else []

@@ -69,12 +69,12 @@ class RankWorker:
         self.model = self._load(Path(checkpoint), progress)
         self.start_seconds["weight_load"] = time.perf_counter() - t0
         self.cache = self._new_cache(kv_pages)
-        self.native_paged_attention = False  # decode attention reads pages in place (native kernel)
+        self.native_paged_attention = False  # decode and short-chunk attention read pages in place (native kernel)
         if self.engine.cpu_kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
-            from ..native.paged_attention import paged_decode_kernel
+            from ..native.paged_attention import paged_attention_kernel
 
-            self.cache.decode_kernel = paged_decode_kernel()
-            self.native_paged_attention = self.cache.decode_kernel is not None
+            self.cache.attention_kernel = paged_attention_kernel()
+            self.native_paged_attention = self.cache.attention_kernel is not None
         self.params: dict[str, SamplingParams] = {}
         self.tally = RoutingTally(token_class_table(self.checkpoint, self.config.text.vocab_size,
                                                     self.config.image_token_id), self.config.text.num_local_experts)

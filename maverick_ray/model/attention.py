@@ -44,6 +44,13 @@ def _padding_is_cheap(lengths: list[int]) -> bool:
     return len(lengths) > 1 and len(lengths) * max(lengths) ** 2 <= 2 * sum(n * n for n in lengths)
 
 
+# Sequences adding at most this many tokens go through the native kernel in a mixed batch; longer
+# chunks through flash SDPA (model/prefill_attention.py), which wins beyond it. At 16k cached keys,
+# 2 threads, global layer: 2.1 / 4.4 / 7.4 / 13.5 ms for 1 / 4 / 8 / 16 new tokens against 3.9 /
+# 6.0 / 7.3 / 12.1 (benchmarks/bench_prefill_attention.py, BENCHMARKS.md).
+KERNEL_MAX_NEW = 8
+
+
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
     """(T,) multiplier for NoPE-layer queries: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
     return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
@@ -109,11 +116,21 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
     def _mixed(self, q, k, v, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
-        """Prefill or mixed batches -> (T, H, D). Sequences adding one token over a cache go
-        through one batched decode; fresh prompts (start 0) through one padded SDPA when padding
-        costs little; the rest (and everything when neither applies) one sequence at a time."""
+        """Prefill or mixed batches -> (T, H, D). With the native kernel, sequences adding at most
+        KERNEL_MAX_NEW tokens over the cache (decodes, small paced prompt chunks) go through one
+        kernel call that reads their pages in place; without it, sequences adding one token go
+        through one batched decode. Fresh prompts (start 0) go through one padded SDPA when
+        padding costs little; the rest (and everything when none applies) one sequence at a time."""
         live = [i for i, n in enumerate(batch.lengths) if n]
+        if cache is not None and cache.attention_kernel is not None and q.dtype == torch.float32 \
+                and q.device.type == "cpu":
+            return self._mixed_native(q, k, v, batch, cache, live)
         single = [i for i in live if batch.lengths[i] == 1 and cache is not None] if len(live) > 1 else []
+        return self._mixed_torch(q, k, v, batch, cache, live, single)
+
+    def _mixed_torch(self, q, k, v, batch: ForwardBatch, cache: PagedKVCache | None, live: list[int],
+                     single: list[int] = ()) -> torch.Tensor:
+        """_mixed's torch paths for the sequences `live`: `single` ones in one batched decode."""
         fresh = [i for i in live if batch.lengths[i] > 1 and batch.starts[i] == 0]
         pad_fresh = _padding_is_cheap([batch.lengths[i] for i in fresh])
         if not (len(single) > 1 or pad_fresh):
@@ -133,6 +150,33 @@ class Attention(nn.Module):
             sub, rows = batch.subset(rest)
             out[rows] = self._per_sequence(q[rows], k[rows], v[rows], sub, cache)
         return out
+
+    def _mixed_native(self, q, k, v, batch: ForwardBatch, cache: PagedKVCache, live: list[int]) -> torch.Tensor:
+        """_mixed with the native kernel: the short sequences in one in-place call, the long
+        chunks through the torch paths."""
+        if max(batch.lengths, default=0) <= KERNEL_MAX_NEW:
+            return self._native(q, batch, cache, batch.memo("qlen", lambda: torch.tensor(batch.lengths, dtype=torch.long)))
+        short = [i for i in live if batch.lengths[i] <= KERNEL_MAX_NEW]
+        rest = [i for i in live if batch.lengths[i] > KERNEL_MAX_NEW]
+        if not short:
+            return self._mixed_torch(q, k, v, batch, cache, rest)
+        out = q.new_empty(q.shape)  # (T, H, D)
+        sub, rows = batch.memo(("subset", tuple(short)), lambda: batch.subset(short))
+        qlen = batch.memo(("qlen", tuple(short)), lambda: torch.tensor(sub.lengths, dtype=torch.long))
+        out[rows] = self._native(q[rows], sub, cache, qlen)
+        sub, rows = batch.memo(("subset", tuple(rest)), lambda: batch.subset(rest))
+        out[rows] = self._mixed_torch(q[rows], k[rows], v[rows], sub, cache, list(range(len(rest))))
+        return out
+
+    def _native(self, q, batch: ForwardBatch, cache: PagedKVCache, qlen: torch.Tensor | None) -> torch.Tensor:
+        """q (T, H, D) of the batch's sequences, their keys and values already in the cache
+        (qlen: new tokens per sequence; None: one each) -> (T, H, D), read in place from the
+        pages (native/paged_attention.c)."""
+        kv, T = batch.kv, q.shape[0]
+        out = cache.attention_kernel(q.reshape(T, self.n_kv, self.n_heads // self.n_kv, self.head_dim),
+                                     *cache.pools(self.layer), kv.table[self.group], kv.first[self.group], kv.end,
+                                     kv.block_size, self.chunk, qlen)
+        return out.reshape(T, self.n_heads, self.head_dim)
 
     def _fresh_padded(self, q, k, v, rows: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """F fresh prompts (positions 0..n-1) whose rows of q, k, v are `rows` (back to back, in
@@ -160,11 +204,8 @@ class Attention(nn.Module):
         B = q.shape[0]
         group = self.n_heads // self.n_kv
         kv = batch.kv
-        if cache.decode_kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu":
-            # keys and values read in place from their pages (native/paged_attention.c)
-            out = cache.decode_kernel(q.reshape(B, self.n_kv, group, self.head_dim), *cache.pools(self.layer),
-                                      kv.table[self.group], kv.first[self.group], kv.end, kv.block_size, self.chunk)
-            return out.reshape(B, self.n_heads, self.head_dim)
+        if cache.attention_kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+            return self._native(q, batch, cache, None)   # keys and values read in place from their pages
         k, v = cache.gather(self.layer, kv.read_rows[self.group])  # (B, N, KV, D)
         mask = paged_mask(batch.positions, kv.key_pos[self.group], self.chunk)[:, None, None, :]  # (B, 1, 1, N)
         out = F.scaled_dot_product_attention(

@@ -135,7 +135,7 @@ class PagedKVCache:
         base = [[(i * G + g) * per for i in slots] for g in range(G)]
         return KVView.contiguous(self.layout, starts, lengths, base, device)
 
-    decode_kernel = None  # native/paged_attention.py PagedDecodeKernel (fp32 CPU), attached by the rank
+    attention_kernel = None  # native/paged_attention.py PagedAttentionKernel (fp32 CPU), attached by the rank
 
     def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's key and value rows, (P * Bs, KV, D) each."""

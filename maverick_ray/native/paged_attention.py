@@ -1,7 +1,8 @@
-"""Python side of paged_attention.c: decode attention read in place from the paged KV cache.
+"""Python side of paged_attention.c: attention read in place from the paged KV cache, for decode
+steps and for prompt chunks that continue a cached sequence.
 
-Shape legend: B sequences, KV kv heads, G query heads per kv head, D head_dim, nb blocks per
-sequence (padded), P pages, Bs block size.
+Shape legend: B sequences, T new tokens (all sequences back to back), KV kv heads, G query heads
+per kv head, D head_dim, nb blocks per sequence (padded), P pages, Bs block size.
 """
 
 from __future__ import annotations
@@ -16,39 +17,62 @@ from .build import load
 _P, _L = ctypes.c_void_p, ctypes.c_int64
 
 
-class PagedDecodeKernel:
-    """Callable: (q (B, KV, G, D), k_pool, v_pool (P * Bs, KV, D), table (B, nb), first (B,),
-    end (B,), block size, chunk or None) -> (B, KV, G, D), fp32 CPU, no autograd."""
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+class PagedAttentionKernel:
+    """Callable: (q (T, KV, G, D), k_pool, v_pool (P * Bs, KV, D), table (B, nb), first (B,),
+    end (B,), block size, chunk or None, qlen (B,) new tokens per sequence or None for one each)
+    -> (T, KV, G, D), fp32 CPU, no autograd. The new tokens' keys and values must already be in
+    the cache (end counts them); each token sees the keys up to its own position."""
 
     def __init__(self, lib: ctypes.CDLL):
-        self._fn = lib.paged_decode_f32
-        self._fn.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, ctypes.c_int]
+        self._fn = lib.paged_attention_f32
+        self._fn.argtypes = [_P] * 8 + [_L] * 7 + [ctypes.c_float, _P, ctypes.c_int]
         self._fn.restype = ctypes.c_int
 
     @staticmethod
     def supports(dtype: torch.dtype, device: torch.device) -> bool:
         return dtype == torch.float32 and device.type == "cpu"
 
-    def __call__(self, q, k_pool, v_pool, table, first, end, block_size: int, chunk: int | None):
-        B, KV, G, D = q.shape
+    def __call__(self, q, k_pool, v_pool, table, first, end, block_size: int, chunk: int | None,
+                 qlen: torch.Tensor | None = None):
+        T, KV, G, D = q.shape
         if not (self.supports(q.dtype, q.device) and k_pool.dtype == v_pool.dtype == torch.float32
                 and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape[1:] == (KV, D)):
-            raise ValueError("paged decode kernel needs fp32 CPU q (B, KV, G, D) and contiguous pools (rows, KV, D)")
+            raise ValueError("paged attention kernel needs fp32 CPU q (T, KV, G, D) and contiguous pools (rows, KV, D)")
+        B = table.shape[0]
+        if qlen is None:                       # decode: one new token per sequence
+            qlen = _ONES.get(B)
+            if qlen is None:
+                qlen = _ONES[B] = torch.ones(B, dtype=torch.int64)
+            qstart = _ARANGE.get(B)
+            if qstart is None:
+                qstart = _ARANGE[B] = torch.arange(B, dtype=torch.int64)
+        else:
+            qlen = _int64(qlen)
+            qstart = torch.cumsum(qlen, 0) - qlen
+        if int(qlen.sum()) != T:
+            raise ValueError(f"paged attention kernel: {T} query tokens, but the sequences add up to {int(qlen.sum())}")
         q = q.contiguous()
-        table, first, end = (t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
-                             for t in (table, first, end))   # KVView's are int64 already: no op dispatched
+        table, first, end = _int64(table), _int64(first), _int64(end)  # KVView's are int64: no op dispatched
         out = torch.empty_like(q)
         rc = self._fn(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), first.data_ptr(),
-                      end.data_ptr(), B, table.shape[1], KV, G, D, block_size, chunk or 0, 1.0 / math.sqrt(D),
-                      out.data_ptr(), torch.get_num_threads())
+                      end.data_ptr(), qstart.data_ptr(), qlen.data_ptr(), B, table.shape[1], KV, G, D, block_size,
+                      chunk or 0, 1.0 / math.sqrt(D), out.data_ptr(), torch.get_num_threads())
         if rc == 1:
-            raise ValueError(f"paged decode kernel: {G} query heads per kv head is beyond its buffers")
+            raise ValueError(f"paged attention kernel: {G} query heads per kv head is beyond its buffers")
         if rc:
-            raise MemoryError("paged decode kernel: a thread could not allocate its score buffer")
+            raise MemoryError("paged attention kernel: could not allocate its work list or buffers")
         return out
 
 
-def paged_decode_kernel() -> PagedDecodeKernel | None:
+_ONES: dict[int, torch.Tensor] = {}     # read-only per batch size: a decode step dispatches no op for them
+_ARANGE: dict[int, torch.Tensor] = {}
+
+
+def paged_attention_kernel() -> PagedAttentionKernel | None:
     """The compiled kernel, or None when it cannot be built here (logged; callers use torch)."""
     lib = load("paged_attention")
-    return PagedDecodeKernel(lib) if lib is not None else None
+    return PagedAttentionKernel(lib) if lib is not None else None
