@@ -7,7 +7,7 @@ minutes on a quiet 2-core machine, later runs reuse it. Without cmake or a C/C++
 and exits 0.
 
 Steps: write the mini checkpoint (or --checkpoint), convert it to f32 GGUF with the sdist's converter, start
-our engine (EP=1, in this process, no Ray, default settings), then
+our engine (EP=1, in this process, no Ray, default settings but no prefill pacing), then
 1. greedy parity: 4 prompts, each decoded by llama.cpp at our numerics (f32 KV cache, flash attention off;
    ctypes bindings from the sdist, one sequence at a time) and by our engine, token ids compared;
 2. rounds (default 3): in each, our engine, llama.cpp at its defaults (f16 KV cache, flash attention auto)
@@ -56,8 +56,12 @@ class Ours:
         from maverick_ray.config import EngineConfig, ParallelConfig
         from maverick_ray.engine.engine import Engine
 
-        self.engine = Engine(ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=seqs, max_model_len=max_len),
-                             use_ray=False).start()
+        # max_decode_slowdown 0: the N prompts are admitted together, as llama-batched-bench's are.
+        # With pacing, an engine loop that wakes between two add_request calls starts decoding the
+        # first prompts and paces the rest in, and a short run may never hold all N at once.
+        # Decode-only steps, the ones timed, run the same either way.
+        cfg = EngineConfig(max_num_seqs=seqs, max_model_len=max_len, max_decode_slowdown=0)
+        self.engine = Engine(ckpt, ParallelConfig(ep_size=1), cfg, use_ray=False).start()
         self.marks: list = []
         self.engine.add_step_listener(lambda s: self.marks.append((s, time.perf_counter())))
 
@@ -78,6 +82,8 @@ class Ours:
         n = len(prompts)
         dts = [t - t_prev for (s_prev, t_prev), (s, t) in zip(marks, marks[1:])
                if s.num_seqs == n and s.admitted == 0 and s_prev.num_seqs == n]
+        if not dts:
+            raise RuntimeError(f"no step decoded all {n} sequences: raise --new-tokens")
         return n * len(dts) / sum(dts), sum(dts) / len(dts)
 
     def prefill(self, prompt: list[int]) -> float:
