@@ -152,13 +152,13 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=32, help="requests sharing it (default: 32)")
     ap.add_argument("--long", type=int, default=16384, help="the long prompt's tokens (default: 16384)")
     ap.add_argument("--streams", type=int, default=16, help="decoding streams (default: 16)")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 32768],
+    ap.add_argument("--budgets", type=int, nargs="*", default=[64, 256, 32768],
                     help="fixed max_prefill_tokens values (no pacing) for the token-gap runs; one >= --long is "
                          "the behaviour before chunked prefill")
     ap.add_argument("--slowdowns", type=float, nargs="*", default=[2.0],
                     help="max_decode_slowdown values for paced token-gap runs (max_prefill_tokens 4096)")
-    ap.add_argument("--min-chunks", type=int, nargs="+", default=[16],
-                    help="min_prefill_chunk values for the paced runs (default: 16)")
+    ap.add_argument("--min-chunks", type=int, nargs="+", default=[1, 16],
+                    help="min_prefill_chunk values for the paced runs (default: 1 16)")
     ap.add_argument("--skip-ttft", action="store_true", help="only the token-gap runs")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)

@@ -394,12 +394,11 @@ class EngineConfig:
                                            "step shrink to fit (at least min_prefill_chunk, at most max_prefill_tokens). Keeps "
                                            "inter-token gaps steady while long prompts arrive, at the cost of their "
                                            "time to first token. 0: no pacing, every step takes max_prefill_tokens")
-    min_prefill_chunk: int = knob(16, "the fewest prompt tokens a paced step runs: a prompt advances at least this "
-                                      "much per step even where that takes the step past max_decode_slowdown. Lower "
-                                      "keeps decoding streams steadier deep into long prompts (1: p99 gaps 1.3-1.6x, "
-                                      "16: 2.2-2.4x beside a 16k prompt on a 2-core CPU) at the cost of prompts' time "
-                                      "to first token (1: a burst of 32 2k-token prompts 1.5x slower, the 16k prompt "
-                                      "2.5x; BENCHMARKS.md)")
+    min_prefill_chunk: int = knob(1, "the fewest prompt tokens a paced step runs: a prompt advances at least this "
+                                     "much per step even where that takes the step past max_decode_slowdown. Higher "
+                                     "prefills long prompts faster under load at the cost of bumpier streams beside "
+                                     "them (beside a 16k prompt on a 2-core CPU, 16 instead of 1: its prefill 0.4x "
+                                     "the time, the streams' p99 gaps 2.2-2.4x instead of 1.3-1.6x; BENCHMARKS.md)")
     kv_cache_memory_gb: float = knob(0.0, "KV cache memory per rank, GiB. 0: on GPU kv_cache_fraction of the "
                                           "memory free after the weights; on CPU room for max_num_seqs sequences "
                                           "of min(max_model_len, 2048) tokens")

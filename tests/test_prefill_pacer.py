@@ -45,7 +45,7 @@ def test_a_costlier_context_shrinks_the_chunk_down_to_the_floor_and_a_cheap_one_
         p.record(0.020 + 16 * 0.1, 16, 16)             # far over: the pacer still advances the floor a step
         p.record(0.020, 16, 0)                         # (decode-only steps between: no probe due)
     assert p.budget(True) == 16
-    assert PrefillPacer(4096, 2.0).min_tokens == pp.MIN_TOKENS == EngineConfig().min_prefill_chunk == 16
+    assert PrefillPacer(4096, 2.0).min_tokens == pp.MIN_TOKENS == EngineConfig().min_prefill_chunk == 1
     for _ in range(300):
         p.record(0.020 + 16 * 1e-7, 16, 16)            # almost free (a GPU's decode step): the ceiling
         p.record(0.020, 16, 0)

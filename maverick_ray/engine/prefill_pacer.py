@@ -20,11 +20,9 @@ pays a fixed cost (its cached context read once per layer) that this linear mode
 per-token figure. That still converges: each sample is taken at the current chunk size n, so the
 chunk settles where fixed + n * marginal fills the target, and only where one token alone overruns
 it does the floor `min_prefill_chunk` bind. Short chunks read their pages in place (native kernel),
-which keeps that fixed cost small enough for a floor of 1 to pay off deep in a long prompt
-(streams beside a 16k prompt slowed 1.3-1.6x at p99, against 2.2-2.4x with 16). But where a
-mixed step's fixed cost alone fills the room, a low floor starves admissions: a burst of 32
-2k-token prompts beside the first ones decoding went 3-7 tokens a step, TTFT 1.5x the floor-16
-run. Hence the default of 16 (BENCHMARKS.md).
+which keeps that fixed cost small enough for the default floor of 1 to pay off deep in a long
+prompt: streams beside a 16k prompt slowed 1.3-1.6x at p99, against 2.2-2.4x with a floor of 16,
+while the prompt took 2.5x as long (BENCHMARKS.md).
 
 With no sequence decoding nothing is slowed down, and the step takes the whole
 `max_prefill_tokens`. While prompts prefill continuously, every PROBE_EVERY steps one step runs
@@ -34,7 +32,7 @@ token budget derived from measured time rather than profiled offline.
 
 from __future__ import annotations
 
-MIN_TOKENS = 16       # the default floor (min_prefill_chunk): a prompt advances at least this much a step
+MIN_TOKENS = 1        # the default floor (min_prefill_chunk): a prompt advances at least this much a step
 FIRST_TOKENS = 32     # the chunk while the costs are not measured yet
 MARGIN = 0.8          # aim below the target: step times vary, and the next chunk attends further
 DECODE_ALPHA = 0.2    # EMA weights
