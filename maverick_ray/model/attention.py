@@ -51,6 +51,12 @@ def _padding_is_cheap(lengths: list[int]) -> bool:
 KERNEL_MAX_NEW = 8
 
 
+def _native_kernel(q: torch.Tensor, cache: PagedKVCache | None) -> bool:
+    """The cache carries the native kernel (fp32 CPU rank) and q is what it takes."""
+    kernel = cache.attention_kernel if cache is not None else None
+    return kernel is not None and kernel.supports(q.dtype, q.device)
+
+
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
     """(T,) multiplier for NoPE-layer queries: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
     return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
@@ -122,8 +128,7 @@ class Attention(nn.Module):
         through one batched decode. Fresh prompts (start 0) go through one padded SDPA when
         padding costs little; the rest (and everything when none applies) one sequence at a time."""
         live = [i for i, n in enumerate(batch.lengths) if n]
-        if cache is not None and cache.attention_kernel is not None and q.dtype == torch.float32 \
-                and q.device.type == "cpu":
+        if _native_kernel(q, cache):
             return self._mixed_native(q, k, v, batch, cache, live)
         single = [i for i in live if batch.lengths[i] == 1 and cache is not None] if len(live) > 1 else []
         return self._mixed_torch(q, k, v, batch, cache, live, single)
@@ -155,7 +160,8 @@ class Attention(nn.Module):
         """_mixed with the native kernel: the short sequences in one in-place call, the long
         chunks through the torch paths."""
         if max(batch.lengths, default=0) <= KERNEL_MAX_NEW:
-            return self._native(q, batch, cache, batch.memo("qlen", lambda: torch.tensor(batch.lengths, dtype=torch.long)))
+            qlen = batch.memo("qlen", lambda: torch.tensor(batch.lengths, dtype=torch.long))
+            return self._native(q, batch, cache, qlen)
         short = [i for i in live if batch.lengths[i] <= KERNEL_MAX_NEW]
         rest = [i for i in live if batch.lengths[i] > KERNEL_MAX_NEW]
         if not short:
@@ -204,7 +210,7 @@ class Attention(nn.Module):
         B = q.shape[0]
         group = self.n_heads // self.n_kv
         kv = batch.kv
-        if cache.attention_kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+        if _native_kernel(q, cache):
             return self._native(q, batch, cache, None)   # keys and values read in place from their pages
         k, v = cache.gather(self.layer, kv.read_rows[self.group])  # (B, N, KV, D)
         mask = paged_mask(batch.positions, kv.key_pos[self.group], self.chunk)[:, None, None, :]  # (B, 1, 1, N)

@@ -7,8 +7,9 @@
  * heads per kv head, D head_dim, Bs block size, nb blocks per sequence (padded), P pages.
  *   q, out (T, KV, G, D); k, v pools (P * Bs, KV, D) rows; table (B, nb) pages of the blocks
  *   read, from logical block first[b]; end[b] = tokens of sequence b in the cache, its new ones
- *   (already written) included; sequence b's qlen[b] new tokens are rows qstart[b].. of q, at
- *   positions end[b] - qlen[b] .. end[b] - 1, each seeing the keys up to its own position;
+ *   (already written) included; sequence b's qlen[b] new tokens (qlen NULL: one each) follow
+ *   the earlier sequences' rows of q, at positions end[b] - qlen[b] .. end[b] - 1, each seeing
+ *   the keys up to its own position;
  *   chunk > 0: only keys of the query's attention chunk are visible.
  *   out = softmax(q k^T * scale) v over the visible keys.
  *
@@ -90,7 +91,8 @@ static inline __attribute__((always_inline)) void finish_rows(float *out, int64_
 }
 
 /* The generic body: any block size and head_dim (loops over both). */
-static inline __attribute__((always_inline)) void item_body(const float *q, const float *k, const float *v, const int64_t *table, int64_t first,
+static inline __attribute__((always_inline)) void item_body(
+                     const float *q, const float *k, const float *v, const int64_t *table, int64_t first,
                      int64_t end, int64_t qlen, int64_t t0, int64_t tq, int64_t chunk, int64_t KV, int64_t h,
                      int64_t G, int64_t D, int64_t Bs, float scale, float *out, scratch_t w) {
     const int64_t R = tq * G;
@@ -345,23 +347,31 @@ static void one_item(ITEM_ARGS) {
 }
 
 /* Returns 0; 1 when G exceeds MAX_ROWS, 2 when memory for the work list or a thread's buffers
- * could not be allocated. */
+ * could not be allocated, 3 when the sequences' new tokens do not add up to T. */
 int paged_attention_f32(const float *q, const float *k, const float *v, const int64_t *table, const int64_t *first,
-                        const int64_t *end, const int64_t *qstart, const int64_t *qlen, int64_t B, int64_t nb,
-                        int64_t KV, int64_t G, int64_t D, int64_t Bs, int64_t chunk, float scale, float *out,
-                        int nthreads) {
+                        const int64_t *end, const int64_t *qlen, int64_t T, int64_t B, int64_t nb, int64_t KV,
+                        int64_t G, int64_t D, int64_t Bs, int64_t chunk, float scale, float *out, int nthreads) {
     if (G > MAX_ROWS) return 1;
     const int64_t TQ = MAX_ROWS / G;
-    int64_t n_items = 0;
-    for (int64_t b = 0; b < B; b++) n_items += (qlen[b] + TQ - 1) / TQ * KV;
-    int64_t *items = malloc(sizeof(int64_t) * (size_t)(3 * n_items + 1));   /* (b, first token, tokens) per tile */
+    int64_t n_items = 0, total = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n_b = qlen ? qlen[b] : 1;
+        n_items += (n_b + TQ - 1) / TQ * KV;
+        total += n_b;
+    }
+    if (total != T) return 3;
+    /* per tile: sequence, its first row in q, first token, tokens */
+    int64_t *items = malloc(sizeof(int64_t) * (size_t)(4 * n_items + 1));
     if (!items) return 2;
-    int64_t n = 0;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t t0 = 0; t0 < qlen[b]; t0 += TQ) {
-            items[3 * n] = b, items[3 * n + 1] = t0, items[3 * n + 2] = qlen[b] - t0 < TQ ? qlen[b] - t0 : TQ;
-            n++;
+    int64_t n = 0, row = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n_b = qlen ? qlen[b] : 1;
+        for (int64_t t0 = 0; t0 < n_b; t0 += TQ, n++) {
+            int64_t *tile = items + 4 * n;
+            tile[0] = b, tile[1] = row, tile[2] = t0, tile[3] = n_b - t0 < TQ ? n_b - t0 : TQ;
         }
+        row += n_b;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) if (n_items > 1 && nthreads > 1)
     {
@@ -374,9 +384,9 @@ int paged_attention_f32(const float *q, const float *k, const float *v, const in
             scratch_t w = {(v16f *)buf, buf + 16 * D, buf + 16 * D + MAX_ROWS * D, buf + 16 * D + 2 * MAX_ROWS * D};
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < n_items; it++) {
-                const int64_t *tile = items + 3 * (it / KV), b = tile[0], h = it % KV;
-                one_item(q + qstart[b] * KV * G * D, k, v, table + b * nb, first[b], end[b], qlen[b], tile[1],
-                         tile[2], chunk, KV, h, G, D, Bs, scale, out + qstart[b] * KV * G * D, w);
+                const int64_t *tile = items + 4 * (it / KV), b = tile[0], h = it % KV, off = tile[1] * KV * G * D;
+                one_item(q + off, k, v, table + b * nb, first[b], end[b], qlen ? qlen[b] : 1, tile[2], tile[3],
+                         chunk, KV, h, G, D, Bs, scale, out + off, w);
             }
         }
         free(buf);

@@ -29,7 +29,7 @@ class PagedAttentionKernel:
 
     def __init__(self, lib: ctypes.CDLL):
         self._fn = lib.paged_attention_f32
-        self._fn.argtypes = [_P] * 8 + [_L] * 7 + [ctypes.c_float, _P, ctypes.c_int]
+        self._fn.argtypes = [_P] * 7 + [_L] * 8 + [ctypes.c_float, _P, ctypes.c_int]
         self._fn.restype = ctypes.c_int
 
     @staticmethod
@@ -42,34 +42,21 @@ class PagedAttentionKernel:
         if not (self.supports(q.dtype, q.device) and k_pool.dtype == v_pool.dtype == torch.float32
                 and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape[1:] == (KV, D)):
             raise ValueError("paged attention kernel needs fp32 CPU q (T, KV, G, D) and contiguous pools (rows, KV, D)")
-        B = table.shape[0]
-        if qlen is None:                       # decode: one new token per sequence
-            qlen = _ONES.get(B)
-            if qlen is None:
-                qlen = _ONES[B] = torch.ones(B, dtype=torch.int64)
-            qstart = _ARANGE.get(B)
-            if qstart is None:
-                qstart = _ARANGE[B] = torch.arange(B, dtype=torch.int64)
-        else:
-            qlen = _int64(qlen)
-            qstart = torch.cumsum(qlen, 0) - qlen
-        if int(qlen.sum()) != T:
-            raise ValueError(f"paged attention kernel: {T} query tokens, but the sequences add up to {int(qlen.sum())}")
+        qlen = None if qlen is None else _int64(qlen)   # None: one new token per sequence (decode)
         q = q.contiguous()
         table, first, end = _int64(table), _int64(first), _int64(end)  # KVView's are int64: no op dispatched
         out = torch.empty_like(q)
         rc = self._fn(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), first.data_ptr(),
-                      end.data_ptr(), qstart.data_ptr(), qlen.data_ptr(), B, table.shape[1], KV, G, D, block_size,
-                      chunk or 0, 1.0 / math.sqrt(D), out.data_ptr(), torch.get_num_threads())
+                      end.data_ptr(), None if qlen is None else qlen.data_ptr(), T, table.shape[0], table.shape[1],
+                      KV, G, D, block_size, chunk or 0, 1.0 / math.sqrt(D), out.data_ptr(), torch.get_num_threads())
+        if rc == 3:
+            raise ValueError(f"paged attention kernel: {T} query tokens, but the sequences add up to "
+                             f"{table.shape[0] if qlen is None else int(qlen.sum())}")
         if rc == 1:
             raise ValueError(f"paged attention kernel: {G} query heads per kv head is beyond its buffers")
         if rc:
             raise MemoryError("paged attention kernel: could not allocate its work list or buffers")
         return out
-
-
-_ONES: dict[int, torch.Tensor] = {}     # read-only per batch size: a decode step dispatches no op for them
-_ARANGE: dict[int, torch.Tensor] = {}
 
 
 def paged_attention_kernel() -> PagedAttentionKernel | None:
