@@ -1,8 +1,8 @@
 """Decode throughput of this checkout against another one (e.g. the commit before a change), EP = 1.
 
-Usage: .venv/bin/python benchmarks/bench_decode_ab.py CHECKOUT CHECKPOINT PROMPT_LEN
-Prints one line for the checkout whose package comes first on sys.path (CHECKOUT): 32 greedy
-requests of PROMPT_LEN tokens, 64 new tokens each, median decode tokens/s over 3 passes after a
+Usage: .venv/bin/python benchmarks/bench_decode_ab.py CHECKOUT CHECKPOINT PROMPT_LEN [SEQS]
+Prints one line for the checkout whose package comes first on sys.path (CHECKOUT): SEQS (default
+32) greedy requests of PROMPT_LEN tokens, 64 new tokens each, median decode tokens/s over 3 passes after a
 warm-up. Run it alternately for two checkouts (a `git worktree` of the old commit, and this one),
 in the same session, and compare the lines.
 """
@@ -17,7 +17,7 @@ from maverick_ray.config import EngineConfig, ParallelConfig  # noqa: E402
 from maverick_ray.engine.engine import Engine  # noqa: E402
 from maverick_ray.engine.sampling import SamplingParams  # noqa: E402
 
-ckpt, plen, seqs, new = sys.argv[2], int(sys.argv[3]), 32, 64
+ckpt, plen, seqs, new = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 32, 64
 rng = random.Random(0)
 prompts = [[rng.randrange(10, 600) for _ in range(plen)] for _ in range(seqs)]
 with Engine(ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=seqs, max_model_len=plen + new + 8)) as eng:
@@ -31,4 +31,4 @@ with Engine(ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=seqs, max
             for _ in st:
                 pass
         rates.append(seqs * (new - 1) / (time.perf_counter() - t0))
-print(f"{sys.argv[1]} prompt {plen}: decode {statistics.median(rates):.0f} tok/s")
+print(f"{sys.argv[1]} prompt {plen}, {seqs} sequence(s): decode {statistics.median(rates):.0f} tok/s")

@@ -28,6 +28,31 @@ def test_the_tally_counts_every_routed_row_by_layer_class_and_expert(top_k):
                           for layer in range(L)]
 
 
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_python_count_of_small_steps_matches_the_bincount(top_k, device, monkeypatch):
+    g = torch.Generator().manual_seed(top_k)
+    E, V = 128, 1000
+    table = torch.randint(0, len(TOKEN_CLASSES), (V,), generator=g)
+    tally = RoutingTally(table, E)
+    paths = []
+    for name in ("_count_small", "_count_bincount"):
+        path = getattr(tally, name)
+        monkeypatch.setattr(tally, name, lambda *a, path=path, name=name: paths.append(name) or path(*a))
+    for L, dtype in ((1, torch.long), (2, torch.long), (3, torch.int32)):
+        for T in (1, 2, 5, 32, 64, 200):
+            tokens = torch.randint(0, V, (T,), generator=g).to(device)
+            routed = [torch.randint(0, E, (T, top_k), generator=g).to(device, dtype) for _ in range(L)]
+            want = tally._count_bincount(routed, tokens)
+            assert tally._count_small(routed, tokens) == want, (L, T)
+            paths.clear()
+            assert tally.count(routed, tokens) == want
+            assert paths == ["_count_small" if L * T * top_k <= RoutingTally.SMALL_ROWS else "_count_bincount"]
+    assert RoutingTally.SMALL_ROWS >= 2 * 1 * 2   # a decode step of 1 sequence at L=2, k=2 is small
+
 def test_no_routed_layers_count_nothing():
     assert RoutingTally(torch.zeros(4, dtype=torch.long), 4).count([], torch.tensor([1])) == ([], [[], []])
 

@@ -474,7 +474,10 @@ class Engine:
         n_moe = len(results[0].routed_counts) if results else 0
         for r in results:
             self.token_class_load.add(r.class_counts)
-        experts = [[sum(col) for col in zip(*(r.routed_counts[layer] for r in results))] for layer in range(n_moe)]
+        if len(results) == 1:   # EP = 1: no per-expert sums (256 calls a step at 2 MoE layers, issue 21)
+            experts = [list(counts) for counts in results[0].routed_counts]
+        else:
+            experts = [[sum(col) for col in zip(*(r.routed_counts[layer] for r in results))] for layer in range(n_moe)]
         phases: dict[str, float] = {}
         for r in results:
             for k, v in r.phase_seconds.items():

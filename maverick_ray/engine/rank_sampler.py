@@ -48,7 +48,8 @@ class RankSampler:
             for i in processed:
                 process(logits[i], params[i], states[i], self.eos_ids)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        picked = dict(zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist())) if greedy else {}
+        rows = logits if len(greedy) == len(params) else logits[greedy]  # no index op when all are greedy
+        picked = dict(zip(greedy, torch.argmax(rows, dim=-1).tolist())) if greedy else {}
         tokens = {}
         for i, w in enumerate(work):
             if i not in picked:

@@ -65,6 +65,7 @@ class RankWorker:
         self.dispatcher = dispatcher
         self.native_experts = False  # routed experts run in the native CPU kernel (set by _load)
         self.native_rms_norm = False  # RMSNorms run in the native CPU kernel (set by _load)
+        self.native_attention_prologue = False  # RoPE/QK norm/temperature/cache write in one native call (_load)
         t0 = time.perf_counter()
         self.model = self._load(Path(checkpoint), progress)
         self.start_seconds["weight_load"] = time.perf_counter() - t0
@@ -175,8 +176,10 @@ class RankWorker:
         return self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) >= (8, 9)
 
     def _attach_cpu_kernels(self, model: TextModel) -> None:
-        """Native fp32 CPU kernels (maverick_ray/native): the routed experts of decode steps, RMSNorm."""
+        """Native fp32 CPU kernels (maverick_ray/native): the routed experts of decode steps, RMSNorm,
+        the attention prologue (RoPE, QK norm, temperature, cache write)."""
         from ..model.norm import RMSNorm
+        from ..native.attention_prologue import attention_prologue_kernel
         from ..native.grouped_experts import grouped_experts_kernel
         from ..native.rms_norm import rms_norm_kernel
 
@@ -184,8 +187,11 @@ class RankWorker:
         self.native_experts = all([b.experts.use_kernel(experts) for b in model.moe_blocks])
         norm = rms_norm_kernel()
         self.native_rms_norm = all([m.use_kernel(norm) for m in model.modules() if isinstance(m, RMSNorm)])
+        prologue = attention_prologue_kernel()
+        self.native_attention_prologue = all([layer.self_attn.use_prologue(prologue) for layer in model.model.layers])
         used = [name for name, on in (("routed experts of decode steps", self.native_experts),
-                                      ("RMSNorm", self.native_rms_norm)) if on]
+                                      ("RMSNorm", self.native_rms_norm),
+                                      ("attention prologue", self.native_attention_prologue)) if on]
         if used:
             log.info("rank %d: native CPU kernels for %s", self.rank, ", ".join(used))
 
@@ -275,6 +281,7 @@ class RankWorker:
                 "routed_expert_bytes": self.routed_expert_bytes(), "kv_cache_bytes": self.cache.nbytes,
                 "kv_pages": self.cache.num_pages,
                 "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
+                "native_attention_prologue": self.native_attention_prologue,
                 "native_paged_attention": self.native_paged_attention, "fp8_experts": self.fp8_experts,
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
@@ -370,9 +377,10 @@ class RankWorker:
             block.route_bias = None if bias is None else torch.tensor(bias, dtype=torch.float32)
 
     def enable_phase_timing(self) -> None:
-        """Times attention, router, experts, shared expert and dense MLP per step, into each
+        """Times attention, routed experts, shared expert and dense MLP per step, into each
         result's phase_seconds (benchmarks; the module hooks cost ~0.2-0.3 ms per `mini` step).
-        Idempotent; disable_phase_timing removes them."""
+        The router is one matmul inside the MoE block (fused.project), not a module call, so it
+        is not timed apart. Idempotent; disable_phase_timing removes them."""
         if self._profile_hooks:
             return
 
@@ -388,7 +396,7 @@ class RankWorker:
             targets = [("attention", layer.self_attn)]
             if layer.is_moe:
                 ff = layer.feed_forward
-                targets += [("router", ff.router), ("experts", ff.experts), ("shared_expert", ff.shared_expert)]
+                targets += [("experts", ff.experts), ("shared_expert", ff.shared_expert)]
             else:
                 targets.append(("dense_mlp", layer.feed_forward))
             for name, mod in targets:

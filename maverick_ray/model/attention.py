@@ -18,8 +18,9 @@ from ..config import TextConfig
 from .batch import ForwardBatch
 from .kv_cache import PagedKVCache
 from . import prefill_attention
+from .fused import project
 from .norm import rms_normalize
-from .rope import apply_rope
+from .rope import apply_rope, rotation
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -79,6 +80,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
         self.qkv: torch.Tensor | None = None  # (C, (H + 2 KV) D) once fused (model/fused.py)
         self.group = 0  # this layer's group in the paged KV cache (set from the cache on use)
+        self.prologue = None  # native/attention_prologue.py kernel, see use_prologue
+
+    def use_prologue(self, kernel) -> bool:
+        """Runs RoPE, QK norm, temperature and the cache write of fp32 CPU inference calls with
+        a cache in `kernel` (one call instead of ~15 dispatched ops); returns whether it will."""
+        self.prologue = kernel
+        return kernel is not None
 
     def fuse_projections(self) -> None:
         """One matmul for q, k and v at inference (model/fused.py); idempotent."""
@@ -99,12 +107,42 @@ class Attention(nn.Module):
             qk, v = (x @ self.qkv).split([(H + KV) * D, KV * D], dim=-1)
         return qk.view(T, H + KV, D), v.view(T, KV, D)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rot: torch.Tensor | None,
-                cache: PagedKVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, inv_freq: torch.Tensor,
+                cache: PagedKVCache | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, C) normalized hidden states -> (T, C) attention output (+ residual, when given,
+        added in the output projection's matmul). inv_freq (D/2,): the model's RoPE frequencies."""
         T = x.shape[0]
+        if cache is not None:
+            self.group = cache.group_of(self.layer)
+        if self._prologue_applies(x, cache):
+            q, k, v = self._native_prologue(x, batch, inv_freq, cache)
+        else:
+            q, k, v = self._torch_prologue(x, batch, inv_freq, cache)
+        if cache is not None and batch.is_decode:
+            out = self._decode(q, batch, cache)  # (B, H, D) with B == T
+        else:
+            out = self._mixed(q, k(), v(), batch, cache)
+        return project(out.reshape(T, self.n_heads * self.head_dim), self.o_proj, residual)
+
+    def _prologue_applies(self, x: torch.Tensor, cache: PagedKVCache | None) -> bool:
+        return (self.prologue is not None and self.qkv is not None and cache is not None
+                and self.prologue.supports(x.dtype, x.device) and not torch.is_grad_enabled())
+
+    def _native_prologue(self, x, batch: ForwardBatch, inv_freq, cache: PagedKVCache):
+        """One matmul and one native call; k and v (stored in the cache) as views on demand."""
+        T, H, KV, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        qkv = torch.mm(x, self.qkv)  # (T, (H + 2 KV) D), rotated and normed in place below
+        q = self.prologue(qkv, batch.positions, H, KV, D, inv_freq if self.use_rope else None,
+                          self.eps if self.qk_norm else None, self.floor_scale if self.temperature else None,
+                          self.attn_scale, *cache.pools(self.layer), batch.kv.write_rows[self.group])
+        kv = lambda: qkv.view(T, H + 2 * KV, D)[:, H:]  # noqa: E731  (T, 2 KV, D)
+        return q, lambda: kv()[:, :KV], lambda: kv()[:, KV:]
+
+    def _torch_prologue(self, x, batch: ForwardBatch, inv_freq, cache: PagedKVCache | None):
+        """RoPE, QK norm, temperature and cache write as torch ops -> q (T, H, D) and k, v getters."""
         qk, v = self._project(x)  # (T, H + KV, D), (T, KV, D)
         if self.use_rope:
-            qk = apply_rope(qk, rot)
+            qk = apply_rope(qk, batch.memo("rot", lambda: rotation(batch.positions, inv_freq)))  # (T, D/2)
         if self.qk_norm:
             qk = rms_normalize(qk, self.eps)
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # (T, H, D), (T, KV, D)
@@ -113,13 +151,8 @@ class Attention(nn.Module):
                 batch.positions, self.floor_scale, self.attn_scale)[:, None, None])  # (T, 1, 1) fp32, once per forward
             q = (q * scale).to(q.dtype)
         if cache is not None:
-            self.group = cache.group_of(self.layer)
             cache.write(self.layer, batch.kv.write_rows[self.group], k, v)
-        if cache is not None and batch.is_decode:
-            out = self._decode(q, batch, cache)  # (B, H, D) with B == T
-        else:
-            out = self._mixed(q, k, v, batch, cache)
-        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+        return q, lambda: k, lambda: v
 
     def _mixed(self, q, k, v, batch: ForwardBatch, cache: PagedKVCache | None) -> torch.Tensor:
         """Prefill or mixed batches -> (T, H, D). With the native kernel, sequences adding at most

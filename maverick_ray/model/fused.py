@@ -9,7 +9,8 @@ calls. `fuse_projections` rewrites a loaded model in place:
 
     q_proj, k_proj, v_proj  -> one (C, Nq + Nk + Nv) matrix, split after the matmul
     gate_proj, up_proj      -> one (C, 2I) matrix (dense MLPs and the shared expert)
-    every other nn.Linear   -> its weight stored transposed (same values, same shape)
+    every other nn.Linear   -> its weight stored transposed (same values, same shape); the
+                               contiguous (C, N) view kept as `linear.wt` for `project`
     routed experts          -> each (C, N) matrix stored output-major (Experts.fuse_projections)
 
 The modules' `weight` parameters become views into the fused storage, so names, shapes and
@@ -47,6 +48,18 @@ def fuse_columns(linears: list[nn.Linear]) -> torch.Tensor:
     return fused
 
 
+def project(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, C) -> linear(x) (+ residual (T, N)), as one dispatched op (mm or addmm) once
+    fuse_projections has stored the weight column-major: at decode sizes each dispatched op
+    costs more host time than its arithmetic (issue 21). Falls back to the module call (also
+    under autograd: `wt` is detached)."""
+    wt = getattr(linear, "wt", None)
+    if wt is None or x.dim() != 2 or torch.is_grad_enabled():
+        y = linear(x)
+        return y if residual is None else residual + y
+    return torch.mm(x, wt) if residual is None else torch.addmm(residual, x, wt)
+
+
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Fuses q/k/v and gate/up projections and stores the remaining linear weights column-major,
     in place (see module docstring). Idempotent; returns the model."""
@@ -57,4 +70,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
             module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)
+        if (isinstance(module, nn.Linear) and module.bias is None and module.weight.dim() == 2
+                and module.weight.t().is_contiguous()):
+            module.wt = module.weight.detach().t()  # (C, N) view of the same storage
     return model

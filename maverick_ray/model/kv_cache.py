@@ -177,25 +177,24 @@ class KVView:
     def __init__(self, layout: KVLayout, starts: list[int], lengths: list[int],
                  first: list[list[int]], tables: list[list[list[int]]], device: torch.device | str = "cpu"):
         # Built from Python lists, a handful of tensors per step: a decode step's host time is
-        # mostly per-op dispatch, and tensor arithmetic here cost ~50 ops a step (issue 21).
+        # mostly per-op dispatch (issue 21): one op for end, two per group, and the padded tables.
         bs, B, G = layout.block_size, len(starts), layout.num_groups
         self.block_size = bs
         self.end = torch.tensor([s + n for s, n in zip(starts, lengths)], dtype=torch.long)           # (B,)
-        firsts = torch.tensor(first, dtype=torch.long).view(G, B)
-        counts = torch.tensor([[len(t) for t in tables[g]] for g in range(G)], dtype=torch.long).view(G, B)
-        rows = [_write_rows(tables[g], first[g], starts, lengths, bs) for g in range(G)]
-        T = sum(lengths)
-        write = torch.tensor(rows, dtype=torch.long).view(G, T)
-        if torch.device(device).type != "cpu":
-            write = write.to(device)
-        self.table: list[torch.Tensor] = []       # per group: (B, nb) pages, padded with page 0
-        for g in range(G):
-            self.table.append(_padded_table(tables[g], B))
-        self.first = list(firsts.unbind(0))       # per group: (B,) first logical block
-        self.nblocks = list(counts.unbind(0))     # per group: (B,) real blocks of each row of table
-        self.write_rows = list(write.unbind(0))   # per group: (T,) flat rows of the new tokens
+        self.first = [torch.tensor(first[g], dtype=torch.long) for g in range(G)]  # per group: (B,) first logical block
+        self.write_rows = [torch.tensor(_write_rows(tables[g], first[g], starts, lengths, bs), dtype=torch.long,
+                                        device=device) for g in range(G)]  # per group: (T,) flat rows of the new tokens
+        self.table = [_padded_table(tables[g], B) for g in range(G)]  # per group: (B, nb) pages, padded with page 0
+        self._counts = [[len(t) for t in tables[g]] for g in range(G)]
         self.device = device
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def nblocks(self) -> list[torch.Tensor]:
+        """Per group: (B,) real blocks of each row of table (the torch gather path's)."""
+        if not isinstance(self._counts[0] if self._counts else None, torch.Tensor):
+            self._counts = [torch.tensor(c, dtype=torch.long) for c in self._counts]
+        return self._counts
 
     def _gather_index(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) flat rows of every gathered key of group g, and each key's position (-1: none)."""
@@ -233,7 +232,7 @@ class KVView:
         out.block_size, out.device, out._rows = self.block_size, self.device, {}
         out.end = self.end[idx]
         out.table = [t[idx] for t in self.table]
-        out.nblocks = [n[idx] for n in self.nblocks]
+        out._counts = [n[idx] for n in self.nblocks]
         out.first = [f[idx] for f in self.first]
         out.write_rows = [w[rows] for w in self.write_rows]
         return out

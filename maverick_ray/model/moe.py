@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .fused import project
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama 4 routing rule. logits (T, E) -> scores (T, k) in logits' dtype, expert ids (T, k)."""
     top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    if logits.dtype == torch.float32:  # no no-op casts: each is a dispatched op at decode (issue 21)
+        return torch.sigmoid(top_v), top_i
     return torch.sigmoid(top_v.float()).to(logits.dtype), top_i
 
 
@@ -100,11 +103,13 @@ class MLP(nn.Module):
 
             self.gate_up = fuse_columns([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, C) -> (T, C)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, C) -> (T, C), plus residual (T, C) when given (added in the down projection)."""
         if self.gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return y if residual is None else residual + y
         gate, up = (x @ self.gate_up).chunk(2, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)
+        return project(F.silu(gate) * up, self.down_proj, residual)
 
 
 def is_hopper(device: torch.device) -> bool:
@@ -235,11 +240,12 @@ class MoEBlock(nn.Module):
         self.force_expert: int | None = None  # test hook: route every token to this expert
         self.route_bias: torch.Tensor | None = None  # test hook: (E,) added to the router logits (skew)
 
-    def forward(self, x: torch.Tensor, routed_ids: list | None = None) -> torch.Tensor:
-        """x (T, C) -> (T, C). Appends this layer's routed expert ids (T, k) to routed_ids (the
+    def forward(self, x: torch.Tensor, routed_ids: list | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, C) -> (T, C), plus residual (T, C) when given. Appends this layer's routed expert ids (T, k) to routed_ids (the
         rank worker counts them per expert and per token class: engine/token_classes.py)."""
         T, C = x.shape
-        logits = self.router(x)                                  # (T, E)
+        logits = project(x, self.router)                         # (T, E)
         if self.force_expert is not None:
             logits = torch.full_like(logits, -1e4)
             logits[:, self.force_expert] = 0.0
@@ -248,11 +254,14 @@ class MoEBlock(nn.Module):
         scores, ids = route(logits, self.top_k)                  # (T, k), (T, k)
         if routed_ids is not None:
             routed_ids.append(ids)
-        rows = x[:, None, :] * scores[:, :, None]                # (T, k, C) scaled inputs
-        rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
+        if self.top_k == 1:
+            rows, ids = x * scores, ids.view(T)                  # (T, C) scaled inputs, (T,)
+        else:
+            rows = x[:, None, :] * scores[:, :, None]            # (T, k, C) scaled inputs
+            rows, ids = rows.reshape(T * self.top_k, C), ids.reshape(-1)
         local_rows, local_ids, handle = self.dispatcher.dispatch(rows, ids, self.layer)
         local_out = self.experts(local_rows, local_ids)          # (Rl, C)
         routed = self.dispatcher.combine(local_out, handle)       # (R, C)
         if self.top_k > 1:
             routed = routed.view(T, self.top_k, C).sum(1)         # (T, C)
-        return self.shared_expert(x).add_(routed)
+        return self.shared_expert(x, residual).add_(routed)

@@ -6,6 +6,7 @@ C hidden, V vocab. Parameter names equal the HF checkpoint names without the
 
     h   = x + attn(rmsnorm(x))
     out = h + ffn(rmsnorm(h))        ffn = dense MLP or MoE block, per layer
+(each residual is added inside the block's output projection: one addmm at inference)
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from torch import nn
 from ..config import TextConfig
 from .attention import Attention
 from .batch import ForwardBatch
+from .fused import project
 from .kv_cache import PagedKVCache
 from .moe import MLP, Dispatcher, MoEBlock
 from .norm import RMSNorm
-from .rope import inverse_frequencies, rotation
+from .rope import inverse_frequencies
 
 
 class DecoderLayer(nn.Module):
@@ -36,11 +38,12 @@ class DecoderLayer(nn.Module):
         else:
             self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x, batch, rot, cache, routed_ids):
-        h = x + self.self_attn(self.input_layernorm(x), batch, rot, cache)
+    def forward(self, x, batch, inv_freq, cache, routed_ids):
+        h = self.self_attn(self.input_layernorm(x), batch, inv_freq, cache, residual=x)
         y = self.post_attention_layernorm(h)
-        y = self.feed_forward(y, routed_ids) if self.is_moe else self.feed_forward(y)
-        return h + y
+        if self.is_moe:
+            return self.feed_forward(y, routed_ids, residual=h)
+        return self.feed_forward(y, residual=h)
 
 
 class _Decoder(nn.Module):
@@ -104,9 +107,8 @@ class TextModel(nn.Module):
             raise ValueError(f"got {x.shape[0]} tokens for a batch of {batch.num_tokens}")
         if cache is not None and batch.kv is None:
             batch.kv = cache.contiguous_view(batch.starts, batch.lengths, x.device, batch.slots)
-        rot = rotation(batch.positions, self.inv_freq)  # (T, D/2) complex
         for layer in self.model.layers:
-            x = layer(x, batch, rot, cache, routed_ids)
+            x = layer(x, batch, self.inv_freq, cache, routed_ids)
         if not all_logits and not batch.is_decode:  # decode: every row already is a last token
             x = x[batch.last_token_index()]  # (B, C)
-        return self.lm_head(self.model.norm(x))
+        return project(self.model.norm(x), self.lm_head)

@@ -40,16 +40,21 @@ class GroupedExperts:
         E, C, two_i = gate_up.shape
         I = two_i // 2
         x = x.contiguous()
-        ids = ids.to(torch.int64).contiguous()
+        if ids.dtype != torch.int64:  # no no-op casts: each is a dispatched op (issue 21)
+            ids = ids.to(torch.int64)
+        ids = ids.contiguous()
         if x.dtype != torch.float32 or x.shape[1] != C or ids.shape != (x.shape[0],):
             raise ValueError(f"expected x (R, {C}) fp32 and ids (R,), got {tuple(x.shape)} {x.dtype}, {tuple(ids.shape)}")
         R = x.shape[0]
-        out, xs, act = torch.empty_like(x), torch.empty_like(x), x.new_empty(R, I)
+        # Scratch as two allocations addressed by pointer offsets, not one per buffer or views.
+        out, scratch = torch.empty_like(x), x.new_empty(R * (C + I))        # scratch: xs (R, C), act (R, I)
         index = torch.empty(R + 2 * (E + 1) + 2 * E * (-(-I // BLOCK) - (-C // BLOCK)), dtype=torch.int64)
-        order, starts, units = index[:R], index[R:R + 2 * (E + 1)], index[R + 2 * (E + 1):]
+        xs, fsize, isize = scratch.data_ptr(), x.element_size(), index.element_size()
+        order = index.data_ptr()
+        starts = order + R * isize
+        units = starts + 2 * (E + 1) * isize
         rc = self._fn(x.data_ptr(), ids.data_ptr(), R, E, C, I, gate_up.data_ptr(), down.data_ptr(), out.data_ptr(),
-                      xs.data_ptr(), act.data_ptr(), order.data_ptr(), starts.data_ptr(), units.data_ptr(),
-                      BLOCK, torch.get_num_threads())
+                      xs, xs + R * C * fsize, order, starts, units, BLOCK, torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"expert ids must lie in [0, {E}), got min {ids.min().item()} max {ids.max().item()}")
         return out

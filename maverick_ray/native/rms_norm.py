@@ -27,11 +27,17 @@ class RMSNormKernel:
         return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 1
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        C = weight.shape[0] if weight.dim() == 1 else -1
-        if not self.supports(weight) or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != C:
+        # Checks in plain attribute reads: this runs twice per layer per step, and at decode a
+        # dispatched op or a helper call costs more than the norm itself (issue 21).
+        C = weight.shape[0]
+        if not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+                and weight.dim() == 1 and x.shape[-1] == C):
             raise ValueError(f"rms_norm kernel needs fp32 CPU x (..., {C}) and weight (C,), got x "
                              f"{tuple(x.shape)} {x.dtype} {x.device}, weight {tuple(weight.shape)} {weight.dtype}")
-        x, weight = x.contiguous(), weight.contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if not weight.is_contiguous():
+            weight = weight.contiguous()
         y = torch.empty_like(x)
         self._fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // C if C else 0, C, eps,
                  torch.get_num_threads())
