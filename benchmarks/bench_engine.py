@@ -1,6 +1,6 @@
 """Engine decode benchmark on the `mini` checkpoint: EP = 1, 2, 4 vs transformers' batched generate.
 
-Reports output tokens/s at N concurrent sequences, the per-step split (attention, router,
+Reports output tokens/s at N concurrent sequences, the per-step split (attention,
 experts, shared expert, dense MLP, all-to-all), and the decode step against the machine's floor
 (weight bytes the step touches / measured bandwidth, FLOPs / measured matmul rate), all in one run.
 
@@ -35,8 +35,13 @@ class EngineRun:
         from maverick_ray.engine.engine import Engine
         from maverick_ray.engine.sampling import SamplingParams
 
+        # max_decode_slowdown 0: the N prompts are admitted together. With prefill pacing, an
+        # engine loop that wakes between two add_request calls starts decoding the first prompts
+        # and paces the rest in, and a 32-token run may never hold all N at once (no full decode
+        # step to time). Decode steps run the same either way.
         self.engine = Engine(ckpt, ParallelConfig(ep_size=ep), EngineConfig(max_num_seqs=num_seqs, max_model_len=256,
-                                                                                 cpu_collectives=collectives),
+                                                                                 cpu_collectives=collectives,
+                                                                                 max_decode_slowdown=0),
                              use_ray=ep > 1).start()
         self.engine.generate([11, 12, 13], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
         self.steps: list = []
@@ -250,8 +255,8 @@ def main(argv=None) -> int:
     if not args.no_write:
         write_section("bench_engine", f"## Engine decode (issue: expert-parallel engine)\n\n`mini` checkpoint "
                       f"(hidden 512, 128 experts, 4 layers), {args.seqs} concurrent sequences, prompt "
-                      f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy, fp32, default engine settings "
-                      f"(native CPU kernels for the routed experts of decode steps and for RMSNorm). Every configuration "
+                      f"{args.prompt_len} tokens, {args.new_tokens} new tokens each, greedy, fp32, default engine "
+                      f"settings (native CPU kernels) but for prefill pacing, off so the prompts are admitted together. Every configuration "
                       f"runs once per round, {args.rounds} rounds: EP=1 in this process with no Ray cluster on the "
                       f"machine (as `generate --ep 1` runs), EP>1 on a local Ray cluster started for each round in a "
                       f"subprocess (all-to-all through shared memory, the default on one host; rows marked gloo "
