@@ -68,6 +68,7 @@ class RankWorker:
         self.native_attention_prologue = False  # RoPE/QK norm/temperature/cache write in one native call (_load)
         t0 = time.perf_counter()
         self.model = self._load(Path(checkpoint), progress)
+        self._moe_layers = [b.layer for b in self.model.moe_blocks]  # once: the property builds a list per call
         self.start_seconds["weight_load"] = time.perf_counter() - t0
         self.cache = self._new_cache(kv_pages)
         self.native_paged_attention = False  # decode and short-chunk attention read pages in place (native kernel)
@@ -324,7 +325,7 @@ class RankWorker:
             plan, logits = dataclasses.replace(plan, work=[plan.work[i] for i in sampled]), logits[sampled]
         tokens = self._sample(plan, logits)
         st = self.dispatcher.stats
-        received = [st.received_per_layer.get(b.layer, 0) for b in self.model.moe_blocks]
+        received = [st.received_per_layer.get(layer, 0) for layer in self._moe_layers]
         return RankResult(rank=self.rank, tokens=tokens, routed_counts=counts, class_counts=by_class,
                           received=received, a2a_seconds=st.seconds, a2a_bytes=st.bytes_sent,
                           step_seconds=time.perf_counter() - t0, phase_seconds=dict(self._phase),

@@ -33,14 +33,17 @@ class AttentionPrologue:
                  attn_scale: float, k_pool: torch.Tensor | None, v_pool: torch.Tensor | None,
                  write_rows: torch.Tensor | None) -> torch.Tensor:
         T = qkv.shape[0]
-        pools = (k_pool, v_pool) if k_pool is not None else ()
-        if not (self.supports(qkv.dtype, qkv.device) and qkv.is_contiguous() and qkv.shape == (T, (H + 2 * KV) * D)
+        pools = k_pool is not None
+        # Plain attribute checks, no helper calls: this runs once per layer per step (issue 21).
+        if not (qkv.dtype == torch.float32 and qkv.is_cpu and qkv.is_contiguous() and qkv.shape == (T, (H + 2 * KV) * D)
                 and positions.dtype == torch.int64 and positions.shape == (T,) and positions.is_contiguous()
                 and (inv_freq is None or (inv_freq.dtype == torch.float32 and inv_freq.shape == (D // 2,)
                                           and inv_freq.is_contiguous()))
-                and all(p.dtype == torch.float32 and p.is_contiguous() and p.shape[1:] == (KV, D) for p in pools)
-                and (not pools or (write_rows is not None and write_rows.dtype == torch.int64
-                                   and write_rows.shape == (T,) and write_rows.is_contiguous()))):
+                and (not pools or (k_pool.dtype == v_pool.dtype == torch.float32 and k_pool.is_contiguous()
+                                   and v_pool.is_contiguous() and k_pool.shape[1:] == v_pool.shape[1:] == (KV, D)
+                                   and k_pool.shape[0] == v_pool.shape[0] and write_rows is not None
+                                   and write_rows.dtype == torch.int64 and write_rows.shape == (T,)
+                                   and write_rows.is_contiguous()))):
             raise ValueError(f"attention prologue needs contiguous fp32 CPU qkv (T, {(H + 2 * KV) * D}), int64 "
                              f"positions and write rows (T,), fp32 inv_freq ({D // 2},) and pools (rows, {KV}, {D})")
         q = qkv.new_empty(T, H, D)

@@ -39,11 +39,14 @@ class PagedAttentionKernel:
     def __call__(self, q, k_pool, v_pool, table, first, end, block_size: int, chunk: int | None,
                  qlen: torch.Tensor | None = None):
         T, KV, G, D = q.shape
-        if not (self.supports(q.dtype, q.device) and k_pool.dtype == v_pool.dtype == torch.float32
+        # Plain attribute checks: this runs once per layer per step, where a helper call or a
+        # dispatched op costs more than the check (issue 21).
+        if not (q.dtype == k_pool.dtype == v_pool.dtype == torch.float32 and q.is_cpu
                 and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape[1:] == (KV, D)):
             raise ValueError("paged attention kernel needs fp32 CPU q (T, KV, G, D) and contiguous pools (rows, KV, D)")
         qlen = None if qlen is None else _int64(qlen)   # None: one new token per sequence (decode)
-        q = q.contiguous()
+        if not q.is_contiguous():
+            q = q.contiguous()
         table, first, end = _int64(table), _int64(first), _int64(end)  # KVView's are int64: no op dispatched
         out = torch.empty_like(q)
         rc = self._fn(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), first.data_ptr(),
