@@ -1,6 +1,6 @@
 """Per-request deadlines: the scheduler names the requests past theirs, queued or running, and the
 engine ends them with finish_reason "timeout" and frees their KV slot (the real engine, EP = 1).
-The HTTP shapes (504, the SSE error event, the `timeout` field's 400s) are in test_http_api.py."""
+The HTTP shapes (504, the SSE error event, the `timeout` field's 400s) are in test_http_errors.py."""
 
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ import pytest
 
 from fake_engine import FakeEngine, FakeStream
 from maverick_ray.engine.sampling import TokenLogprobs
-import test_http_api as _http_tests
-from test_http_api import MESSAGES, assert_openai_error, chat, openai_client, sse, stream_chat
+import http_helpers
+from http_helpers import MESSAGES, assert_openai_error, chat, openai_client, sse, stream_chat
 
 # The HTTP tests' fixtures: a client over the fake engine.
-make_client, http = _http_tests.make_client, _http_tests.http  # the HTTP app fixtures; tokenizer, fake: conftest
+make_client, http = http_helpers.make_client, http_helpers.http  # the HTTP app fixtures; tokenizer, fake: conftest
 
 
 def fake_logprobs(token: int, k: int) -> TokenLogprobs:

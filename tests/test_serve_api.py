@@ -2,7 +2,8 @@
 official client: the tiny model's real output, the engine's own checks, the Serve proxy in the path.
 
 Request parsing, every bad-request case, auth, body limits, streaming chunk shapes and the error
-paths are tested in milliseconds over an in-process fake engine in test_http_api.py.
+paths are tested in milliseconds over an in-process fake engine in test_http_completions.py and
+test_http_errors.py.
 """
 
 from __future__ import annotations
