@@ -91,6 +91,9 @@ def test_decode_steps_extend_the_last_allocation_as_a_full_walk_would():
             assert got == walked(seq, pos, pos + 1), (seq, pos)
             plans.append((got, [list(g) for g in got[1]]))
             tables.trim(seq, pos + 1)
+            held_blocks = [sorted(tables.tables[seq][g]) for g in range(layout.num_groups)]
+            assert held_blocks == [list(range(layout.first_kept_block(g, pos + 1), -(-(pos + 1) // 4)))
+                                   for g in range(layout.num_groups)], (seq, pos)   # trims exactly what it should
         if pos == 40:
             tables.release("b")                          # preempted: recomputed from 0 next step
             tables.allocate("b", 0, 41)

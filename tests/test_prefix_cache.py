@@ -54,6 +54,31 @@ def test_block_tables_share_cached_prefix_pages_and_evict_the_least_recently_rel
     assert t.used == 0 and t.available == 24
 
 
+def test_register_offers_new_blocks_once_and_a_collided_block_again_until_its_key_is_free():
+    """register looks only at blocks that filled since its last call, plus those whose key another
+    page held: once that page is evicted, the next call makes this sequence's page findable."""
+    layout = KVLayout.from_config(small_text(None), block_size=4)   # no chunked groups: every block kept
+    t = BlockTables(layout, num_pages=40, caching=True)
+    h = block_hashes(list(range(30, 46)), 4, [])   # 4 blocks
+    t.allocate("a", 0, 8)
+    t.allocate("b", 0, 8)                           # the same tokens, its own pages (not adopted)
+    t.register("a", h, 8)
+    t.register("b", h, 8)                           # keys held by a's pages: b's collide
+    a0, b0 = t.tables["a"][0][0], t.tables["b"][0][0]
+    assert t.page_of[(0, h[0])] == a0 and b0 not in t.key_of
+    t.release("a")                                  # a's pages cached, unused
+    blocks = t.available // layout.num_groups
+    t.allocate("c", 0, 4 * blocks)                  # every free page, then a's cached ones (evicted)
+    assert (0, h[0]) not in t.page_of and not t.evictable
+    t.release("c")
+    t.allocate("b", 8, 12)
+    t.register("b", h, 12)                          # b's collided blocks 0 and 1 now register, block 2 too
+    assert [t.page_of[(0, h[j])] for j in range(3)] == [t.tables["b"][0][j] for j in range(3)]
+    before = dict(t.key_of)
+    t.register("b", h, 12)                          # nothing new filled: nothing changes
+    assert t.key_of == before
+
+
 def _engine(ckpt, caching: str, **cfg):
     return Engine(ckpt, ParallelConfig(ep_size=1), EngineConfig(max_num_seqs=8, prefix_caching=caching, **cfg))
 
