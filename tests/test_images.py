@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-import torch
 
 from maverick_ray.checkpoint.tokenizer import ChatTokenizer
 from maverick_ray.config import ModelConfig
