@@ -135,8 +135,8 @@ class Attention(nn.Module):
         q = self.prologue(qkv, batch.positions, H, KV, D, inv_freq if self.use_rope else None,
                           self.eps if self.qk_norm else None, self.floor_scale if self.temperature else None,
                           self.attn_scale, *cache.pools(self.layer), batch.kv.write_rows[self.group])
-        kv = lambda: qkv.view(T, H + 2 * KV, D)[:, H:]  # noqa: E731  (T, 2 KV, D)
-        return q, lambda: kv()[:, :KV], lambda: kv()[:, KV:]
+        heads = lambda: qkv.view(T, H + 2 * KV, D)  # noqa: E731  (T, H + 2 KV, D)
+        return q, lambda: heads()[:, H:H + KV], lambda: heads()[:, H + KV:]
 
     def _torch_prologue(self, x, batch: ForwardBatch, inv_freq, cache: PagedKVCache | None):
         """RoPE, QK norm, temperature and cache write as torch ops -> q (T, H, D) and k, v getters."""

@@ -196,16 +196,17 @@ class KVView:
         write = parts[2] if torch.device(device).type == "cpu" else parts[2].to(device)
         self.write_rows = list(write.view(G, T).unbind(0)) if G else []  # per group: (T,) flat rows of the new tokens
         self.table = [parts[3 + g].view(B, w) for g, w in enumerate(widths)]  # per group: (B, nb) pages, padded with 0
-        self._counts = [[len(t) for t in tables[g]] for g in range(G)]
+        self._block_counts = [[len(t) for t in tables[g]] for g in range(G)]
+        self._nblocks: list[torch.Tensor] | None = None   # made from _block_counts on first use
         self.device = device
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def nblocks(self) -> list[torch.Tensor]:
         """Per group: (B,) real blocks of each row of table (the torch gather path's)."""
-        if not isinstance(self._counts[0] if self._counts else None, torch.Tensor):
-            self._counts = [torch.tensor(c, dtype=torch.long) for c in self._counts]
-        return self._counts
+        if self._nblocks is None:
+            self._nblocks = [torch.tensor(c, dtype=torch.long) for c in self._block_counts]
+        return self._nblocks
 
     def _gather_index(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) flat rows of every gathered key of group g, and each key's position (-1: none)."""
@@ -243,7 +244,7 @@ class KVView:
         out.block_size, out.device, out._rows = self.block_size, self.device, {}
         out.end = self.end[idx]
         out.table = [t[idx] for t in self.table]
-        out._counts = [n[idx] for n in self.nblocks]
+        out._nblocks = [n[idx] for n in self.nblocks]
         out.first = [f[idx] for f in self.first]
         out.write_rows = [w[rows] for w in self.write_rows]
         return out

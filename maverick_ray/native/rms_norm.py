@@ -29,9 +29,9 @@ class RMSNormKernel:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Checks in plain attribute reads: this runs twice per layer per step, and at decode a
         # dispatched op or a helper call costs more than the norm itself (issue 21).
-        C = weight.shape[0]
+        C = weight.shape[0] if weight.dim() == 1 else -1
         if not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-                and weight.dim() == 1 and x.shape[-1] == C):
+                and x.shape[-1] == C):
             raise ValueError(f"rms_norm kernel needs fp32 CPU x (..., {C}) and weight (C,), got x "
                              f"{tuple(x.shape)} {x.dtype} {x.device}, weight {tuple(weight.shape)} {weight.dtype}")
         if not x.is_contiguous():
