@@ -116,3 +116,14 @@ def paged_work(tables, seq_id: str, start: int, tokens: list[int], params=None):
 
     first, pages = tables.allocate(seq_id, start, start + len(tokens))
     return SeqWork(seq_id, start, tokens, params, first=first, pages=pages)
+
+
+def settle_rebalance(engine, timeout: float = 60.0) -> None:
+    """Waits until the engine's live rebalance, asked for or staging, is swapped in or dropped
+    (the loop finishes one on idle heartbeats when the traffic that started it has ended)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine.eplb.busy:
+        assert time.monotonic() < deadline, f"the rebalance did not settle in {timeout:g} s: {engine.stats()['eplb']}"
+        time.sleep(0.05)

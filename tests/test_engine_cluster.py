@@ -8,7 +8,7 @@ from maverick_ray.config import EngineConfig, ParallelConfig
 from maverick_ray.engine.engine import Engine
 from maverick_ray.engine.sampling import SamplingParams
 
-from engine_helpers import greedy_reference, prompts_for
+from engine_helpers import greedy_reference, prompts_for, settle_rebalance
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_a_live_rebalance_moves_experts_across_nodes(tiny_ckpt, three_node_clust
         before = {node_of[r]: set(eng.ranks.placement.experts_of(r)) for r in range(3)}
         eng.eplb.request()
         assert run() == reference
+        settle_rebalance(eng)
         assert eng.stats()["eplb"]["rebalances"] == 1
         after = {node_of[r]: set(eng.ranks.placement.experts_of(r)) for r in range(3)}
         assert len(set(node_of.values())) == 3 and after != before

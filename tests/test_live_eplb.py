@@ -16,6 +16,8 @@ from maverick_ray.config import EngineConfig, ParallelConfig
 from maverick_ray.engine.engine import Engine
 from maverick_ray.engine.sampling import SamplingParams
 
+from engine_helpers import settle_rebalance
+
 pytestmark = pytest.mark.slow
 
 STREAMS, TOKENS = 32, 16
@@ -105,6 +107,7 @@ def test_a_zipf_skewed_router_is_rebalanced_to_even_ranks_with_unchanged_outputs
         before = balancedness(steps)
         engine.eplb.request()
         assert run(engine) == reference               # during the rebalance
+        settle_rebalance(engine)
         assert engine.stats()["eplb"]["rebalances"] == 1
         steps.clear()
         assert run(engine) == reference               # after it
@@ -122,6 +125,7 @@ def test_rebalance_under_32_streams_changes_no_output(eng, reference):
     skew_towards(eng, 0)
     eng.eplb.request()
     assert run(eng) == reference
+    settle_rebalance(eng)
     st = eng.stats()["eplb"]
     assert st["rebalances"] == 1 and st["moved_slots"] > 0 and st["failed"] == 0
     assert st["last_staged_bytes"] > 0 and st["last_swap_seconds"] is not None
@@ -146,6 +150,7 @@ def test_the_trigger_rebalances_on_its_own(eng, reference):
         assert run(eng) == reference
     finally:
         eng.eplb.trigger.interval_steps = 10**6
+    settle_rebalance(eng)
     assert eng.stats()["eplb"]["rebalances"] >= done + 1
     assert eng.ranks.placement != before
 
@@ -159,6 +164,7 @@ def test_a_rebalance_that_cannot_be_staged_is_dropped_and_serving_goes_on(eng, r
         skew_towards(eng, 0)
         eng.eplb.request()
         assert run(eng) == reference
+        settle_rebalance(eng)
     finally:
         moved.rename(weights)
     st = eng.stats()["eplb"]
@@ -171,8 +177,21 @@ def test_a_rank_killed_after_a_rebalance_comes_back_with_the_new_placement(eng, 
     skew_towards(eng, 0)
     eng.eplb.request()
     assert run(eng) == reference
+    settle_rebalance(eng)
     placement = eng.ranks.placement
     os.kill(eng.ranks.infos[1]["pid"], signal.SIGKILL)
     assert run(eng) == reference
     assert eng.stats()["recoveries"]["ok"] >= 1
     assert held(eng) == [list(placement.experts_of(r)) for r in range(2)]
+
+
+def test_a_rebalance_asked_for_while_idle_completes_without_traffic(eng, reference):
+    """No step runs after the ask: the idle loop stages and swaps the new placement itself."""
+    done, before = eng.stats()["eplb"]["rebalances"], eng.ranks.placement
+    skew_towards(eng, 1)
+    eng.eplb.request()
+    settle_rebalance(eng, timeout=30)
+    assert eng.stats()["eplb"]["rebalances"] == done + 1
+    after = eng.ranks.placement
+    assert after != before and held(eng) == [list(after.experts_of(r)) for r in range(2)]
+    assert run(eng) == reference

@@ -37,6 +37,7 @@ from .token_classes import TokenClassLoad
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # while idle, the engine checks this often that every rank is alive
+EPLB_POLL_S = 0.1  # while idle with a live rebalance staging, it polls the ranks this often
 RANK_START_TIMEOUT_S = 600.0  # a replacement rank group must be up within this (weights load)
 
 
@@ -359,7 +360,7 @@ class Engine:
         """One step, or one idle heartbeat; False when the engine stops."""
         with self._cv:
             if not self._stopping and not self.scheduler.has_work and not self._aborts:
-                self._cv.wait(HEARTBEAT_S)
+                self._cv.wait(EPLB_POLL_S if self.eplb is not None and self.eplb.busy else HEARTBEAT_S)
             if self._stopping:
                 return False
             self._apply_aborts()
@@ -375,6 +376,8 @@ class Engine:
         try:
             if idle:
                 self.ranks.check_alive(HEARTBEAT_S * 5)
+                if self.eplb is not None and self.eplb.busy:   # a rebalance asked for or staged
+                    self.eplb.after_step(self.step_count)       # completes without traffic too
                 return True
             results = self.ranks.step(plans, self._deadline.for_step(plans[0].max_rank_tokens))
         except Exception as e:  # a rank died, raised or hung: replace it, replay its sequences, go on

@@ -53,12 +53,19 @@ class LiveRebalancer:
         self._extra = window_step
         self._asked = True
 
+    @property
+    def busy(self) -> bool:
+        """A rebalance is staging, or asked for with a window to plan from: the engine loop, when
+        idle, keeps calling after_step (every POLL_S), so it completes without traffic too."""
+        return self.pending is not None or (self._asked and bool(self.window.steps or self._extra))
+
     def measured(self) -> float:
         """The window's imbalance now (call on the engine loop's thread, which feeds the window)."""
         return imbalance(self.window.summary()["rank_load"])
 
     def after_step(self, step: int) -> None:
-        """Called by the engine loop after each step; rank errors propagate (the loop recovers)."""
+        """Called by the engine loop after each step, and on idle heartbeats while `busy`; rank
+        errors propagate (the loop recovers)."""
         if self.pending is not None:
             if time.monotonic() - self._last_poll >= POLL_S:
                 self._poll()
