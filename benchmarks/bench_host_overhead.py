@@ -4,8 +4,9 @@ Three runs per sequence count on one in-process engine (no Ray), after a warm-up
 1. timed: per step, the engine loop's interval between two steps, the ranks' step call
    (StepStats.seconds), what is left of the interval (engine host work: scheduling, planning,
    finishing the step, emitting tokens), and the rank's phases (module hooks: attention,
-   routed experts, shared expert, dense MLP; the rest of the rank's step is embedding, norms,
-   lm_head, sampling and bookkeeping);
+   routed experts, shared expert, dense MLP; decode_layer: layers run whole in one native call
+   on fp32 CPU ranks; the rest of the rank's step is embedding, norms, lm_head, sampling and
+   bookkeeping);
 2. profiled (torch.profiler on the rank's compute thread; slower, so only counts come from it):
    aten ops dispatched per step, their summed self time (on a CPU: the kernels' own compute, so
    the ranks' step call minus it is Python, dispatch and threading overhead) and, on a GPU,
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line, write_section  # noqa: E402
 
-PHASES = ("attention", "experts", "shared_expert", "dense_mlp")
+PHASES = ("decode_layer", "attention", "experts", "shared_expert", "dense_mlp")  # decode_layer: whole native layers
 
 
 def run_streams(eng, seqs: int, tokens: int) -> float:

@@ -140,6 +140,10 @@ def test_phase_timing_hooks_report_each_phase_and_come_off(tiny_ckpt):
     timed = w.step(RankPlan(work=[paged_work(tables, "a", 0, [5, 6, 7], params)]))
     assert set(timed.phase_seconds) == {"attention", "experts", "shared_expert", "dense_mlp"}
     assert all(v > 0 for v in timed.phase_seconds.values()) and sum(timed.phase_seconds.values()) < timed.step_seconds
+    decode = w.step(RankPlan(work=[paged_work(tables, "a", 3, [timed.tokens["a"]])]))
+    assert set(decode.phase_seconds) == {"decode_layer"} and w.native_decode_layers == 4   # whole native layers
     w.disable_phase_timing()
-    plain = w.step(RankPlan(work=[paged_work(tables, "a", 3, [timed.tokens["a"]])]))
+    plain = w.step(RankPlan(work=[paged_work(tables, "a", 4, [decode.tokens["a"]])]))
     assert plain.phase_seconds == {} and not w._profile_hooks
+    assert all(layer.decode_kernel is not None and not hasattr(layer.decode_kernel, "phase")
+               for layer in w.model.model.layers)

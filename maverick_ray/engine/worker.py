@@ -72,11 +72,13 @@ class RankWorker:
         self.start_seconds["weight_load"] = time.perf_counter() - t0
         self.cache = self._new_cache(kv_pages)
         self.native_paged_attention = False  # decode and short-chunk attention read pages in place (native kernel)
+        self.native_decode_layers = 0  # layers whose decode steps run in one native call each
         if self.engine.cpu_kernels == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             from ..native.paged_attention import paged_attention_kernel
 
             self.cache.attention_kernel = paged_attention_kernel()
             self.native_paged_attention = self.cache.attention_kernel is not None
+            self._attach_decode_layers()
         self.params: dict[str, SamplingParams] = {}
         self.tally = RoutingTally(token_class_table(self.checkpoint, self.config.text.vocab_size,
                                                     self.config.image_token_id), self.config.text.num_local_experts)
@@ -196,6 +198,19 @@ class RankWorker:
         if used:
             log.info("rank %d: native CPU kernels for %s", self.rank, ", ".join(used))
 
+    def _attach_decode_layers(self) -> None:
+        """Whole decoder layers of decode steps in one native call each (native/decode_layer.py),
+        on top of the per-op kernels: needs the native paged attention and the prologue."""
+        if not (self.native_paged_attention and self.native_attention_prologue):
+            return
+        from ..native.decode_layer import decode_layer_kernel
+
+        kernel = decode_layer_kernel()
+        self.native_decode_layers = sum([layer.use_decode_kernel(kernel) for layer in self.model.model.layers])
+        if self.native_decode_layers:
+            log.info("rank %d: %d of %d decoder layers run decode steps in one native call", self.rank,
+                     self.native_decode_layers, len(self.model.model.layers))
+
     # ---- live rebalancing (engine/live_eplb.py, engine/expert_swap.py) ---------------------
     _staging: dict | None = None   # {"placement", "thread", "staged", "error"} of the rebalance in progress
 
@@ -283,6 +298,7 @@ class RankWorker:
                 "kv_pages": self.cache.num_pages,
                 "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
                 "native_attention_prologue": self.native_attention_prologue,
+                "native_decode_layers": self.native_decode_layers,
                 "native_paged_attention": self.native_paged_attention, "fp8_experts": self.fp8_experts,
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
@@ -381,7 +397,8 @@ class RankWorker:
         """Times attention, routed experts, shared expert and dense MLP per step, into each
         result's phase_seconds (benchmarks; the module hooks cost ~0.2-0.3 ms per `mini` step).
         The router is one matmul inside the MoE block (fused.project), not a module call, so it
-        is not timed apart. Idempotent; disable_phase_timing removes them."""
+        is not timed apart. Decoder layers that run a decode step in one native call are timed
+        as one phase, "decode_layer". Idempotent; disable_phase_timing removes them."""
         if self._profile_hooks:
             return
 
@@ -403,9 +420,36 @@ class RankWorker:
             for name, mod in targets:
                 pre, post = hooks(name)
                 self._profile_hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+            if layer.decode_kernel is not None:
+                layer.decode_kernel = _TimedKernel(layer.decode_kernel, self._phase)
+                self._profile_hooks.append(_Restore(layer))
 
     def disable_phase_timing(self) -> None:
         """Removes the hooks of enable_phase_timing; results carry no phase_seconds again."""
         for handle in self._profile_hooks:
             handle.remove()
         self._profile_hooks = []
+
+
+class _TimedKernel:
+    """A native decode-layer kernel whose calls add their time to phase "decode_layer"."""
+
+    def __init__(self, kernel, phase: dict):
+        self.kernel, self.phase, self.takes = kernel, phase, kernel.takes
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self.kernel(*args)
+        finally:
+            self.phase["decode_layer"] += time.perf_counter() - t0
+
+
+class _Restore:
+    """Handle (like a hook's) that puts a layer's untimed decode kernel back."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def remove(self) -> None:
+        self.layer.decode_kernel = self.layer.decode_kernel.kernel

@@ -37,6 +37,14 @@ class DecoderLayer(nn.Module):
             self.feed_forward = MoEBlock(cfg, layer, num_local_experts, dispatcher)
         else:
             self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.decode_kernel = None  # native/decode_layer.py BoundDecodeLayer, see use_decode_kernel
+
+    def use_decode_kernel(self, kernel) -> bool:
+        """Runs this layer of fp32 CPU decode steps through `kernel` (a DecodeLayerKernel: one
+        native call instead of ~25 dispatched ops and 4 native calls) whenever its runner takes
+        the step; returns whether the layer's layout suits it (None: back to torch)."""
+        self.decode_kernel = kernel.bind(self) if kernel is not None else None
+        return self.decode_kernel is not None
 
     def forward(self, x, batch, inv_freq, cache, routed_ids):
         h = self.self_attn(self.input_layernorm(x), batch, inv_freq, cache, residual=x)
@@ -107,8 +115,14 @@ class TextModel(nn.Module):
             raise ValueError(f"got {x.shape[0]} tokens for a batch of {batch.num_tokens}")
         if cache is not None and batch.kv is None:
             batch.kv = cache.contiguous_view(batch.starts, batch.lengths, x.device, batch.slots)
+        native = (cache is not None and cache.attention_kernel is not None and batch.is_decode
+                  and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled())
         for layer in self.model.layers:
-            x = layer(x, batch, self.inv_freq, cache, routed_ids)
+            kernel = layer.decode_kernel
+            if native and kernel is not None and kernel.takes(x.shape[0]):
+                x = kernel(x, batch, self.inv_freq, cache, routed_ids)
+            else:
+                x = layer(x, batch, self.inv_freq, cache, routed_ids)
         if not all_logits and not batch.is_decode:  # decode: every row already is a last token
             x = x[batch.last_token_index()]  # (B, C)
         return project(self.model.norm(x), self.lm_head)

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # (libgomp.so.1 resolves to torch's copy), so kernels and torch share one thread pool.
 CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
 
+# Libraries linked from several sources: the first is the library's own, the rest are the other
+# kernels it calls (each also builds on its own).
+SOURCES = {"decode_layer": ("decode_layer", "rms_norm", "attention_prologue", "paged_attention", "grouped_experts")}
+
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -49,13 +53,14 @@ def _compiler_version(cc: str) -> str:
 
 
 def build(name: str, cc: str | None = None, out_dir: Path | None = None) -> Path:
-    """Compiles native/<name>.c (if not cached) and returns the library's path. Raises
-    RuntimeError with the compiler's message when it cannot."""
+    """Compiles native/<name>.c, with the kernels SOURCES names for it, if not cached, and returns
+    the library's path. Raises RuntimeError with the compiler's message when it cannot."""
     cc = cc or find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    source = Path(__file__).with_name(f"{name}.c")
-    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
+    sources = [Path(__file__).with_name(f"{s}.c") for s in SOURCES.get(name, (name,))]
+    text = b"".join(s.read_bytes() for s in sources)
+    key = hashlib.sha256(text + " ".join(CFLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_root() / "native"
     target = out_dir / f"{name}-{key}.so"
     if target.exists():
@@ -64,9 +69,10 @@ def build(name: str, cc: str | None = None, out_dir: Path | None = None) -> Path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *CFLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{Path(cc).name} failed on {sources[0].name}: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,145 @@
+/* One decoder layer of a decode step (one new token per sequence), fp32 on CPU, in one call.
+ *
+ * Why: at one sequence a layer is ~25 dispatched torch ops and 3-4 ctypes calls, each costing
+ * 5-10 us of host time against a few us of arithmetic; the step's matmuls alone take about as long
+ * as llama.cpp's whole step (issue 21, BENCHMARKS.md). Here the layer runs start to end in C: the
+ * matmuls through the BLAS torch itself uses (MKL's sgemm_/sgemv_, pointers handed in by
+ * decode_layer_set_blas), the rest through this package's kernels (rms_norm.c,
+ * attention_prologue.c, paged_attention.c, grouped_experts.c, linked into the same library).
+ *
+ * Shape legend: T tokens = B sequences, C hidden, H query heads, KV kv heads, G = H / KV,
+ * D head_dim, N = (H + 2 KV) D, I dense MLP width, E experts (all local), Ie expert width,
+ * Is shared expert width. Weights are the model's inference layout (model/fused.py): the
+ * projections (C_in, C_out) row-major ("wt"), the routed experts output-major.
+ *
+ *   h   = x + paged_attention(prologue(rmsnorm(x, w_in) @ Wqkv)) @ Wo
+ *   y   = rmsnorm(h, w_post)
+ *   dense: x' = h + (silu(y Wg) * y Wu) @ Wd
+ *   MoE:   e = argmax(y @ Wr), s = sigmoid(max);  x' = (h + shared(y)) + expert_e(y * s)
+ * The same operations in the same order as model/text.py's torch path (the residuals inside the
+ * output matmuls, shared expert before the routed one is added); results agree to fp32 rounding.
+ * x_in (T, C) -> x (T, C), which may be the same buffer; x is written only once the layer
+ * cannot fail any more (the cache rows are written before). Returns 0; 1 a cache write row outside the pools; 2 out of memory;
+ * 3 no BLAS set; 4 an attention error (G beyond the attention kernel's buffers).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+typedef void (*sgemv_fn)(const char *, const int *, const int *, const float *, const float *, const int *,
+                         const float *, const int *, const float *, float *, const int *);
+
+static sgemm_fn blas_sgemm;
+static sgemv_fn blas_sgemv;
+
+void decode_layer_set_blas(void *sgemm, void *sgemv) {
+    blas_sgemm = (sgemm_fn)sgemm;
+    blas_sgemv = (sgemv_fn)sgemv;
+}
+
+/* kernels of this package, linked into the same library */
+void rms_norm_f32(const float *x, const float *w, float *y, int64_t T, int64_t C, float eps, int nthreads);
+int attention_prologue_f32(float *qkv, const int64_t *pos, int64_t T, int64_t H, int64_t KV, int64_t D,
+                           const float *inv_freq, float qk_eps, float floor_scale, float attn_scale,
+                           float *q_out, float *k_pool, float *v_pool, const int64_t *write_rows, int64_t rows,
+                           int nthreads);
+int paged_attention_f32(const float *q, const float *k, const float *v, const int64_t *table, const int64_t *first,
+                        const int64_t *end, const int64_t *qlen, int64_t T, int64_t B, int64_t nb, int64_t KV,
+                        int64_t G, int64_t D, int64_t Bs, int64_t chunk, float scale, float *out, int nthreads);
+int grouped_swiglu_f32(const float *x, const int64_t *ids, int64_t R, int64_t E, int64_t C, int64_t I,
+                       const float *wgu, const float *wd, float *out,
+                       float *xs, float *act, int64_t *order, int64_t *starts, int64_t *units,
+                       int64_t block, int nthreads);
+
+/* y (T, n) = x (T, k) @ w (k, n) row-major, + y when accumulate (the residual already in y). */
+static void matmul(const float *x, const float *w, float *y, int64_t T, int64_t k, int64_t n, int accumulate) {
+    const int m_ = (int)n, n_ = (int)T, k_ = (int)k, one = 1;
+    const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+    /* row-major y = x w is column-major y^T = w^T x^T: w^T is (n, k) with leading dimension n */
+    if (T == 1) blas_sgemv("N", &m_, &k_, &alpha, w, &m_, x, &one, &beta, y, &one);
+    else blas_sgemm("N", "N", &m_, &n_, &k_, &alpha, w, &m_, x, &k_, &beta, y, &m_);
+}
+
+/* x (T, C) += (silu(y Wg) * (y Wu)) @ Wd, gate_up (C, 2I) with gate columns first. */
+static void swiglu_mlp(const float *y, const float *gate_up, const float *down, float *x, float *gu, float *act,
+                       int64_t T, int64_t C, int64_t I) {
+    matmul(y, gate_up, gu, T, C, 2 * I, 0);
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *a = act + t * I;
+        for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+    matmul(act, down, x, T, I, C, 1);
+}
+
+typedef struct {
+    /* sizes */
+    int64_t C, H, KV, D, I, E, Ie, Is, rows, block_size, chunk, expert_block;
+    float eps, qk_eps, floor_scale, attn_scale, scale;
+    /* weights (model layout; moe ones NULL on dense layers, dense ones NULL on MoE layers) */
+    const float *w_in, *w_qkv, *w_o, *w_post, *inv_freq;
+    const float *mlp_gate_up, *mlp_down;
+    const float *router, *shared_gate_up, *shared_down, *experts_gate_up, *experts_down;
+    float *k_pool, *v_pool;
+} layer_t;
+
+int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, const int64_t *positions, const int64_t *write_rows,
+                     const int64_t *table, const int64_t *first, const int64_t *end, int64_t nb,
+                     int64_t *routed_ids, int nthreads) {
+    if (!blas_sgemm || !blas_sgemv) return 3;
+    const int64_t C = L->C, H = L->H, KV = L->KV, D = L->D, N = (H + 2 * KV) * D, E = L->E;
+    const int moe = L->router != NULL;
+    const int64_t wide = moe ? 2 * (L->Ie > L->Is ? L->Ie : L->Is) : 2 * L->I;
+    const int64_t n_idx = moe ? T + 2 * (E + 1) + 2 * E * ((L->Ie + L->expert_block - 1) / L->expert_block
+                                                          + (C + L->expert_block - 1) / L->expert_block) : 0;
+    /* scratch: xn (T, C), qkv (T, N), q (T, H D), attn (T, H D), gu (T, wide), act (T, wide / 2),
+     * moe: logits (T, E), rows (T, C), routed (T, C), expert xs (T, C), expert act (T, Ie) */
+    const size_t floats = (size_t)(T * (C + N + 2 * H * D + wide + wide / 2)
+                                   + (moe ? T * (E + 3 * C + L->Ie) : 0));
+    float *buf = malloc(sizeof(float) * floats);
+    int64_t *idx = moe ? malloc(sizeof(int64_t) * (size_t)n_idx) : NULL;
+    if (!buf || (moe && !idx)) { free(buf); free(idx); return 2; }
+    float *xn = buf, *qkv = xn + T * C, *q = qkv + T * N, *attn = q + T * H * D, *gu = attn + T * H * D;
+    float *act = gu + T * wide;
+    int rc = 0;
+
+    rms_norm_f32(x_in, L->w_in, xn, T, C, L->eps, nthreads);
+    matmul(xn, L->w_qkv, qkv, T, C, N, 0);
+    if (attention_prologue_f32(qkv, positions, T, H, KV, D, L->inv_freq, L->qk_eps, L->floor_scale, L->attn_scale,
+                               q, L->k_pool, L->v_pool, write_rows, L->rows, nthreads)) { rc = 1; goto done; }
+    int a = paged_attention_f32(q, L->k_pool, L->v_pool, table, first, end, NULL, T, T, nb, KV, H / KV, D,
+                                L->block_size, L->chunk, L->scale, attn, nthreads);
+    if (a) { rc = a == 2 ? 2 : 4; goto done; }
+    if (x != x_in) memcpy(x, x_in, sizeof(float) * (size_t)(T * C));
+    matmul(attn, L->w_o, x, T, H * D, C, 1);                       /* x = h */
+    rms_norm_f32(x, L->w_post, xn, T, C, L->eps, nthreads);        /* xn = y */
+    if (!moe) {
+        swiglu_mlp(xn, L->mlp_gate_up, L->mlp_down, x, gu, act, T, C, L->I);
+        goto done;
+    }
+    float *logits = act + T * wide / 2, *rows = logits + T * E, *routed = rows + T * C;
+    float *exs = routed + T * C, *eact = exs + T * C;
+    matmul(xn, L->router, logits, T, C, E, 0);
+    for (int64_t t = 0; t < T; t++) {              /* top-1; the first of equal maxima, as torch.topk */
+        const float *l = logits + t * E;
+        int64_t best = 0;
+        for (int64_t e = 1; e < E; e++)
+            if (l[e] > l[best]) best = e;
+        routed_ids[t] = best;
+        const float s = 1.f / (1.f + expf(-l[best]));
+        for (int64_t c = 0; c < C; c++) rows[t * C + c] = xn[t * C + c] * s;
+    }
+    if (grouped_swiglu_f32(rows, routed_ids, T, E, C, L->Ie, L->experts_gate_up, L->experts_down, routed,
+                           exs, eact, idx, idx + T, idx + T + 2 * (E + 1), L->expert_block, nthreads)) {
+        rc = 4; goto done;   /* unreachable: the ids come from the argmax above, all in [0, E) */
+    }
+    swiglu_mlp(xn, L->shared_gate_up, L->shared_down, x, gu, act, T, C, L->Is);   /* x = h + shared(y) */
+    for (int64_t j = 0; j < T * C; j++) x[j] += routed[j];
+done:
+    free(buf);
+    free(idx);
+    return rc;
+}

@@ -1,0 +1,182 @@
+"""Python side of decode_layer.c: a whole decoder layer of an fp32 CPU decode step in one call.
+
+Shape legend: T tokens (one per sequence), C hidden, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from .build import load
+from .grouped_experts import BLOCK as EXPERT_BLOCK
+
+log = logging.getLogger(__name__)
+
+_P, _L, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+_SIZES = ("C", "H", "KV", "D", "I", "E", "Ie", "Is", "rows", "block_size", "chunk", "expert_block")
+_FLOATS = ("eps", "qk_eps", "floor_scale", "attn_scale", "scale")
+_WEIGHTS = ("w_in", "w_qkv", "w_o", "w_post", "inv_freq", "mlp_gate_up", "mlp_down", "router", "shared_gate_up",
+            "shared_down", "experts_gate_up", "experts_down", "k_pool", "v_pool")
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(n, _L) for n in _SIZES] + [(n, _F) for n in _FLOATS] + [(n, _P) for n in _WEIGHTS]
+
+
+def _blas() -> tuple[int, int] | None:
+    """Addresses of sgemm_ and sgemv_ in the BLAS torch's CPU library carries (MKL on x86 wheels):
+    the layer's matmuls run in the same BLAS, with the same threads, as torch.mm."""
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        handle = ctypes.CDLL(str(lib))
+        return ctypes.cast(handle.sgemm_, _P).value, ctypes.cast(handle.sgemv_, _P).value
+    except (OSError, AttributeError) as exc:
+        log.warning("native decode layer unavailable: no sgemm_/sgemv_ in %s (%s)", lib, exc)
+        return None
+
+
+class DecodeLayerKernel:
+    """Runs `DecoderLayer`s of decode steps (one new token per sequence) on fp32 CPU ranks:
+    RMSNorm, the fused q/k/v matmul, the attention prologue and cache write, paged attention,
+    o_proj + residual, RMSNorm and the dense MLP or the MoE block (router, top-1, the routed
+    expert of each token, the shared expert) in one native call. `bind(layer)` gives the
+    layer's runner, or None for a layer whose layout it cannot read (that layer stays on torch)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._fn = lib.decode_layer_f32
+        self._fn.argtypes = [_P, _P, _P, _L, _P, _P, _P, _P, _P, _L, _P, ctypes.c_int]
+        self._fn.restype = ctypes.c_int
+
+    def bind(self, layer) -> "BoundDecodeLayer | None":
+        """`layer`'s runner when its weights have the layout the kernel reads: fp32 CPU, fused for
+        inference (model/fused.py), the native attention prologue attached; MoE layers top-1, the
+        routed experts in the grouped kernel's layout."""
+        attn, ffn = layer.self_attn, layer.feed_forward
+        if not (attn.qkv is not None and attn.qkv.dtype == torch.float32 and attn.qkv.is_cpu
+                and attn.prologue is not None and getattr(attn.o_proj, "wt", None) is not None):
+            return None
+        if not layer.is_moe:
+            ok = ffn.gate_up is not None and getattr(ffn.down_proj, "wt", None) is not None
+        else:
+            shared = ffn.shared_expert
+            ok = (ffn.top_k == 1 and ffn.experts.kernel is not None and getattr(ffn.router, "wt", None) is not None
+                  and shared.gate_up is not None and getattr(shared.down_proj, "wt", None) is not None)
+        return BoundDecodeLayer(self._fn, layer) if ok else None
+
+
+class BoundDecodeLayer:
+    """One layer's native decode runner (DecodeLayerKernel.bind): `takes(tokens)` says whether
+    this step goes native, calling it runs the layer."""
+
+    def __init__(self, fn, layer):
+        from ..model.moe import LocalDispatcher
+
+        self._fn, self.layer, self._local = fn, layer, LocalDispatcher
+        self._spec: _Layer | None = None
+        self._spec_key: tuple = ()
+
+    def takes(self, tokens: int) -> bool:
+        """What can change after binding: MoE layers need every expert local (EP = 1, the local
+        dispatcher), no routing test hook, the grouped kernel still attached (a live swap
+        re-checks it) and few enough tokens for it (beyond, per-expert BLAS is faster)."""
+        layer = self.layer
+        if not layer.is_moe:
+            return True
+        ffn = layer.feed_forward
+        experts = ffn.experts
+        return (type(ffn.dispatcher) is self._local and experts.kernel is not None
+                and experts.num_local == ffn.num_experts and ffn.force_expert is None and ffn.route_bias is None
+                and tokens <= experts.KERNEL_MAX_ROWS_PER_EXPERT * experts.num_local)
+
+    def __call__(self, x: torch.Tensor, batch, inv_freq: torch.Tensor, cache, routed_ids: list | None):
+        """x (T, C) -> the layer's output (T, C); appends the MoE layer's expert ids (T, 1) to
+        routed_ids. The batch must be a decode batch over `cache` (its KVView built)."""
+        layer = self.layer
+        attn = layer.self_attn
+        T, C = x.shape
+        spec = self._spec_for(inv_freq, cache, batch.kv.block_size)
+        if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and C == spec.C):
+            raise ValueError(f"decode layer kernel needs contiguous fp32 CPU hidden states (T, {spec.C}), "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+        group = attn.group = cache.group_of(attn.layer)
+        kv = batch.kv
+        out = torch.empty_like(x)
+        ids = torch.empty(T, dtype=torch.int64) if layer.is_moe else None
+        table = kv.table[group]
+        rc = self._fn(ctypes.byref(spec), x.data_ptr(), out.data_ptr(), T, batch.positions.data_ptr(),
+                      kv.write_rows[group].data_ptr(), table.data_ptr(), kv.first[group].data_ptr(),
+                      kv.end.data_ptr(), table.shape[1], None if ids is None else ids.data_ptr(),
+                      torch.get_num_threads())
+        if rc:
+            raise _error(rc, spec.rows)
+        if ids is not None:
+            ffn = layer.feed_forward
+            ffn.dispatcher.stats.received_per_layer[ffn.layer] = T
+            if routed_ids is not None:
+                routed_ids.append(ids.view(T, 1))
+        return out
+
+    def _spec_for(self, inv_freq, cache, block_size: int) -> _Layer:
+        """The layer's sizes and weight addresses as the C struct, rebuilt when a tensor it points
+        into may have been replaced since (the routed experts by a live rebalance, the cache, the
+        RoPE frequencies); the other weights are fixed once the model is loaded and fused."""
+        layer = self.layer
+        k_pool, v_pool = cache.pools(layer.self_attn.layer)
+        experts = layer.feed_forward.experts if layer.is_moe else None
+        key = (k_pool, v_pool, inv_freq, experts.gate_up_proj, experts.down_proj) if experts else (k_pool, v_pool, inv_freq)
+        spec, old = self._spec, self._spec_key
+        if spec is None or spec.block_size != block_size or any(a is not b for a, b in zip(key, old)):
+            spec = _spec(layer, inv_freq, k_pool, v_pool, block_size)
+            self._spec, self._spec_key = spec, key
+        return spec
+
+
+def _spec(layer, inv_freq, k_pool, v_pool, block_size: int) -> _Layer:
+    attn, ffn = layer.self_attn, layer.feed_forward
+    s = _Layer(C=attn.o_proj.wt.shape[1], H=attn.n_heads, KV=attn.n_kv, D=attn.head_dim, rows=k_pool.shape[0],
+               block_size=block_size, chunk=attn.chunk or 0, expert_block=EXPERT_BLOCK,
+               eps=layer.input_layernorm.eps, qk_eps=attn.eps if attn.qk_norm else -1.0,
+               floor_scale=attn.floor_scale if attn.temperature else 0.0, attn_scale=attn.attn_scale,
+               scale=1.0 / math.sqrt(attn.head_dim),
+               w_in=layer.input_layernorm.weight.data_ptr(), w_qkv=attn.qkv.data_ptr(),
+               w_o=attn.o_proj.wt.data_ptr(), w_post=layer.post_attention_layernorm.weight.data_ptr(),
+               inv_freq=inv_freq.data_ptr() if attn.use_rope else None,
+               k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr())
+    if layer.is_moe:
+        experts, shared = ffn.experts, ffn.shared_expert
+        s.E, s.Ie, s.Is = experts.num_local, experts.down_proj.shape[1], shared.down_proj.wt.shape[0]
+        s.router, s.shared_gate_up = ffn.router.wt.data_ptr(), shared.gate_up.data_ptr()
+        s.shared_down = shared.down_proj.wt.data_ptr()
+        s.experts_gate_up, s.experts_down = experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr()
+    else:
+        s.I = ffn.down_proj.wt.shape[0]
+        s.mlp_gate_up, s.mlp_down = ffn.gate_up.data_ptr(), ffn.down_proj.wt.data_ptr()
+    return s
+
+
+def _error(rc: int, rows: int) -> Exception:
+    if rc == 1:
+        return IndexError(f"decode layer: a cache write row lies outside the pools' {rows} rows")
+    if rc == 2:
+        return MemoryError("decode layer: could not allocate its scratch buffers")
+    if rc == 3:
+        return RuntimeError("decode layer: no BLAS set (decode_layer_set_blas)")
+    return ValueError("decode layer: the attention kernel refused the layer's head layout")
+
+
+def decode_layer_kernel() -> DecodeLayerKernel | None:
+    """The compiled kernel with torch's BLAS attached, or None when either is missing here (logged;
+    callers use the torch path)."""
+    lib = load("decode_layer")
+    blas = _blas() if lib is not None else None
+    if blas is None:
+        return None
+    lib.decode_layer_set_blas.argtypes = [_P, _P]
+    lib.decode_layer_set_blas(*blas)
+    return DecodeLayerKernel(lib)

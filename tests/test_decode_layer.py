@@ -1,0 +1,162 @@
+"""The native decode layer (a whole decoder layer of a decode step in one call) against the torch
+path of the same model: same logits, same routed experts, same cache contents; the layers it
+cannot take stay on torch; a bad cache row is refused before anything is written."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from maverick_ray.model.batch import ForwardBatch
+from maverick_ray.model.fused import fuse_projections
+from maverick_ray.model.kv_cache import KVLayout, PagedKVCache
+from maverick_ray.model.text import TextModel
+from maverick_ray.native.attention_prologue import attention_prologue_kernel
+from maverick_ray.native.decode_layer import decode_layer_kernel
+from maverick_ray.native.grouped_experts import grouped_experts_kernel
+from maverick_ray.native.paged_attention import paged_attention_kernel
+
+from test_paged_kv import _scattered_view, small_text
+
+PAGES = 400
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = decode_layer_kernel()
+    assert k is not None, "the C compiler and torch's BLAS are part of the test machine's setup"
+    return k
+
+
+def model_and_caches(qk_norm: bool, kernel, g, block: int = 4):
+    """A 4-layer model (2 dense, 2 MoE layers; 3 chunked RoPE layers, 1 NoPE) with the per-op
+    kernels attached as a rank attaches them, and two caches holding the same random contents."""
+    text = dataclasses.replace(small_text(8), use_qk_norm=qk_norm, attn_temperature_tuning=True, floor_scale=4.0,
+                               attn_scale=0.1, moe_layers=(1, 3))
+    model = TextModel(text)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * text.hidden_size ** -0.5)
+    fuse_projections(model.eval())
+    assert [layer.is_moe for layer in model.model.layers] == [False, True, False, True]
+    for block_ in model.moe_blocks:
+        assert block_.experts.use_kernel(grouped_experts_kernel())
+    layout = KVLayout.from_config(text, block_size=block)
+    caches = [PagedKVCache(layout, PAGES) for _ in range(2)]
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        a.copy_(torch.randn(a.shape, generator=g))
+        b.copy_(a)
+    for cache in caches:
+        cache.attention_kernel = paged_attention_kernel()
+    for layer in model.model.layers:
+        assert layer.self_attn.use_prologue(attention_prologue_kernel())
+        assert layer.use_decode_kernel(kernel)
+    return text, model, layout, caches
+
+
+def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
+    """One decode step (a token at each start) -> logits (B, V), routed ids per MoE layer."""
+    g = torch.Generator().manual_seed(g_seed)
+    view = _scattered_view(layout, starts, [1] * len(starts), PAGES, g)
+    ids = torch.randint(0, model.cfg.vocab_size, (len(starts),), generator=g)
+    kernels = [layer.decode_kernel for layer in model.model.layers]
+    if not native:
+        for layer in model.model.layers:
+            layer.decode_kernel = None
+    routed: list = []
+    try:
+        with torch.inference_mode():
+            logits = model(ids, ForwardBatch.build(starts, [1] * len(starts), kv=view), cache, routed_ids=routed)
+    finally:
+        for layer, k in zip(model.model.layers, kernels):
+            layer.decode_kernel = k
+    return logits, [r.view(-1) for r in routed]
+
+
+# 1 sequence (the BLAS gemv path), 6 (gemm), positions across chunk (8) and block (4) boundaries
+@pytest.mark.parametrize("starts", [[13], [0, 5, 8, 17, 31, 62]], ids=["1seq", "6seqs"])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm):
+    text, model, layout, caches = model_and_caches(qk_norm, kernel, torch.Generator().manual_seed(1))
+    want, want_ids = run(model, layout, caches[0], starts, native=False)
+    got, got_ids = run(model, layout, caches[1], starts, native=True)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    assert len(got_ids) == 2 and all(torch.equal(a, b) for a, b in zip(got_ids, want_ids))
+    for layer in range(text.num_hidden_layers):
+        for a, b in zip(caches[0].pools(layer), caches[1].pools(layer)):
+            assert torch.allclose(a, b, atol=1e-5), (layer, (a - b).abs().max())
+
+
+def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kernel, monkeypatch):
+    text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(2))
+    calls = []
+    bound = type(model.model.layers[0].decode_kernel)
+    original = bound.__call__
+    monkeypatch.setattr(bound, "__call__", lambda self, *a: calls.append(self.layer) or original(self, *a))
+    run(model, layout, caches[0], [3, 9], native=True)
+    assert calls == list(model.model.layers)
+    calls.clear()
+    run(model, layout, caches[0], list(range(3, 3 + 9 * 7, 7)), native=True)   # 9 tokens for 4 experts:
+    assert calls == [model.model.layers[0], model.model.layers[2]]           # MoE layers on per-expert BLAS
+    calls.clear()
+    g = torch.Generator().manual_seed(4)
+    view = _scattered_view(layout, [0], [5], PAGES, g)
+    with torch.inference_mode():
+        model(torch.arange(5), ForwardBatch.build([0], [5], kv=view), caches[0])
+    assert calls == []
+
+
+def test_moe_layers_with_a_routing_hook_or_remote_experts_stay_on_torch(kernel):
+    text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(5))
+    dense, moe = model.model.layers[0], model.model.layers[1]
+    assert dense.decode_kernel.takes(2) and moe.decode_kernel.takes(2)
+    moe.feed_forward.force_expert = 2        # the test hook the engine's skew tests use
+    assert dense.decode_kernel.takes(2) and not moe.decode_kernel.takes(2)
+    _, ids = run(model, layout, caches[0], [3, 9], native=True)
+    assert all((i == 2).all() for i in ids[:1])   # layer 1 went through the torch path, hook honoured
+    moe.feed_forward.force_expert = None
+
+    class Remote:   # any dispatcher but the local one: experts live on other ranks (EP > 1)
+        stats = moe.feed_forward.dispatcher.stats
+
+    moe.feed_forward.dispatcher = Remote()
+    assert not moe.decode_kernel.takes(2) and dense.decode_kernel.takes(2)
+
+
+def test_a_write_row_outside_the_pools_is_refused_before_the_layer_writes(kernel):
+    text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(6))
+    cache = caches[0]
+    g = torch.Generator().manual_seed(7)
+    view = _scattered_view(layout, [3, 9], [1, 1], PAGES, g)
+    layer = model.model.layers[0]
+    group = cache.group_of(0)
+    view.write_rows[group][1] = cache.pools(0)[0].shape[0]   # one past the last row
+    before = [p.clone() for p in cache.pools(0)]
+    x = torch.randn(2, text.hidden_size, generator=g)
+    x0 = x.clone()
+    with torch.inference_mode(), pytest.raises(IndexError, match="outside the pools"):
+        layer.decode_kernel(x, ForwardBatch.build([3, 9], [1, 1], kv=view), model.inv_freq, cache, None)
+    assert torch.equal(x, x0)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.pools(0)))
+
+
+def test_expert_weights_replaced_after_binding_are_the_ones_read(kernel):
+    """A live rebalance swaps a layer's expert tensors for new ones (engine/expert_swap.apply):
+    the runner must read the new ones, not addresses it kept from before."""
+    from torch import nn
+
+    text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(8))
+    run(model, layout, caches[1], [3, 9], native=True)   # the runners have built their specs
+    g = torch.Generator().manual_seed(9)
+    for block in model.moe_blocks:
+        experts = block.experts
+        for name in ("gate_up_proj", "down_proj"):
+            old = getattr(experts, name)
+            new = torch.empty_strided(old.shape, old.stride()).copy_(torch.randn(old.shape, generator=g) * 0.2)
+            experts._parameters[name] = nn.Parameter(new, requires_grad=False)
+        assert experts.use_kernel(experts.kernel)
+    want, _ = run(model, layout, caches[0], [3, 9], native=False)
+    got, _ = run(model, layout, caches[1], [3, 9], native=True)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
