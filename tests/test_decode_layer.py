@@ -1,6 +1,7 @@
 """The native decode layer (a whole decoder layer of a decode step in one call) against the torch
-path of the same model: same logits, same routed experts, same cache contents; the layers it
-cannot take stay on torch; a bad cache row is refused before anything is written."""
+path of the same model: same logits, same routed experts, same cache contents; MoE blocks it
+cannot run go to torch after its attention half; a bad cache row is refused before anything is
+written."""
 
 from __future__ import annotations
 
@@ -90,16 +91,27 @@ def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm):
 
 
 def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kernel, monkeypatch):
+    from maverick_ray.model.moe import MoEBlock
+
     text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(2))
-    calls = []
+    calls, torch_moe = [], []
     bound = type(model.model.layers[0].decode_kernel)
-    original = bound.__call__
+    original, moe_forward = bound.__call__, MoEBlock.forward
     monkeypatch.setattr(bound, "__call__", lambda self, *a: calls.append(self.layer) or original(self, *a))
+    monkeypatch.setattr(MoEBlock, "forward", lambda self, *a, **k: torch_moe.append(self) or moe_forward(self, *a, **k))
     run(model, layout, caches[0], [3, 9], native=True)
-    assert calls == list(model.model.layers)
+    assert calls == list(model.model.layers) and torch_moe == []
     calls.clear()
-    run(model, layout, caches[0], list(range(3, 3 + 9 * 7, 7)), native=True)   # 9 tokens for 4 experts:
-    assert calls == [model.model.layers[0], model.model.layers[2]]           # MoE layers on per-expert BLAS
+    # 9 tokens for 4 experts: past the grouped kernel's rows, so the MoE blocks run on torch
+    # (per-expert BLAS) after the native attention half; the result is the torch path's
+    many = list(range(3, 3 + 9 * 7, 7))
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        b.copy_(a)
+    got, got_ids = run(model, layout, caches[0], many, native=True)
+    assert calls == list(model.model.layers) and torch_moe == model.moe_blocks
+    calls.clear()
+    want, want_ids = run(model, layout, caches[1], many, native=False)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4) and all(map(torch.equal, got_ids, want_ids))
     calls.clear()
     g = torch.Generator().manual_seed(4)
     view = _scattered_view(layout, [0], [5], PAGES, g)
@@ -108,21 +120,23 @@ def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kern
     assert calls == []
 
 
-def test_moe_layers_with_a_routing_hook_or_remote_experts_stay_on_torch(kernel):
+def test_moe_blocks_with_a_routing_hook_or_remote_experts_run_on_torch_after_the_native_attention(kernel):
     text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(5))
-    dense, moe = model.model.layers[0], model.model.layers[1]
-    assert dense.decode_kernel.takes(2) and moe.decode_kernel.takes(2)
+    moe = model.model.layers[1]
+    assert moe.decode_kernel.runs_moe(2)
     moe.feed_forward.force_expert = 2        # the test hook the engine's skew tests use
-    assert dense.decode_kernel.takes(2) and not moe.decode_kernel.takes(2)
-    _, ids = run(model, layout, caches[0], [3, 9], native=True)
-    assert all((i == 2).all() for i in ids[:1])   # layer 1 went through the torch path, hook honoured
+    assert not moe.decode_kernel.runs_moe(2)
+    got, ids = run(model, layout, caches[0], [3, 9], native=True)
+    assert (ids[0] == 2).all() and not (ids[1] == 2).all()   # the hook honoured in layer 1 only
+    want, want_ids = run(model, layout, caches[1], [3, 9], native=False)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4) and all(map(torch.equal, ids, want_ids))
     moe.feed_forward.force_expert = None
 
     class Remote:   # any dispatcher but the local one: experts live on other ranks (EP > 1)
         stats = moe.feed_forward.dispatcher.stats
 
     moe.feed_forward.dispatcher = Remote()
-    assert not moe.decode_kernel.takes(2) and dense.decode_kernel.takes(2)
+    assert not moe.decode_kernel.runs_moe(2)
 
 
 def test_a_write_row_outside_the_pools_is_refused_before_the_layer_writes(kernel):

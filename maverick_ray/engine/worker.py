@@ -421,35 +421,14 @@ class RankWorker:
                 pre, post = hooks(name)
                 self._profile_hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
             if layer.decode_kernel is not None:
-                layer.decode_kernel = _TimedKernel(layer.decode_kernel, self._phase)
-                self._profile_hooks.append(_Restore(layer))
+                layer.decode_kernel.phase = self._phase
 
     def disable_phase_timing(self) -> None:
         """Removes the hooks of enable_phase_timing; results carry no phase_seconds again."""
         for handle in self._profile_hooks:
             handle.remove()
         self._profile_hooks = []
+        for layer in self.model.model.layers:
+            if layer.decode_kernel is not None:
+                layer.decode_kernel.phase = None
 
-
-class _TimedKernel:
-    """A native decode-layer kernel whose calls add their time to phase "decode_layer"."""
-
-    def __init__(self, kernel, phase: dict):
-        self.kernel, self.phase, self.takes = kernel, phase, kernel.takes
-
-    def __call__(self, *args):
-        t0 = time.perf_counter()
-        try:
-            return self.kernel(*args)
-        finally:
-            self.phase["decode_layer"] += time.perf_counter() - t0
-
-
-class _Restore:
-    """Handle (like a hook's) that puts a layer's untimed decode kernel back."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def remove(self) -> None:
-        self.layer.decode_kernel = self.layer.decode_kernel.kernel

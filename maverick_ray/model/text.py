@@ -41,8 +41,8 @@ class DecoderLayer(nn.Module):
 
     def use_decode_kernel(self, kernel) -> bool:
         """Runs this layer of fp32 CPU decode steps through `kernel` (a DecodeLayerKernel: one
-        native call instead of ~25 dispatched ops and 4 native calls) whenever its runner takes
-        the step; returns whether the layer's layout suits it (None: back to torch)."""
+        native call instead of ~25 dispatched ops and 4 native calls); returns whether the
+        layer's layout suits it (None: back to torch)."""
         self.decode_kernel = kernel.bind(self) if kernel is not None else None
         return self.decode_kernel is not None
 
@@ -119,7 +119,7 @@ class TextModel(nn.Module):
                   and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled())
         for layer in self.model.layers:
             kernel = layer.decode_kernel
-            if native and kernel is not None and kernel.takes(x.shape[0]):
+            if native and kernel is not None:
                 x = kernel(x, batch, self.inv_freq, cache, routed_ids)
             else:
                 x = layer(x, batch, self.inv_freq, cache, routed_ids)

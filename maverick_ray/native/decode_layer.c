@@ -19,7 +19,9 @@
  * The same operations in the same order as model/text.py's torch path (the residuals inside the
  * output matmuls, shared expert before the routed one is added); results agree to fp32 rounding.
  * x_in (T, C) -> x (T, C), which may be the same buffer; x is written only once the layer
- * cannot fail any more (the cache rows are written before). Returns 0; 1 a cache write row outside the pools; 2 out of memory;
+ * cannot fail any more (the cache rows are written before). With y_out (T, C) given, the call
+ * stops after the attention half: x = h, y_out = y (the caller runs the MoE block: experts on
+ * other ranks, EP > 1). Returns 0; 1 a cache write row outside the pools; 2 out of memory;
  * 3 no BLAS set; 4 an attention error (G beyond the attention kernel's buffers).
  */
 #include <math.h>
@@ -88,10 +90,10 @@ typedef struct {
 
 int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, const int64_t *positions, const int64_t *write_rows,
                      const int64_t *table, const int64_t *first, const int64_t *end, int64_t nb,
-                     int64_t *routed_ids, int nthreads) {
+                     int64_t *routed_ids, float *y_out, int nthreads) {
     if (!blas_sgemm || !blas_sgemv) return 3;
     const int64_t C = L->C, H = L->H, KV = L->KV, D = L->D, N = (H + 2 * KV) * D, E = L->E;
-    const int moe = L->router != NULL;
+    const int moe = L->router != NULL && y_out == NULL;
     const int64_t wide = moe ? 2 * (L->Ie > L->Is ? L->Ie : L->Is) : 2 * L->I;
     const int64_t n_idx = moe ? T + 2 * (E + 1) + 2 * E * ((L->Ie + L->expert_block - 1) / L->expert_block
                                                           + (C + L->expert_block - 1) / L->expert_block) : 0;
@@ -115,6 +117,10 @@ int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, c
     if (a) { rc = a == 2 ? 2 : 4; goto done; }
     if (x != x_in) memcpy(x, x_in, sizeof(float) * (size_t)(T * C));
     matmul(attn, L->w_o, x, T, H * D, C, 1);                       /* x = h */
+    if (y_out) {
+        rms_norm_f32(x, L->w_post, y_out, T, C, L->eps, nthreads);
+        goto done;
+    }
     rms_norm_f32(x, L->w_post, xn, T, C, L->eps, nthreads);        /* xn = y */
     if (!moe) {
         swiglu_mlp(xn, L->mlp_gate_up, L->mlp_down, x, gu, act, T, C, L->I);

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ class DecodeLayerKernel:
 
     def __init__(self, lib: ctypes.CDLL):
         self._fn = lib.decode_layer_f32
-        self._fn.argtypes = [_P, _P, _P, _L, _P, _P, _P, _P, _P, _L, _P, ctypes.c_int]
+        self._fn.argtypes = [_P, _P, _P, _L, _P, _P, _P, _P, _P, _L, _P, _P, ctypes.c_int]
         self._fn.restype = ctypes.c_int
 
     def bind(self, layer) -> "BoundDecodeLayer | None":
@@ -71,8 +72,9 @@ class DecodeLayerKernel:
 
 
 class BoundDecodeLayer:
-    """One layer's native decode runner (DecodeLayerKernel.bind): `takes(tokens)` says whether
-    this step goes native, calling it runs the layer."""
+    """One layer's native decode runner (DecodeLayerKernel.bind). Dense layers run whole; MoE
+    layers whole too when `runs_moe`, else the call stops after the attention half and the MoE
+    block runs on torch (experts on other ranks at EP > 1, a routing test hook)."""
 
     def __init__(self, fn, layer):
         from ..model.moe import LocalDispatcher
@@ -80,15 +82,13 @@ class BoundDecodeLayer:
         self._fn, self.layer, self._local = fn, layer, LocalDispatcher
         self._spec: _Layer | None = None
         self._spec_key: tuple = ()
+        self.phase: dict | None = None   # RankWorker.enable_phase_timing: native time into "decode_layer"
 
-    def takes(self, tokens: int) -> bool:
-        """What can change after binding: MoE layers need every expert local (EP = 1, the local
-        dispatcher), no routing test hook, the grouped kernel still attached (a live swap
-        re-checks it) and few enough tokens for it (beyond, per-expert BLAS is faster)."""
-        layer = self.layer
-        if not layer.is_moe:
-            return True
-        ffn = layer.feed_forward
+    def runs_moe(self, tokens: int) -> bool:
+        """Whether the MoE block runs in the call too: every expert local (EP = 1, the local
+        dispatcher), no routing test hook, the grouped kernel attached (a live swap re-checks
+        it) and few enough tokens for it (beyond, per-expert BLAS is faster)."""
+        ffn = self.layer.feed_forward
         experts = ffn.experts
         return (type(ffn.dispatcher) is self._local and experts.kernel is not None
                 and experts.num_local == ffn.num_experts and ffn.force_expert is None and ffn.route_bias is None
@@ -97,6 +97,7 @@ class BoundDecodeLayer:
     def __call__(self, x: torch.Tensor, batch, inv_freq: torch.Tensor, cache, routed_ids: list | None):
         """x (T, C) -> the layer's output (T, C); appends the MoE layer's expert ids (T, 1) to
         routed_ids. The batch must be a decode batch over `cache` (its KVView built)."""
+        t0 = time.perf_counter()
         layer = self.layer
         attn = layer.self_attn
         T, C = x.shape
@@ -107,14 +108,20 @@ class BoundDecodeLayer:
         group = attn.group = cache.group_of(attn.layer)
         kv = batch.kv
         out = torch.empty_like(x)
-        ids = torch.empty(T, dtype=torch.int64) if layer.is_moe else None
+        whole = not layer.is_moe or self.runs_moe(T)
+        ids = torch.empty(T, dtype=torch.int64) if layer.is_moe and whole else None
+        y = None if whole else torch.empty_like(x)
         table = kv.table[group]
         rc = self._fn(ctypes.byref(spec), x.data_ptr(), out.data_ptr(), T, batch.positions.data_ptr(),
                       kv.write_rows[group].data_ptr(), table.data_ptr(), kv.first[group].data_ptr(),
                       kv.end.data_ptr(), table.shape[1], None if ids is None else ids.data_ptr(),
-                      torch.get_num_threads())
+                      None if y is None else y.data_ptr(), torch.get_num_threads())
         if rc:
             raise _error(rc, spec.rows)
+        if self.phase is not None:
+            self.phase["decode_layer"] += time.perf_counter() - t0
+        if y is not None:   # the attention half ran: out = h, y = the normed h
+            return layer.feed_forward(y, routed_ids, residual=out)
         if ids is not None:
             ffn = layer.feed_forward
             ffn.dispatcher.stats.received_per_layer[ffn.layer] = T
