@@ -161,7 +161,10 @@ def main(argv=None) -> int:
         ckpt = write_checkpoint(Path(tmp) / args.checkpoint, args.checkpoint, progress=False)
     rows = []
     try:
-        cfg = EngineConfig(max_num_seqs=max(args.seqs), max_model_len=args.tokens + 32, device=args.device)
+        # max_decode_slowdown 0 (no prefill pacing): the prompts are admitted together, so every
+        # later step is a decode-only step of all of them (the steps measured)
+        cfg = EngineConfig(max_num_seqs=max(args.seqs), max_model_len=args.tokens + 32, device=args.device,
+                           max_decode_slowdown=0)
         with Engine(ckpt, ParallelConfig(ep_size=1), cfg, use_ray=False) as eng:
             run_streams(eng, 2, 8)   # warm-up
             eng.ranks.call("enable_phase_timing")
