@@ -132,6 +132,12 @@ def test_moe_blocks_with_a_routing_hook_or_remote_experts_run_on_torch_after_the
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4) and all(map(torch.equal, ids, want_ids))
     moe.feed_forward.force_expert = None
 
+    moe.feed_forward.experts.use_kernel(None)   # experts without the grouped kernel (as FP8 ones)
+    assert not moe.decode_kernel.runs_moe(2)
+    got, ids = run(model, layout, caches[0], [3, 9], native=True)
+    want, want_ids = run(model, layout, caches[1], [3, 9], native=False)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4) and all(map(torch.equal, ids, want_ids))
+
     class Remote:   # any dispatcher but the local one: experts live on other ranks (EP > 1)
         stats = moe.feed_forward.dispatcher.stats
 

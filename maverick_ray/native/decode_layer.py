@@ -64,11 +64,11 @@ class DecodeLayerKernel:
             return None
         if not layer.is_moe:
             ok = ffn.gate_up is not None and getattr(ffn.down_proj, "wt", None) is not None
-        else:
-            shared = ffn.shared_expert
-            ok = (ffn.top_k == 1 and ffn.experts.kernel is not None and getattr(ffn.router, "wt", None) is not None
-                  and shared.gate_up is not None and getattr(shared.down_proj, "wt", None) is not None)
-        return BoundDecodeLayer(self._fn, layer) if ok else None
+            return BoundDecodeLayer(self._fn, layer, False) if ok else None
+        shared = ffn.shared_expert   # a MoE layer binds anyway: its attention half at least runs native
+        whole = (ffn.top_k == 1 and getattr(ffn.router, "wt", None) is not None and shared.gate_up is not None
+                 and getattr(shared.down_proj, "wt", None) is not None)
+        return BoundDecodeLayer(self._fn, layer, whole)
 
 
 class BoundDecodeLayer:
@@ -76,10 +76,11 @@ class BoundDecodeLayer:
     layers whole too when `runs_moe`, else the call stops after the attention half and the MoE
     block runs on torch (experts on other ranks at EP > 1, a routing test hook)."""
 
-    def __init__(self, fn, layer):
+    def __init__(self, fn, layer, moe_layout: bool):
         from ..model.moe import LocalDispatcher
 
         self._fn, self.layer, self._local = fn, layer, LocalDispatcher
+        self._moe_layout = moe_layout    # a MoE layer's router and shared expert in the layout read
         self._spec: _Layer | None = None
         self._spec_key: tuple = ()
         self.phase: dict | None = None   # RankWorker.enable_phase_timing: native time into "decode_layer"
@@ -90,7 +91,8 @@ class BoundDecodeLayer:
         it) and few enough tokens for it (beyond, per-expert BLAS is faster)."""
         ffn = self.layer.feed_forward
         experts = ffn.experts
-        return (type(ffn.dispatcher) is self._local and experts.kernel is not None
+        return (self._moe_layout and type(ffn.dispatcher) is self._local
+                and getattr(experts, "kernel", None) is not None   # FP8 experts have none: they stay on torch
                 and experts.num_local == ffn.num_experts and ffn.force_expert is None and ffn.route_bias is None
                 and tokens <= experts.KERNEL_MAX_ROWS_PER_EXPERT * experts.num_local)
 
@@ -108,7 +110,7 @@ class BoundDecodeLayer:
         group = attn.group = cache.group_of(attn.layer)
         kv = batch.kv
         out = torch.empty_like(x)
-        whole = not layer.is_moe or self.runs_moe(T)
+        whole = not layer.is_moe or (self.runs_moe(T) and spec.router is not None)
         ids = torch.empty(T, dtype=torch.int64) if layer.is_moe and whole else None
         y = None if whole else torch.empty_like(x)
         table = kv.table[group]
@@ -135,16 +137,20 @@ class BoundDecodeLayer:
         RoPE frequencies); the other weights are fixed once the model is loaded and fused."""
         layer = self.layer
         k_pool, v_pool = cache.pools(layer.self_attn.layer)
-        experts = layer.feed_forward.experts if layer.is_moe else None
+        experts = layer.feed_forward.experts if layer.is_moe and self._moe_layout else None
+        if experts is not None and getattr(experts, "kernel", None) is None:
+            experts = None   # not in the grouped kernel's layout (FP8 experts): the MoE block stays on torch
         key = (k_pool, v_pool, inv_freq, experts.gate_up_proj, experts.down_proj) if experts else (k_pool, v_pool, inv_freq)
         spec, old = self._spec, self._spec_key
-        if spec is None or spec.block_size != block_size or any(a is not b for a, b in zip(key, old)):
-            spec = _spec(layer, inv_freq, k_pool, v_pool, block_size)
+        if (spec is None or spec.block_size != block_size or len(key) != len(old)
+                or any(a is not b for a, b in zip(key, old))):
+            spec = _spec(layer, inv_freq, k_pool, v_pool, block_size, experts)
             self._spec, self._spec_key = spec, key
         return spec
 
 
-def _spec(layer, inv_freq, k_pool, v_pool, block_size: int) -> _Layer:
+def _spec(layer, inv_freq, k_pool, v_pool, block_size: int, experts) -> _Layer:
+    """experts: the MoE layer's Experts when the call may run the block whole, else None."""
     attn, ffn = layer.self_attn, layer.feed_forward
     s = _Layer(C=attn.o_proj.wt.shape[1], H=attn.n_heads, KV=attn.n_kv, D=attn.head_dim, rows=k_pool.shape[0],
                block_size=block_size, chunk=attn.chunk or 0, expert_block=EXPERT_BLOCK,
@@ -155,13 +161,13 @@ def _spec(layer, inv_freq, k_pool, v_pool, block_size: int) -> _Layer:
                w_o=attn.o_proj.wt.data_ptr(), w_post=layer.post_attention_layernorm.weight.data_ptr(),
                inv_freq=inv_freq.data_ptr() if attn.use_rope else None,
                k_pool=k_pool.data_ptr(), v_pool=v_pool.data_ptr())
-    if layer.is_moe:
-        experts, shared = ffn.experts, ffn.shared_expert
+    if experts is not None:
+        shared = ffn.shared_expert
         s.E, s.Ie, s.Is = experts.num_local, experts.down_proj.shape[1], shared.down_proj.wt.shape[0]
         s.router, s.shared_gate_up = ffn.router.wt.data_ptr(), shared.gate_up.data_ptr()
         s.shared_down = shared.down_proj.wt.data_ptr()
         s.experts_gate_up, s.experts_down = experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr()
-    else:
+    elif not layer.is_moe:
         s.I = ffn.down_proj.wt.shape[0]
         s.mlp_gate_up, s.mlp_down = ffn.gate_up.data_ptr(), ffn.down_proj.wt.data_ptr()
     return s
