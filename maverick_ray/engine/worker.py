@@ -431,4 +431,3 @@ class RankWorker:
         for layer in self.model.model.layers:
             if layer.decode_kernel is not None:
                 layer.decode_kernel.phase = None
-
