@@ -31,11 +31,12 @@ def kernel():
     return k
 
 
-def model_and_caches(qk_norm: bool, kernel, g, block: int = 4):
-    """A 4-layer model (2 dense, 2 MoE layers; 3 chunked RoPE layers, 1 NoPE) with the per-op
-    kernels attached as a rank attaches them, and two caches holding the same random contents."""
-    text = dataclasses.replace(small_text(8), use_qk_norm=qk_norm, attn_temperature_tuning=True, floor_scale=4.0,
-                               attn_scale=0.1, moe_layers=(1, 3))
+def model_and_caches(qk_norm: bool, kernel, g, block: int = 4, heads: int = 4, chunk: int | None = 8):
+    """A 4-layer model (2 dense, 2 MoE layers; 3 RoPE layers, chunked unless chunk is None, 1
+    NoPE; `heads` query heads over 2 kv heads) with the per-op kernels attached as a rank
+    attaches them, and two caches holding the same random contents."""
+    text = dataclasses.replace(small_text(chunk, heads), use_qk_norm=qk_norm, attn_temperature_tuning=True,
+                               floor_scale=4.0, attn_scale=0.1, moe_layers=(1, 3))
     model = TextModel(text)
     with torch.no_grad():
         for p in model.parameters():
@@ -79,8 +80,12 @@ def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
 # 1 sequence (the BLAS gemv path), 6 (gemm), positions across chunk (8) and block (4) boundaries
 @pytest.mark.parametrize("starts", [[13], [0, 5, 8, 17, 31, 62]], ids=["1seq", "6seqs"])
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm):
-    text, model, layout, caches = model_and_caches(qk_norm, kernel, torch.Generator().manual_seed(1))
+# 2 query heads per kv head with 4-token blocks and chunks of 8 (the attention kernel's generic
+# loop), 3 per kv head with 16-token blocks and no chunking (its vector path)
+@pytest.mark.parametrize("heads,block,chunk", [(4, 4, 8), (6, 16, None)], ids=["g2-b4-chunked", "g3-b16"])
+def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm, heads, block, chunk):
+    text, model, layout, caches = model_and_caches(qk_norm, kernel, torch.Generator().manual_seed(1), block, heads,
+                                                   chunk)
     want, want_ids = run(model, layout, caches[0], starts, native=False)
     got, got_ids = run(model, layout, caches[1], starts, native=True)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
