@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="default: write the mini preset to a temp dir")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    command = " ".join([".venv/bin/python benchmarks/bench_engine.py"] + (argv if argv is not None else sys.argv[1:]))
     if not args.checkpoint:
         print("writing the mini checkpoint ...", flush=True)
     # Checkpoint writing, machine rates and transformers run in subprocesses: this process's
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
                       f"rounds, ratios are taken within a round. Throughput and decode step come from a plain pass; "
                       f"the per-step split columns from a second pass with the ranks' module timing hooks on (medians "
                       f"over full decode steps, max over ranks).\n\n{text}\n\nCommand: "
-                      f"`.venv/bin/python benchmarks/bench_engine.py`\n")
+                      f"`{command}`\n")
     return 0
 
 
