@@ -145,18 +145,21 @@ def test_input_beyond_the_context_gets_400_and_server_keeps_serving(server, name
 
 
 def test_disconnect_mid_stream_aborts_and_frees_cache(server):
-    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 200, "temperature": 0, "stream": True}
-    with requests.post(server + "/v1/chat/completions", json=body, headers=AUTH, stream=True, timeout=60) as r:
+    # /tools (max_model_len 1024): 900 tokens, so the stream cannot end on its own before the
+    # disconnect reaches the engine (200 tokens of the tiny model could, on a fast host)
+    body = {"model": "tools", "messages": MESSAGES, "max_tokens": 900, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with requests.post(server + "/tools/v1/chat/completions", json=body, stream=True, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith(b"data: ") for line in got)
-        busy = requests.get(server + "/v1/engine/stats", headers=AUTH).json()
+        busy = requests.get(server + "/tools/v1/engine/stats").json()
         assert busy["running"] == 1 and busy["kv_pages_used"] > 0
         aborted_before = busy["finished"].get("abort", 0)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        stats = requests.get(server + "/v1/engine/stats", headers=AUTH).json()
+        stats = requests.get(server + "/tools/v1/engine/stats").json()
         if stats["running"] == 0 and stats["kv_pages_used"] == 0:
             break
         time.sleep(0.2)
