@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from ..config import EngineConfig, ModelConfig, ParallelConfig
 from .deadline import StepDeadline
+from .live_eplb import POLL_S as EPLB_POLL_S, LiveRebalancer   # idle with a rebalance staging: poll as it does
 from .ranks import RankGroup
 from .step_channel import RankFailed
 from .request import EngineError, Request, RequestState, RequestStream, RequestTimedOut, TokenEvent
@@ -37,7 +38,6 @@ from .token_classes import TokenClassLoad
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # while idle, the engine checks this often that every rank is alive
-EPLB_POLL_S = 0.1  # while idle with a live rebalance staging, it polls the ranks this often
 RANK_START_TIMEOUT_S = 600.0  # a replacement rank group must be up within this (weights load)
 
 
@@ -134,8 +134,6 @@ class Engine:
             self.ranks = LocalRanks(self.checkpoint, self.engine_cfg, self.progress)
         self.ranks.start(self.model_config.text.num_local_experts)
         if self.parallel.eplb == "on" and self.parallel.ep_size > 1:
-            from .live_eplb import LiveRebalancer
-
             p = self.parallel
             self.eplb = LiveRebalancer(self, p.eplb_window_steps, p.eplb_interval_steps, p.eplb_min_imbalance)
         self._set_kv()
