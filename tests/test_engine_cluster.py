@@ -35,6 +35,10 @@ def test_workers_on_distinct_nodes_give_identical_results(tiny_ckpt, three_node_
     reference = greedy_reference(tiny_ckpt, prompts, 10, use_hf=False)
     parallel = ParallelConfig(ep_size=3, placement_strategy="STRICT_SPREAD")
     with Engine(tiny_ckpt, parallel, EngineConfig(max_num_seqs=4, max_model_len=256)) as eng:
+        # Start returns with a warm spare on each of the three nodes, not still importing beside
+        # the first requests (spares are started with the ranks and waited for).
+        assert eng.stats()["spare_ranks_ready"] == 3
+        assert sorted(s["node_id"] for s in eng.ranks.spares.warm_info()) == sorted(i["node_id"] for i in eng.ranks.infos)
         infos = eng.ranks.call("info")
         nodes = [i["node_id"] for i in infos]
         assert len(set(nodes)) == 3, f"workers share nodes: {nodes}"

@@ -61,6 +61,10 @@ class ComputeThread:
 CALL_TIMEOUT_S = 120.0  # RankGroup.call: a rank method that takes longer is reported as hung
 PROBE_TIMEOUT_S = 3.0  # recovery: a rank that does not answer a probe within this has failed
 SURVIVOR_RELEASE_S = 15.0  # recovery: a survivor whose failed step has not ended by then is replaced
+# Start waits this long for the spare rank processes to finish their imports: a spare warming up
+# beside the first requests took a core from the ranks and halved EP=2 decode on a 2-core host
+# for its first seconds (BENCHMARKS.md). Past it the engine serves anyway.
+SPARE_START_WAIT_S = 60.0
 
 
 class RankGroup(Protocol):
@@ -321,10 +325,17 @@ class RayRanks:
         nodes = bundle_nodes(self.pg, first, p.ep_size)
         if nodes and len(set(nodes)) > 1:  # ranks on several nodes: the policy places experts node by node
             self.placement = initial_placement(p, num_experts, nodes)
-        self._launch(ready_timeout, self.progress)
-        if p.spare_ranks:
+        if p.spare_ranks:   # started beside the ranks, so their imports overlap the ranks' own start
             self.spares = SparePool(self._new_spare, p.spare_ranks, gpu=bool(p.num_gpus_per_worker))
-            self.spares.fill([i["node_id"] for i in self.infos])
+            self.spares.fill(nodes or [])
+        self._launch(ready_timeout, self.progress)
+        if self.spares is not None:
+            self.spares.fill([i["node_id"] for i in self.infos])   # nodes Ray did not name before the launch
+            t0 = time.perf_counter()
+            if not self.spares.wait_warm(SPARE_START_WAIT_S):
+                log.warning("spare rank processes still warming up after %.0f s; serving without waiting",
+                            SPARE_START_WAIT_S)
+            self.start_seconds["spares"] = time.perf_counter() - t0
 
     def _new_spare(self, node_id: str):
         import ray

@@ -104,6 +104,20 @@ class SparePool:
             self._done.update(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
         return [r for r in refs if r in self._done]
 
+    def wait_warm(self, timeout: float) -> bool:
+        """Waits up to `timeout` s for every spare started so far to finish warming up (a spare
+        whose warm-up failed counts as finished: `take` drops it). True when all have."""
+        import ray
+
+        with self._lock:
+            refs = [warm for have in self._spares.values() for _, warm in have]
+        if not refs:
+            return True
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        with self._lock:
+            self._done.update(done)
+        return not pending
+
     def ready(self) -> int:
         """How many spares have finished warming up (not probed)."""
         return len(self._warmed())
