@@ -8,6 +8,8 @@ EP = 1 runs as `maverick-ray generate --ep 1` does, with no Ray cluster on the m
 local Ray cluster's daemons take about 7% of a core in wake-ups, which a 2-thread decode step on
 a 2-core host can feel; BENCHMARKS.md). EP > 1 needs Ray: every round starts a local cluster and
 those engines in a subprocess, runs them, and stops it again before the next round's EP = 1 run.
+With a llama.cpp build (benchmarks/llamacpp.py), each round also times llama.cpp's decode at the same
+batch (issue 21: every engine figure beside llama.cpp's from the same rounds).
 Usage: .venv/bin/python benchmarks/bench_engine.py [--seqs 32 --prompt-len 32 --new-tokens 32 --ep 1 2 4]
 """
 
@@ -160,6 +162,46 @@ def decode_floor(ckpt, seqs, touched_experts, ctx, flops_rate, bandwidth):
     return max(bytes_ / bandwidth, flops / flops_rate)
 
 
+LLAMACPP_RUNS = ("llama.cpp defaults", "llama.cpp f32 KV, FA off")
+
+
+def find_llamacpp(mode: str):
+    """benchmarks/llamacpp.py's build for --llamacpp `mode`, or None (off, not built under auto, or no
+    toolchain: said on stdout)."""
+    if mode == "off":
+        return None
+    import llamacpp
+
+    lc = llamacpp.cached_build()
+    if lc is None and mode == "on":
+        missing = llamacpp.missing_toolchain()
+        if missing:
+            print(f"llama.cpp left out: it cannot be built here: {missing}", flush=True)
+            return None
+        lc = llamacpp.ensure_build()
+    return lc
+
+
+def llamacpp_round(lc, gguf: str, args) -> dict:
+    """llama.cpp's decode at the engine's batch, prompt and step count, at its defaults and at our numerics
+    (f32 KV cache, flash attention off), with torch's thread count: {name: (decode tok/s, s per step)}."""
+    import llamacpp
+
+    return {name: llamacpp.decode_rate(llamacpp.batched_bench(lc, Path(gguf), torch.get_num_threads(),
+                                                              [args.prompt_len], args.new_tokens, [args.seqs],
+                                                              name != LLAMACPP_RUNS[0]), args.seqs)
+            for name in LLAMACPP_RUNS}
+
+
+def llamacpp_ratios(runs: dict, lc_runs: list[dict]) -> str:
+    parts = []
+    for key, ours in runs.items():
+        for name in LLAMACPP_RUNS:
+            vals = [lc[name][1] / r["step"] for r, lc in zip(ours, lc_runs)]
+            parts.append(f"{key} {statistics.median(vals):.2f}x {name} ({min(vals):.2f}-{max(vals):.2f}x)")
+    return "; ".join(parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, default=32)
@@ -170,6 +212,10 @@ def main(argv=None) -> int:
                     help="EP sizes also run with --cpu-collectives gloo, beside the default shared memory")
     ap.add_argument("--rounds", type=int, default=3, help="each configuration runs once per round; medians")
     ap.add_argument("--checkpoint", default=None, help="default: write the mini preset to a temp dir")
+    ap.add_argument("--llamacpp", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's decode step at the same batch in every round (benchmarks/llamacpp.py): "
+                         "auto uses a cached build (bench_llamacpp.py --build-only makes one, ~10 min), on "
+                         "builds it when missing, off leaves it out")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     command = " ".join([".venv/bin/python benchmarks/bench_engine.py"] + (argv if argv is not None else sys.argv[1:]))
@@ -181,6 +227,12 @@ def main(argv=None) -> int:
         in_subprocess("bench_engine", "write_mini", str(Path(tempfile.mkdtemp()) / "mini")))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 600, (args.seqs, args.prompt_len), generator=g).tolist()
+    lc = find_llamacpp(args.llamacpp)
+    gguf = None
+    if lc is not None:
+        print("converting the checkpoint to f32 GGUF for llama.cpp ...", flush=True)
+        gguf = in_subprocess("llamacpp", "convert_in_process", str(lc.vendor), str(ckpt),
+                             str(Path(tempfile.mkdtemp()) / "mini-f32.gguf"))
     configs = [(ep, "auto") for ep in args.ep] + [(ep, "gloo") for ep in args.gloo_ep if ep > 1]
     labels = [label(*c) for c in configs]
     ray_configs = [list(c) for c in configs if c[0] > 1]
@@ -190,7 +242,7 @@ def main(argv=None) -> int:
         print("starting engine EP=1 ...", flush=True)
         local = EngineRun(ckpt, 1, args.seqs)
         local.warm(prompts)
-    hf_runs = []
+    hf_runs, lc_runs = [], []
     rates, paired = [], {k: [] for k in labels}
     try:
         for rnd in range(args.rounds):  # every configuration once per round: they share the machine's drift
@@ -206,6 +258,8 @@ def main(argv=None) -> int:
                     runs[k].append(run)
             hf_runs.append(in_subprocess("bench_engine", "transformers_generate", str(ckpt), prompts,
                                          args.new_tokens))
+            if gguf is not None:
+                lc_runs.append(llamacpp_round(lc, gguf, args))
             hf_tok_s = hf_runs[-1]["tok_s"]
             for k in labels:
                 paired[k].append(runs[k][-1]["tok_s"] / hf_tok_s)
@@ -235,6 +289,10 @@ def main(argv=None) -> int:
                      f"{r['step'] * 1e3:.1f} ms | {cells} |")
     lines.append(f"| transformers generate (batch {args.seqs}) | {hf['tok_s']:.0f} | 1.0x | | " +
                  " | ".join("" for _ in phases) + " |")
+    for name in LLAMACPP_RUNS if lc_runs else ():
+        lines.append(f"| {name} (decode steps only) | {statistics.median(r[name][0] for r in lc_runs):.0f} | | "
+                     f"{statistics.median(r[name][1] for r in lc_runs) * 1e3:.1f} ms | "
+                     + " | ".join("" for _ in phases) + " |")
     table = "\n".join(lines)
     summary = [f"- machine: {machine_line()}; matmul {flops_rate / 1e9:.0f} GFLOP/s, bandwidth "
                f"{bandwidth / 1e9:.1f} GB/s (measured in this run)",
@@ -248,6 +306,11 @@ def main(argv=None) -> int:
             kept = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(runs[two], runs["EP=1"]))
             summary.append(f"- {two} keeps {kept * 100:.0f}% of EP=1 throughput on the same cores (goal >= 80%; "
                            "median over rounds of the ratio within each round)")
+    if lc_runs:
+        summary.append(f"- decode step against llama.cpp's at {args.seqs} sequences, same rounds (its step / "
+                       f"ours, within each round, median and range): " + llamacpp_ratios(runs, lc_runs))
+    elif args.llamacpp != "off":
+        summary.append("- llama.cpp: not run (no cached build; `--llamacpp on` builds it)")
     if "EP=1" in results:
         summary.append(f"- EP=1 vs transformers: {vs_hf['EP=1']:.1f}x (goal >= 10x; median over rounds of the "
                        "ratio within each round)")
@@ -261,7 +324,9 @@ def main(argv=None) -> int:
                       f"runs once per round, {args.rounds} rounds: EP=1 in this process with no Ray cluster on the "
                       f"machine (as `generate --ep 1` runs), EP>1 on a local Ray cluster started for each round in a "
                       f"subprocess (all-to-all through shared memory, the default on one host; rows marked gloo "
-                      f"with `--cpu-collectives gloo`), transformers in a subprocess; figures are medians over "
+                      f"with `--cpu-collectives gloo`), transformers in a subprocess, llama.cpp (when built, "
+                      f"`--llamacpp`) as llama-batched-bench on the same checkpoint in f32 GGUF at the same batch, "
+                      f"prompt and step count, with as many threads; figures are medians over "
                       f"rounds, ratios are taken within a round. Throughput and decode step come from a plain pass; "
                       f"the per-step split columns from a second pass with the ranks' module timing hooks on (medians "
                       f"over full decode steps, max over ranks).\n\n{text}\n\nCommand: "

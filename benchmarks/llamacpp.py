@@ -80,16 +80,33 @@ def _sdist(root: Path, version: str, sdist: str | None) -> Path:
     return src
 
 
+def _build_wanted(version: str) -> dict:
+    return {"version": version, "flags": list(CMAKE_FLAGS), "targets": list(TARGETS)}
+
+
+def cached_build(version: str = LLAMA_CPP_PYTHON) -> LlamaCpp | None:
+    """The cached build when one of this version and these flags is complete, else None (builds nothing)."""
+    root = home(version)
+    build = root / "build"
+    marker = build / "maverick-built.json"
+    lc = LlamaCpp(root / f"llama_cpp_python-{version}", build / "bin")
+    if (marker.exists() and json.loads(marker.read_text()) == _build_wanted(version) and lc.batched_bench.exists()
+            and (lc.vendor / "convert_hf_to_gguf.py").exists()):
+        return lc
+    return None
+
+
 def ensure_build(version: str = LLAMA_CPP_PYTHON, sdist: str | None = None, jobs: int | None = None) -> LlamaCpp:
     """The cached build, made first if missing (about 10 minutes on 2 cores; progress printed)."""
+    found = cached_build(version)
+    if found is not None:
+        return found
     root = home(version)
     src = _sdist(root, version, sdist)
     build = root / "build"
     marker = build / "maverick-built.json"
-    want = {"version": version, "flags": list(CMAKE_FLAGS), "targets": list(TARGETS)}
+    want = _build_wanted(version)
     lc = LlamaCpp(src, build / "bin")
-    if marker.exists() and json.loads(marker.read_text()) == want and lc.batched_bench.exists():
-        return lc
     log = root / "build.log"
     print(f"building llama.cpp ({', '.join(TARGETS)}) in {build}; full log in {log}", flush=True)
     t0 = time.time()
