@@ -1,7 +1,7 @@
-"""The native decode layer (a whole decoder layer of a decode step in one call) against the torch
-path of the same model: same logits, same routed experts, same cache contents; MoE blocks it
-cannot run go to torch after its attention half; a bad cache row is refused before anything is
-written."""
+"""The native decode layer (a whole decoder layer of a decode step in one call) and the decode
+stack (every layer of the step in one call) against the torch path of the same model: same
+logits, same routed experts, same cache contents; MoE blocks it cannot run go to torch after its
+attention half; a bad cache row is refused before anything is written."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def model_and_caches(qk_norm: bool, kernel, g, block: int = 4, heads: int = 4, c
     for layer in model.model.layers:
         assert layer.self_attn.use_prologue(attention_prologue_kernel())
         assert layer.use_decode_kernel(kernel)
+    model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers])   # as a rank does
     return text, model, layout, caches
 
 
@@ -63,8 +64,9 @@ def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
     g = torch.Generator().manual_seed(g_seed)
     view = _scattered_view(layout, starts, [1] * len(starts), PAGES, g)
     ids = torch.randint(0, model.cfg.vocab_size, (len(starts),), generator=g)
-    kernels = [layer.decode_kernel for layer in model.model.layers]
+    kernels, stack = [layer.decode_kernel for layer in model.model.layers], model.decode_stack
     if not native:
+        model.decode_stack = None
         for layer in model.model.layers:
             layer.decode_kernel = None
     routed: list = []
@@ -72,6 +74,7 @@ def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
         with torch.inference_mode():
             logits = model(ids, ForwardBatch.build(starts, [1] * len(starts), kv=view), cache, routed_ids=routed)
     finally:
+        model.decode_stack = stack
         for layer, k in zip(model.model.layers, kernels):
             layer.decode_kernel = k
     return logits, [r.view(-1) for r in routed]
@@ -83,9 +86,12 @@ def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
 # 2 query heads per kv head with 4-token blocks and chunks of 8 (the attention kernel's generic
 # loop), 3 per kv head with 16-token blocks and no chunking (its vector path)
 @pytest.mark.parametrize("heads,block,chunk", [(4, 4, 8), (6, 16, None)], ids=["g2-b4-chunked", "g3-b16"])
-def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm, heads, block, chunk):
+@pytest.mark.parametrize("stacked", [True, False], ids=["one-call", "per-layer"])
+def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm, heads, block, chunk, stacked):
     text, model, layout, caches = model_and_caches(qk_norm, kernel, torch.Generator().manual_seed(1), block, heads,
                                                    chunk)
+    if not stacked:
+        model.decode_stack = None
     want, want_ids = run(model, layout, caches[0], starts, native=False)
     got, got_ids = run(model, layout, caches[1], starts, native=True)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
@@ -99,20 +105,28 @@ def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kern
     from maverick_ray.model.moe import MoEBlock
 
     text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(2))
-    calls, torch_moe = [], []
-    bound = type(model.model.layers[0].decode_kernel)
-    original, moe_forward = bound.__call__, MoEBlock.forward
+    calls, torch_moe, stacked = [], [], []
+    bound, stack = type(model.model.layers[0].decode_kernel), type(model.decode_stack)
+    original, moe_forward, original_stack = bound.__call__, MoEBlock.forward, stack.__call__
     monkeypatch.setattr(bound, "__call__", lambda self, *a: calls.append(self.layer) or original(self, *a))
+    monkeypatch.setattr(stack, "__call__", lambda self, *a: stacked.append(original_stack(self, *a)) or stacked[-1])
     monkeypatch.setattr(MoEBlock, "forward", lambda self, *a, **k: torch_moe.append(self) or moe_forward(self, *a, **k))
+    run(model, layout, caches[0], [3, 9], native=True)
+    # every layer runs whole: the step is one stack call, no per-layer runner, no torch MoE
+    assert len(stacked) == 1 and stacked[0] is not None and calls == [] and torch_moe == []
+    stacked.clear()
+    model.decode_stack = None   # a rank without the stack: one call per layer
     run(model, layout, caches[0], [3, 9], native=True)
     assert calls == list(model.model.layers) and torch_moe == []
     calls.clear()
+    model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers])
     # 9 tokens for 4 experts: past the grouped kernel's rows, so the MoE blocks run on torch
     # (per-expert BLAS) after the native attention half; the result is the torch path's
     many = list(range(3, 3 + 9 * 7, 7))
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         b.copy_(a)
     got, got_ids = run(model, layout, caches[0], many, native=True)
+    assert stacked == [None]   # the stack declined the step before running any layer
     assert calls == list(model.model.layers) and torch_moe == model.moe_blocks
     calls.clear()
     want, want_ids = run(model, layout, caches[1], many, native=False)
@@ -120,9 +134,10 @@ def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kern
     calls.clear()
     g = torch.Generator().manual_seed(4)
     view = _scattered_view(layout, [0], [5], PAGES, g)
+    stacked.clear()
     with torch.inference_mode():
         model(torch.arange(5), ForwardBatch.build([0], [5], kv=view), caches[0])
-    assert calls == []
+    assert calls == [] and stacked == []
 
 
 def test_moe_blocks_with_a_routing_hook_or_remote_experts_run_on_torch_after_the_native_attention(kernel):
@@ -165,6 +180,27 @@ def test_a_write_row_outside_the_pools_is_refused_before_the_layer_writes(kernel
         layer.decode_kernel(x, ForwardBatch.build([3, 9], [1, 1], kv=view), model.inv_freq, cache, None)
     assert torch.equal(x, x0)
     assert all(torch.equal(a, b) for a, b in zip(before, cache.pools(0)))
+
+
+def test_a_bad_write_row_in_a_later_layer_stops_the_stack_with_a_clear_error(kernel):
+    """The stack runs the layers in order; a cache row outside the pools in the last layer's group
+    raises IndexError from that layer before it writes, and the hidden states passed in are kept."""
+    text, model, layout, caches = model_and_caches(False, kernel, torch.Generator().manual_seed(10))
+    cache = caches[0]
+    groups = [cache.group_of(layer) for layer in range(text.num_hidden_layers)]
+    late = groups[-1]
+    assert late not in groups[:-1], groups   # the layers before it run first, in other groups
+    g = torch.Generator().manual_seed(11)
+    view = _scattered_view(layout, [3, 9], [1, 1], PAGES, g)
+    view.write_rows[late][0] = -1
+    kept = int(view.write_rows[late][1])   # the other token's row in that group: the layer writes nothing
+    before = [p[kept].clone() for p in cache.pools(text.num_hidden_layers - 1)]
+    x = torch.randn(2, text.hidden_size, generator=g)
+    x0 = x.clone()
+    with torch.inference_mode(), pytest.raises(IndexError, match="outside the pools"):
+        model.decode_stack(x, ForwardBatch.build([3, 9], [1, 1], kv=view), model.inv_freq, cache, None)
+    assert torch.equal(x, x0)
+    assert all(torch.equal(a, p[kept]) for a, p in zip(before, cache.pools(text.num_hidden_layers - 1)))
 
 
 def test_expert_weights_replaced_after_binding_are_the_ones_read(kernel):

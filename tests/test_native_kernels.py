@@ -118,6 +118,7 @@ def test_worker_greedy_tokens_same_with_and_without_kernel(tiny_ckpt):
         w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(16, 1), EngineConfig(max_model_len=64, cpu_kernels=mode))
         assert w.native_experts == w.native_rms_norm == w.native_attention_prologue == (mode == "auto")
         assert w.native_decode_layers == (4 if mode == "auto" else 0) == w.info()["native_decode_layers"]
+        assert w.info()["native_decode_stack"] == (mode == "auto")   # every layer bound: one call per step
         assert w.info()["native_rms_norm"] == (mode == "auto")
         prompts = {f"s{i}": list(range(5 + i, 12 + 2 * i)) for i in range(6)}
         params = SamplingParams(max_tokens=8, temperature=0)

@@ -206,7 +206,10 @@ class RankWorker:
         from ..native.decode_layer import decode_layer_kernel
 
         kernel = decode_layer_kernel()
-        self.native_decode_layers = sum([layer.use_decode_kernel(kernel) for layer in self.model.model.layers])
+        layers = self.model.model.layers
+        self.native_decode_layers = sum([layer.use_decode_kernel(kernel) for layer in layers])
+        if kernel is not None and self.native_decode_layers == len(layers):   # steps where all run whole: one call
+            self.model.decode_stack = kernel.stack([layer.decode_kernel for layer in layers])
         if self.native_decode_layers:
             log.info("rank %d: %d of %d decoder layers run decode steps in one native call", self.rank,
                      self.native_decode_layers, len(self.model.model.layers))
@@ -299,6 +302,7 @@ class RankWorker:
                 "native_experts": self.native_experts, "native_rms_norm": self.native_rms_norm,
                 "native_attention_prologue": self.native_attention_prologue,
                 "native_decode_layers": self.native_decode_layers,
+                "native_decode_stack": self.model.decode_stack is not None,
                 "native_paged_attention": self.native_paged_attention, "fp8_experts": self.fp8_experts,
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
@@ -422,6 +426,8 @@ class RankWorker:
                 self._profile_hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
             if layer.decode_kernel is not None:
                 layer.decode_kernel.phase = self._phase
+        if self.model.decode_stack is not None:
+            self.model.decode_stack.phase = self._phase
 
     def disable_phase_timing(self) -> None:
         """Removes the hooks of enable_phase_timing; results carry no phase_seconds again."""
@@ -431,3 +437,5 @@ class RankWorker:
         for layer in self.model.model.layers:
             if layer.decode_kernel is not None:
                 layer.decode_kernel.phase = None
+        if self.model.decode_stack is not None:
+            self.model.decode_stack.phase = None

@@ -85,6 +85,7 @@ class TextModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
+        self.decode_stack = None  # native/decode_layer.py DecodeStack: every layer of a decode step in one call
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
@@ -117,12 +118,15 @@ class TextModel(nn.Module):
             batch.kv = cache.contiguous_view(batch.starts, batch.lengths, x.device, batch.slots)
         native = (cache is not None and cache.attention_kernel is not None and batch.is_decode
                   and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled())
-        for layer in self.model.layers:
+        stacked = self.decode_stack(x, batch, self.inv_freq, cache, routed_ids) \
+            if native and self.decode_stack is not None else None
+        for layer in self.model.layers if stacked is None else ():
             kernel = layer.decode_kernel
             if native and kernel is not None:
                 x = kernel(x, batch, self.inv_freq, cache, routed_ids)
             else:
                 x = layer(x, batch, self.inv_freq, cache, routed_ids)
+        x = x if stacked is None else stacked
         if not all_logits and not batch.is_decode:  # decode: every row already is a last token
             x = x[batch.last_token_index()]  # (B, C)
         return project(self.model.norm(x), self.lm_head)

@@ -149,3 +149,27 @@ done:
     free(idx);
     return rc;
 }
+
+/* Every layer of a decode step, in order, in one call: the per-layer Python wrapper (argument
+ * checks, ctypes conversion, buffers) cost ~35 us a layer, once per step instead. Layer l reads its
+ * group's cache views (group[l] indexes write_rows, tables, firsts, nbs); the first layer reads
+ * x_in, every layer then updates x in place. MoE layers (router set) write their routed expert of
+ * each token to routed_ids, (number of MoE layers, T) in layer order. On failure returns
+ * decode_layer_f32's code (5: a MoE layer without its router and experts in the struct, which
+ * the caller must run layer by layer) with the failing layer's index in *failed. */
+int decode_stack_f32(const layer_t *const *layers, int64_t n_layers, const int64_t *group, const float *x_in,
+                     float *x, int64_t T, const int64_t *positions, const int64_t *const *write_rows,
+                     const int64_t *const *tables, const int64_t *const *firsts, const int64_t *end,
+                     const int64_t *nbs, int64_t *routed_ids, int64_t *failed, int nthreads) {
+    int64_t moe = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const layer_t *L = layers[l];
+        const int64_t g = group[l];
+        if (!L->router && !L->mlp_gate_up) { *failed = l; return 5; }   /* a MoE block it cannot run whole */
+        int rc = decode_layer_f32(L, l ? x : x_in, x, T, positions, write_rows[g], tables[g], firsts[g], end, nbs[g],
+                                  L->router ? routed_ids + moe * T : NULL, NULL, nthreads);
+        if (rc) { *failed = l; return rc; }
+        if (L->router) moe++;
+    }
+    return 0;
+}

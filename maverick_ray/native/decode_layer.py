@@ -53,6 +53,13 @@ class DecodeLayerKernel:
         self._fn = lib.decode_layer_f32
         self._fn.argtypes = [_P, _P, _P, _L, _P, _P, _P, _P, _P, _L, _P, _P, ctypes.c_int]
         self._fn.restype = ctypes.c_int
+        self._stack_fn = lib.decode_stack_f32
+        self._stack_fn.argtypes = [_P, _L, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        self._stack_fn.restype = ctypes.c_int
+
+    def stack(self, bound: list["BoundDecodeLayer"]) -> "DecodeStack":
+        """The runner of a whole model's decode step in one call, over every layer's runner."""
+        return DecodeStack(self._stack_fn, bound)
 
     def bind(self, layer) -> "BoundDecodeLayer | None":
         """`layer`'s runner when its weights have the layout the kernel reads: fp32 CPU, fused for
@@ -96,6 +103,11 @@ class BoundDecodeLayer:
                 and experts.num_local == ffn.num_experts and ffn.force_expert is None and ffn.route_bias is None
                 and tokens <= experts.KERNEL_MAX_ROWS_PER_EXPERT * experts.num_local)
 
+    def runs_whole(self, tokens: int, spec: _Layer) -> bool:
+        """Whether the call runs the whole layer (a dense one, or a MoE block `runs_moe` with its
+        router and experts in `spec`), not only its attention half."""
+        return not self.layer.is_moe or (self.runs_moe(tokens) and spec.router is not None)
+
     def __call__(self, x: torch.Tensor, batch, inv_freq: torch.Tensor, cache, routed_ids: list | None):
         """x (T, C) -> the layer's output (T, C); appends the MoE layer's expert ids (T, 1) to
         routed_ids. The batch must be a decode batch over `cache` (its KVView built)."""
@@ -104,13 +116,11 @@ class BoundDecodeLayer:
         attn = layer.self_attn
         T, C = x.shape
         spec = self._spec_for(inv_freq, cache, batch.kv.block_size)
-        if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and C == spec.C):
-            raise ValueError(f"decode layer kernel needs contiguous fp32 CPU hidden states (T, {spec.C}), "
-                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+        _check_hidden(x, spec)
         group = attn.group = cache.group_of(attn.layer)
         kv = batch.kv
         out = torch.empty_like(x)
-        whole = not layer.is_moe or (self.runs_moe(T) and spec.router is not None)
+        whole = self.runs_whole(T, spec)
         ids = torch.empty(T, dtype=torch.int64) if layer.is_moe and whole else None
         y = None if whole else torch.empty_like(x)
         table = kv.table[group]
@@ -149,6 +159,61 @@ class BoundDecodeLayer:
         return spec
 
 
+class DecodeStack:
+    """Every decoder layer of an fp32 CPU decode step in one native call (decode_stack_f32), when
+    each runs whole (`BoundDecodeLayer.runs_whole`); else the caller runs them one by one. Saves
+    the per-layer Python wrapper, ~35 us a layer (BENCHMARKS.md), which grows with the layer count."""
+
+    def __init__(self, fn, bound: list[BoundDecodeLayer]):
+        self._fn, self.bound = fn, bound
+        self._specs: list[_Layer] = []
+        self._layer_ptrs = None                   # (L,) addresses of the layers' structs, for _specs
+        self._groups: torch.Tensor | None = None  # (L,) each layer's KV cache group
+        self._moe_blocks = [b.layer.feed_forward for b in bound if b.layer.is_moe]
+        self.phase: dict | None = None             # RankWorker.enable_phase_timing: native time into "decode_layer"
+
+    def __call__(self, x: torch.Tensor, batch, inv_freq: torch.Tensor, cache, routed_ids: list | None):
+        """x (T, C) -> the last layer's output (T, C), or None when a layer cannot run whole (x is
+        then untouched). Appends each MoE layer's expert ids (T, 1) to routed_ids, in layer order."""
+        t0 = time.perf_counter()
+        T = x.shape[0]
+        kv = batch.kv
+        specs = [b._spec_for(inv_freq, cache, kv.block_size) for b in self.bound]
+        if not all(b.runs_whole(T, s) for b, s in zip(self.bound, specs)):
+            return None
+        _check_hidden(x, specs[0])
+        if len(specs) != len(self._specs) or any(a is not b for a, b in zip(specs, self._specs)):
+            self._specs = specs
+            self._layer_ptrs = (_P * len(specs))(*(ctypes.addressof(s) for s in specs))
+            self._groups = torch.tensor([cache.group_of(b.layer.self_attn.layer) for b in self.bound])
+            for b, g in zip(self.bound, self._groups.tolist()):
+                b.layer.self_attn.group = g
+        G = len(kv.table)
+        out = torch.empty_like(x)
+        ids = torch.empty(len(self._moe_blocks), T, dtype=torch.int64)
+        failed = ctypes.c_int64(-1)
+        rc = self._fn(self._layer_ptrs, len(specs), self._groups.data_ptr(), x.data_ptr(), out.data_ptr(), T,
+                      batch.positions.data_ptr(), (_P * G)(*(w.data_ptr() for w in kv.write_rows)),
+                      (_P * G)(*(t.data_ptr() for t in kv.table)), (_P * G)(*(f.data_ptr() for f in kv.first)),
+                      kv.end.data_ptr(), (_L * G)(*(t.shape[1] for t in kv.table)), ids.data_ptr(),
+                      ctypes.byref(failed), torch.get_num_threads())
+        if rc:
+            raise _error(rc, specs[failed.value].rows)
+        if self.phase is not None:
+            self.phase["decode_layer"] += time.perf_counter() - t0
+        for m, ffn in enumerate(self._moe_blocks):
+            ffn.dispatcher.stats.received_per_layer[ffn.layer] = T
+            if routed_ids is not None:
+                routed_ids.append(ids[m].view(T, 1))
+        return out
+
+
+def _check_hidden(x: torch.Tensor, spec: _Layer) -> None:
+    if not (x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and x.shape[1] == spec.C):
+        raise ValueError(f"decode layer kernel needs contiguous fp32 CPU hidden states (T, {spec.C}), "
+                         f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+
+
 def _spec(layer, inv_freq, k_pool, v_pool, block_size: int, experts) -> _Layer:
     """experts: the MoE layer's Experts when the call may run the block whole, else None."""
     attn, ffn = layer.self_attn, layer.feed_forward
@@ -180,6 +245,8 @@ def _error(rc: int, rows: int) -> Exception:
         return MemoryError("decode layer: could not allocate its scratch buffers")
     if rc == 3:
         return RuntimeError("decode layer: no BLAS set (decode_layer_set_blas)")
+    if rc == 5:
+        return ValueError("decode stack: a MoE layer's router and experts are not in its struct")
     return ValueError("decode layer: the attention kernel refused the layer's head layout")
 
 
