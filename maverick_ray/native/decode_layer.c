@@ -3,8 +3,9 @@
  * Why: at one sequence a layer is ~25 dispatched torch ops and 3-4 ctypes calls, each costing
  * 5-10 us of host time against a few us of arithmetic; the step's matmuls alone take about as long
  * as llama.cpp's whole step (issue 21, BENCHMARKS.md). Here the layer runs start to end in C: the
- * matmuls through the BLAS torch itself uses (MKL's sgemm_/sgemv_, pointers handed in by
- * decode_layer_set_blas), the rest through this package's kernels (rms_norm.c,
+ * matmuls of up to GEMV_MAX_ROWS tokens in rows_split_matmul below, larger ones through the BLAS
+ * torch itself uses (MKL's sgemm_, a pointer handed in by decode_layer_set_blas), the rest
+ * through this package's kernels (rms_norm.c,
  * attention_prologue.c, paged_attention.c, grouped_experts.c, linked into the same library).
  *
  * Shape legend: T tokens = B sequences, C hidden, H query heads, KV kv heads, G = H / KV,
@@ -29,17 +30,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
-typedef void (*sgemv_fn)(const char *, const int *, const int *, const float *, const float *, const int *,
-                         const float *, const int *, const float *, float *, const int *);
 
 static sgemm_fn blas_sgemm;
-static sgemv_fn blas_sgemv;
 
-void decode_layer_set_blas(void *sgemm, void *sgemv) {
+void decode_layer_set_blas(void *sgemm) {
     blas_sgemm = (sgemm_fn)sgemm;
-    blas_sgemv = (sgemv_fn)sgemv;
 }
 
 /* kernels of this package, linked into the same library */
@@ -56,25 +55,67 @@ int grouped_swiglu_f32(const float *x, const int64_t *ids, int64_t R, int64_t E,
                        float *xs, float *act, int64_t *order, int64_t *starts, int64_t *units,
                        int64_t block, int nthreads);
 
+/* Few-row matmuls (T <= GEMV_MAX_ROWS) stream the weight once with its rows split between the
+ * threads: each thread walks its contiguous share of w's rows into private partial sums (T, n),
+ * which are then added up, columns split between the threads. Measured on an AMD EPYC host
+ * (BENCHMARKS.md): MKL's sgemv took the 1-row matmuls of a `mini` step at about 14 GB/s where this
+ * reaches 30-50 GB/s, and MKL's sgemm was slower still at 2-8 rows; from 16 rows on sgemm, which
+ * reuses each weight across rows from registers, is faster. */
+#define GEMV_MAX_ROWS 8
+
+typedef struct {
+    float *part;    /* (nthreads, GEMV_MAX_ROWS, widest n) partial sums */
+    int nthreads;
+} mm_ctx;
+
+static void rows_split_matmul(const mm_ctx *m, const float *x, const float *w, float *y, int64_t T, int64_t k,
+                              int64_t n, int accumulate) {
+    float *part = m->part;
+#pragma omp parallel num_threads(m->nthreads) if (m->nthreads > 1)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t per = (k + nt - 1) / nt, lo = t * per, hi = lo + per < k ? lo + per : k;
+        float *acc = part + (int64_t)t * T * n;
+        for (int64_t j = 0; j < T * n; j++) acc[j] = 0.f;
+        for (int64_t i = lo; i < hi; i++) {
+            const float *wr = w + i * n;
+            for (int64_t r = 0; r < T; r++) {
+                const float xi = x[r * k + i];
+                float *a = acc + r * n;
+                for (int64_t j = 0; j < n; j++) a[j] += xi * wr[j];
+            }
+        }
+#pragma omp barrier
+        const int64_t cper = (n + nt - 1) / nt, clo = t * cper, chi = clo + cper < n ? clo + cper : n;
+        for (int64_t r = 0; r < T; r++)
+            for (int64_t j = clo; j < chi; j++) {
+                float sum = accumulate ? y[r * n + j] : 0.f;
+                for (int u = 0; u < nt; u++) sum += part[((int64_t)u * T + r) * n + j];
+                y[r * n + j] = sum;
+            }
+    }
+}
+
 /* y (T, n) = x (T, k) @ w (k, n) row-major, + y when accumulate (the residual already in y). */
-static void matmul(const float *x, const float *w, float *y, int64_t T, int64_t k, int64_t n, int accumulate) {
-    const int m_ = (int)n, n_ = (int)T, k_ = (int)k, one = 1;
+static void matmul(const mm_ctx *m, const float *x, const float *w, float *y, int64_t T, int64_t k, int64_t n,
+                   int accumulate) {
+    if (T <= GEMV_MAX_ROWS) { rows_split_matmul(m, x, w, y, T, k, n, accumulate); return; }
+    const int m_ = (int)n, n_ = (int)T, k_ = (int)k;
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
     /* row-major y = x w is column-major y^T = w^T x^T: w^T is (n, k) with leading dimension n */
-    if (T == 1) blas_sgemv("N", &m_, &k_, &alpha, w, &m_, x, &one, &beta, y, &one);
-    else blas_sgemm("N", "N", &m_, &n_, &k_, &alpha, w, &m_, x, &k_, &beta, y, &m_);
+    blas_sgemm("N", "N", &m_, &n_, &k_, &alpha, w, &m_, x, &k_, &beta, y, &m_);
 }
 
 /* x (T, C) += (silu(y Wg) * (y Wu)) @ Wd, gate_up (C, 2I) with gate columns first. */
-static void swiglu_mlp(const float *y, const float *gate_up, const float *down, float *x, float *gu, float *act,
-                       int64_t T, int64_t C, int64_t I) {
-    matmul(y, gate_up, gu, T, C, 2 * I, 0);
+static void swiglu_mlp(const mm_ctx *m, const float *y, const float *gate_up, const float *down, float *x, float *gu,
+                       float *act, int64_t T, int64_t C, int64_t I) {
+    matmul(m, y, gate_up, gu, T, C, 2 * I, 0);
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *a = act + t * I;
         for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
-    matmul(act, down, x, T, I, C, 1);
+    matmul(m, act, down, x, T, I, C, 1);
 }
 
 typedef struct {
@@ -91,7 +132,7 @@ typedef struct {
 int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, const int64_t *positions, const int64_t *write_rows,
                      const int64_t *table, const int64_t *first, const int64_t *end, int64_t nb,
                      int64_t *routed_ids, float *y_out, int nthreads) {
-    if (!blas_sgemm || !blas_sgemv) return 3;
+    if (!blas_sgemm) return 3;
     const int64_t C = L->C, H = L->H, KV = L->KV, D = L->D, N = (H + 2 * KV) * D, E = L->E;
     const int moe = L->router != NULL && y_out == NULL;
     const int64_t wide = moe ? 2 * (L->Ie > L->Is ? L->Ie : L->Is) : 2 * L->I;
@@ -99,36 +140,41 @@ int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, c
                                                           + (C + L->expert_block - 1) / L->expert_block) : 0;
     /* scratch: xn (T, C), qkv (T, N), q (T, H D), attn (T, H D), gu (T, wide), act (T, wide / 2),
      * moe: logits (T, E), rows (T, C), routed (T, C), expert xs (T, C), expert act (T, Ie) */
+    int64_t widest = N > C ? N : C;
+    if (wide > widest) widest = wide;
+    if (moe && E > widest) widest = E;
+    const int64_t part = T <= GEMV_MAX_ROWS ? (int64_t)(nthreads > 1 ? nthreads : 1) * T * widest : 0;
     const size_t floats = (size_t)(T * (C + N + 2 * H * D + wide + wide / 2)
-                                   + (moe ? T * (E + 3 * C + L->Ie) : 0));
+                                   + (moe ? T * (E + 3 * C + L->Ie) : 0) + part);
     float *buf = malloc(sizeof(float) * floats);
     int64_t *idx = moe ? malloc(sizeof(int64_t) * (size_t)n_idx) : NULL;
     if (!buf || (moe && !idx)) { free(buf); free(idx); return 2; }
     float *xn = buf, *qkv = xn + T * C, *q = qkv + T * N, *attn = q + T * H * D, *gu = attn + T * H * D;
     float *act = gu + T * wide;
+    const mm_ctx mm = {buf + floats - part, nthreads > 1 ? nthreads : 1};
     int rc = 0;
 
     rms_norm_f32(x_in, L->w_in, xn, T, C, L->eps, nthreads);
-    matmul(xn, L->w_qkv, qkv, T, C, N, 0);
+    matmul(&mm, xn, L->w_qkv, qkv, T, C, N, 0);
     if (attention_prologue_f32(qkv, positions, T, H, KV, D, L->inv_freq, L->qk_eps, L->floor_scale, L->attn_scale,
                                q, L->k_pool, L->v_pool, write_rows, L->rows, nthreads)) { rc = 1; goto done; }
     int a = paged_attention_f32(q, L->k_pool, L->v_pool, table, first, end, NULL, T, T, nb, KV, H / KV, D,
                                 L->block_size, L->chunk, L->scale, attn, nthreads);
     if (a) { rc = a == 2 ? 2 : 4; goto done; }
     if (x != x_in) memcpy(x, x_in, sizeof(float) * (size_t)(T * C));
-    matmul(attn, L->w_o, x, T, H * D, C, 1);                       /* x = h */
+    matmul(&mm, attn, L->w_o, x, T, H * D, C, 1);                       /* x = h */
     if (y_out) {
         rms_norm_f32(x, L->w_post, y_out, T, C, L->eps, nthreads);
         goto done;
     }
     rms_norm_f32(x, L->w_post, xn, T, C, L->eps, nthreads);        /* xn = y */
     if (!moe) {
-        swiglu_mlp(xn, L->mlp_gate_up, L->mlp_down, x, gu, act, T, C, L->I);
+        swiglu_mlp(&mm, xn, L->mlp_gate_up, L->mlp_down, x, gu, act, T, C, L->I);
         goto done;
     }
     float *logits = act + T * wide / 2, *rows = logits + T * E, *routed = rows + T * C;
     float *exs = routed + T * C, *eact = exs + T * C;
-    matmul(xn, L->router, logits, T, C, E, 0);
+    matmul(&mm, xn, L->router, logits, T, C, E, 0);
     for (int64_t t = 0; t < T; t++) {              /* top-1; the first of equal maxima, as torch.topk */
         const float *l = logits + t * E;
         int64_t best = 0;
@@ -142,7 +188,7 @@ int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, c
                            exs, eact, idx, idx + T, idx + T + 2 * (E + 1), L->expert_block, nthreads)) {
         rc = 4; goto done;   /* unreachable: the ids come from the argmax above, all in [0, E) */
     }
-    swiglu_mlp(xn, L->shared_gate_up, L->shared_down, x, gu, act, T, C, L->Is);   /* x = h + shared(y) */
+    swiglu_mlp(&mm, xn, L->shared_gate_up, L->shared_down, x, gu, act, T, C, L->Is);   /* x = h + shared(y) */
     for (int64_t j = 0; j < T * C; j++) x[j] += routed[j];
 done:
     free(buf);

@@ -30,15 +30,15 @@ class _Layer(ctypes.Structure):
     _fields_ = [(n, _L) for n in _SIZES] + [(n, _F) for n in _FLOATS] + [(n, _P) for n in _WEIGHTS]
 
 
-def _blas() -> tuple[int, int] | None:
-    """Addresses of sgemm_ and sgemv_ in the BLAS torch's CPU library carries (MKL on x86 wheels):
-    the layer's matmuls run in the same BLAS, with the same threads, as torch.mm."""
+def _blas() -> int | None:
+    """Address of sgemm_ in the BLAS torch's CPU library carries (MKL on x86 wheels): the layer's
+    matmuls of more than a few tokens run in the same BLAS, with the same threads, as torch.mm."""
     lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
         handle = ctypes.CDLL(str(lib))
-        return ctypes.cast(handle.sgemm_, _P).value, ctypes.cast(handle.sgemv_, _P).value
+        return ctypes.cast(handle.sgemm_, _P).value
     except (OSError, AttributeError) as exc:
-        log.warning("native decode layer unavailable: no sgemm_/sgemv_ in %s (%s)", lib, exc)
+        log.warning("native decode layer unavailable: no sgemm_ in %s (%s)", lib, exc)
         return None
 
 
@@ -257,6 +257,6 @@ def decode_layer_kernel() -> DecodeLayerKernel | None:
     blas = _blas() if lib is not None else None
     if blas is None:
         return None
-    lib.decode_layer_set_blas.argtypes = [_P, _P]
-    lib.decode_layer_set_blas(*blas)
+    lib.decode_layer_set_blas.argtypes = [_P]
+    lib.decode_layer_set_blas(blas)
     return DecodeLayerKernel(lib)
