@@ -74,8 +74,22 @@ def machine_rates() -> tuple[float, float]:
     return matmul_rate(), memory_bandwidth()
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest x86 vector extension from /proc/cpuinfo (e.g. "AMD EPYC,
+    avx512"): hosts of different kinds rank BLAS and llama.cpp differently (BENCHMARKS.md), so
+    figures name the kind they were measured on. The bare machine type where there is no cpuinfo."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.machine()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "")
+    return ", ".join(x for x in (model or platform.machine(), isa.replace("avx512f", "avx512")) if x)
+
+
 def machine_line() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    return (f"{platform.machine()} ({cpu_name()}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
 
 
