@@ -80,8 +80,9 @@ def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
     return logits, [r.view(-1) for r in routed]
 
 
-# 1 sequence (the BLAS gemv path), 6 (gemm), positions across chunk (8) and block (4) boundaries
-@pytest.mark.parametrize("starts", [[13], [0, 5, 8, 17, 31, 62]], ids=["1seq", "6seqs"])
+# 1 and 3 sequences (the few-row matmul kernel), 6 (BLAS gemm), positions across chunk (8) and
+# block (4) boundaries
+@pytest.mark.parametrize("starts", [[13], [7, 40, 62], [0, 5, 8, 17, 31, 62]], ids=["1seq", "3seqs", "6seqs"])
 @pytest.mark.parametrize("qk_norm", [True, False])
 # 2 query heads per kv head with 4-token blocks and chunks of 8 (the attention kernel's generic
 # loop), 3 per kv head with 16-token blocks and no chunking (its vector path)

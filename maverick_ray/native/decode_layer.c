@@ -57,11 +57,11 @@ int grouped_swiglu_f32(const float *x, const int64_t *ids, int64_t R, int64_t E,
 
 /* Few-row matmuls (T <= GEMV_MAX_ROWS) stream the weight once with its rows split between the
  * threads: each thread walks its contiguous share of w's rows into private partial sums (T, n),
- * which are then added up, columns split between the threads. Measured on an AMD EPYC host
- * (BENCHMARKS.md): MKL's sgemv took the 1-row matmuls of a `mini` step at about 14 GB/s where this
- * reaches 30-50 GB/s, and MKL's sgemm was slower still at 2-8 rows; from 16 rows on sgemm, which
- * reuses each weight across rows from registers, is faster. */
-#define GEMV_MAX_ROWS 8
+ * which are then added up, columns split between the threads. Measured in a `mini` engine on an
+ * AMD EPYC host, alternating step by step (BENCHMARKS.md): at 1, 2 and 4 sequences the decode
+ * forward took 1.5, 2.9 and 4.3 ms this way against 2.2, 3.7 and 4.8 ms through MKL's sgemv/sgemm;
+ * from 6 rows MKL's sgemm, which reuses each weight across rows, was faster (4.0 against 4.9 ms). */
+#define GEMV_MAX_ROWS 4
 
 typedef struct {
     float *part;    /* (nthreads, GEMV_MAX_ROWS, widest n) partial sums */
