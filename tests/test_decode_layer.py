@@ -55,7 +55,10 @@ def model_and_caches(qk_norm: bool, kernel, g, block: int = 4, heads: int = 4, c
     for layer in model.model.layers:
         assert layer.self_attn.use_prologue(attention_prologue_kernel())
         assert layer.use_decode_kernel(kernel)
-    model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers])   # as a rank does
+    # as a rank does: the layers, the final norm and lm_head of a decode step in one call
+    model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers], model.model.norm,
+                                      model.lm_head)
+    assert model.decode_stack.returns_logits
     return text, model, layout, caches
 
 
@@ -87,12 +90,14 @@ def run(model, layout, cache, starts, native: bool, g_seed: int = 3):
 # 2 query heads per kv head with 4-token blocks and chunks of 8 (the attention kernel's generic
 # loop), 3 per kv head with 16-token blocks and no chunking (its vector path)
 @pytest.mark.parametrize("heads,block,chunk", [(4, 4, 8), (6, 16, None)], ids=["g2-b4-chunked", "g3-b16"])
-@pytest.mark.parametrize("stacked", [True, False], ids=["one-call", "per-layer"])
+# the whole step in one call with the final norm and lm_head, its layers in one call, one per layer
+@pytest.mark.parametrize("stacked", ["with-head", "layers", None], ids=["one-call", "one-call-no-head", "per-layer"])
 def test_decode_layers_equal_the_torch_path(kernel, starts, qk_norm, heads, block, chunk, stacked):
     text, model, layout, caches = model_and_caches(qk_norm, kernel, torch.Generator().manual_seed(1), block, heads,
                                                    chunk)
-    if not stacked:
-        model.decode_stack = None
+    if stacked != "with-head":
+        model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers]) if stacked else None
+        assert stacked is None or not model.decode_stack.returns_logits
     want, want_ids = run(model, layout, caches[0], starts, native=False)
     got, got_ids = run(model, layout, caches[1], starts, native=True)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
@@ -120,7 +125,8 @@ def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kern
     run(model, layout, caches[0], [3, 9], native=True)
     assert calls == list(model.model.layers) and torch_moe == []
     calls.clear()
-    model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers])
+    model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers], model.model.norm,
+                                      model.lm_head)
     # 9 tokens for 4 experts: past the grouped kernel's rows, so the MoE blocks run on torch
     # (per-expert BLAS) after the native attention half; the result is the torch path's
     many = list(range(3, 3 + 9 * 7, 7))

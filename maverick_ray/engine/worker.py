@@ -209,7 +209,8 @@ class RankWorker:
         layers = self.model.model.layers
         self.native_decode_layers = sum([layer.use_decode_kernel(kernel) for layer in layers])
         if kernel is not None and self.native_decode_layers == len(layers):   # steps where all run whole: one call
-            self.model.decode_stack = kernel.stack([layer.decode_kernel for layer in layers])
+            self.model.decode_stack = kernel.stack([layer.decode_kernel for layer in layers], self.model.model.norm,
+                                                   self.model.lm_head)
         if self.native_decode_layers:
             log.info("rank %d: %d of %d decoder layers run decode steps in one native call", self.rank,
                      self.native_decode_layers, len(self.model.model.layers))

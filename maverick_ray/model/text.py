@@ -120,6 +120,8 @@ class TextModel(nn.Module):
                   and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled())
         stacked = self.decode_stack(x, batch, self.inv_freq, cache, routed_ids) \
             if native and self.decode_stack is not None else None
+        if stacked is not None and self.decode_stack.returns_logits:
+            return stacked   # a decode step: every row is a last token, all_logits or not
         for layer in self.model.layers if stacked is None else ():
             kernel = layer.decode_kernel
             if native and kernel is not None:

@@ -200,13 +200,22 @@ done:
  * checks, ctypes conversion, buffers) cost ~35 us a layer, once per step instead. Layer l reads its
  * group's cache views (group[l] indexes write_rows, tables, firsts, nbs); the first layer reads
  * x_in, every layer then updates x in place. MoE layers (router set) write their routed expert of
- * each token to routed_ids, (number of MoE layers, T) in layer order. On failure returns
- * decode_layer_f32's code (5: a MoE layer without its router and experts in the struct, which
- * the caller must run layer by layer) with the failing layer's index in *failed. */
+ * each token to routed_ids, (number of MoE layers, T) in layer order. With head->w_lm set, the
+ * final RMSNorm and lm_head follow: logits (T, V) = rmsnorm(x, w_norm) @ w_lm (C, V), with the
+ * same few-row matmul as the layers (torch's addmm would take the 1-row case to MKL's sgemv). On
+ * failure returns decode_layer_f32's code (5: a MoE layer without its router and experts in the
+ * struct, which the caller must run layer by layer) with the failing layer's index in *failed. */
+typedef struct {
+    const float *w_norm, *w_lm;
+    float eps;
+    int64_t V;
+    float *logits;
+} head_t;
+
 int decode_stack_f32(const layer_t *const *layers, int64_t n_layers, const int64_t *group, const float *x_in,
                      float *x, int64_t T, const int64_t *positions, const int64_t *const *write_rows,
                      const int64_t *const *tables, const int64_t *const *firsts, const int64_t *end,
-                     const int64_t *nbs, int64_t *routed_ids, int64_t *failed, int nthreads) {
+                     const int64_t *nbs, int64_t *routed_ids, const head_t *head, int64_t *failed, int nthreads) {
     int64_t moe = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const layer_t *L = layers[l];
@@ -217,5 +226,14 @@ int decode_stack_f32(const layer_t *const *layers, int64_t n_layers, const int64
         if (rc) { *failed = l; return rc; }
         if (L->router) moe++;
     }
+    if (!head || !head->w_lm) return 0;
+    const int64_t C = layers[0]->C, V = head->V;
+    const int64_t part = T <= GEMV_MAX_ROWS ? (int64_t)(nthreads > 1 ? nthreads : 1) * T * V : 0;
+    float *buf = malloc(sizeof(float) * (size_t)(T * C + part));
+    if (!buf) { *failed = n_layers; return 2; }
+    const mm_ctx mm = {buf + T * C, nthreads > 1 ? nthreads : 1};
+    rms_norm_f32(x, head->w_norm, buf, T, C, head->eps, nthreads);
+    matmul(&mm, buf, head->w_lm, head->logits, T, C, V, 0);
+    free(buf);
     return 0;
 }

@@ -54,12 +54,13 @@ class DecodeLayerKernel:
         self._fn.argtypes = [_P, _P, _P, _L, _P, _P, _P, _P, _P, _L, _P, _P, ctypes.c_int]
         self._fn.restype = ctypes.c_int
         self._stack_fn = lib.decode_stack_f32
-        self._stack_fn.argtypes = [_P, _L, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        self._stack_fn.argtypes = [_P, _L, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         self._stack_fn.restype = ctypes.c_int
 
-    def stack(self, bound: list["BoundDecodeLayer"]) -> "DecodeStack":
-        """The runner of a whole model's decode step in one call, over every layer's runner."""
-        return DecodeStack(self._stack_fn, bound)
+    def stack(self, bound: list["BoundDecodeLayer"], norm=None, lm_head=None) -> "DecodeStack":
+        """The runner of a whole model's decode step in one call, over every layer's runner; with
+        the final `norm` (RMSNorm) and `lm_head` (fused: `wt` (C, V)) it returns logits."""
+        return DecodeStack(self._stack_fn, bound, norm, lm_head)
 
     def bind(self, layer) -> "BoundDecodeLayer | None":
         """`layer`'s runner when its weights have the layout the kernel reads: fp32 CPU, fused for
@@ -159,13 +160,22 @@ class BoundDecodeLayer:
         return spec
 
 
+class _Head(ctypes.Structure):
+    _fields_ = [("w_norm", _P), ("w_lm", _P), ("eps", _F), ("V", _L), ("logits", _P)]
+
+
 class DecodeStack:
     """Every decoder layer of an fp32 CPU decode step in one native call (decode_stack_f32), when
     each runs whole (`BoundDecodeLayer.runs_whole`); else the caller runs them one by one. Saves
-    the per-layer Python wrapper, ~35 us a layer (BENCHMARKS.md), which grows with the layer count."""
+    the per-layer Python wrapper, ~35 us a layer (BENCHMARKS.md), which grows with the layer count.
+    Given the final norm and lm_head, the same call ends with the logits."""
 
-    def __init__(self, fn, bound: list[BoundDecodeLayer]):
+    def __init__(self, fn, bound: list[BoundDecodeLayer], norm=None, lm_head=None):
         self._fn, self.bound = fn, bound
+        wt = getattr(lm_head, "wt", None)
+        self.returns_logits = (norm is not None and wt is not None and wt.dtype == torch.float32 and wt.is_cpu
+                               and wt.is_contiguous() and norm.weight.dtype == torch.float32)
+        self._norm, self._lm = (norm, lm_head) if self.returns_logits else (None, None)
         self._specs: list[_Layer] = []
         self._layer_ptrs = None                   # (L,) addresses of the layers' structs, for _specs
         self._groups: torch.Tensor | None = None  # (L,) each layer's KV cache group
@@ -173,8 +183,9 @@ class DecodeStack:
         self.phase: dict | None = None             # RankWorker.enable_phase_timing: native time into "decode_layer"
 
     def __call__(self, x: torch.Tensor, batch, inv_freq: torch.Tensor, cache, routed_ids: list | None):
-        """x (T, C) -> the last layer's output (T, C), or None when a layer cannot run whole (x is
-        then untouched). Appends each MoE layer's expert ids (T, 1) to routed_ids, in layer order."""
+        """x (T, C) -> the last layer's output (T, C), or the logits (T, V) when `returns_logits`;
+        None when a layer cannot run whole (x is then untouched). Appends each MoE layer's expert
+        ids (T, 1) to routed_ids, in layer order."""
         t0 = time.perf_counter()
         T = x.shape[0]
         kv = batch.kv
@@ -192,12 +203,20 @@ class DecodeStack:
         out = torch.empty_like(x)
         ids = torch.empty(len(self._moe_blocks), T, dtype=torch.int64)
         failed = ctypes.c_int64(-1)
+        head, logits = None, None
+        if self.returns_logits:
+            wt = self._lm.wt
+            logits = torch.empty(T, wt.shape[1])
+            head = _Head(w_norm=self._norm.weight.data_ptr(), w_lm=wt.data_ptr(), eps=self._norm.eps, V=wt.shape[1],
+                         logits=logits.data_ptr())
         rc = self._fn(self._layer_ptrs, len(specs), self._groups.data_ptr(), x.data_ptr(), out.data_ptr(), T,
                       batch.positions.data_ptr(), (_P * G)(*(w.data_ptr() for w in kv.write_rows)),
                       (_P * G)(*(t.data_ptr() for t in kv.table)), (_P * G)(*(f.data_ptr() for f in kv.first)),
                       kv.end.data_ptr(), (_L * G)(*(t.shape[1] for t in kv.table)), ids.data_ptr(),
-                      ctypes.byref(failed), torch.get_num_threads())
+                      None if head is None else ctypes.byref(head), ctypes.byref(failed), torch.get_num_threads())
         if rc:
+            if failed.value == len(specs):
+                raise MemoryError("decode stack: could not allocate the lm_head's scratch buffers")
             raise _error(rc, specs[failed.value].rows)
         if self.phase is not None:
             self.phase["decode_layer"] += time.perf_counter() - t0
@@ -205,7 +224,7 @@ class DecodeStack:
             ffn.dispatcher.stats.received_per_layer[ffn.layer] = T
             if routed_ids is not None:
                 routed_ids.append(ids[m].view(T, 1))
-        return out
+        return out if logits is None else logits
 
 
 def _check_hidden(x: torch.Tensor, spec: _Layer) -> None:
