@@ -127,9 +127,11 @@ def test_the_kernel_runs_every_layer_of_a_decode_step_and_none_of_a_prefill(kern
     calls.clear()
     model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers], model.model.norm,
                                       model.lm_head)
-    # 9 tokens for 4 experts: past the grouped kernel's rows, so the MoE blocks run on torch
-    # (per-expert BLAS) after the native attention half; the result is the torch path's
-    many = list(range(3, 3 + 9 * 7, 7))
+    # past the grouped kernel's rows for 4 experts, so the MoE blocks run on torch (per-expert
+    # BLAS) after the native attention half; the result is the torch path's
+    from maverick_ray.model.moe import Experts
+
+    many = [i % 3 for i in range(Experts.KERNEL_MAX_ROWS_PER_EXPERT * 4 + 1)]   # one cache block each
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         b.copy_(a)
     got, got_ids = run(model, layout, caches[0], many, native=True)

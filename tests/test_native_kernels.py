@@ -76,13 +76,14 @@ def test_experts_use_kernel_for_few_rows_and_blas_for_many(kernel):
 
     assert ex.use_kernel(Spy())
     with torch.no_grad():
-        for rows in (1, 16, 17, 200):  # the kernel takes up to 2 rows per local expert (16 here)
+        limit = ex.KERNEL_MAX_ROWS_PER_EXPERT * 8   # the kernel's rows: so many per local expert
+        for rows in (1, limit, limit + 1, 3 * limit):
             ex(torch.randn(rows, 64), torch.randint(0, 8, (rows,)))
         ex(torch.randn(0, 64), torch.zeros(0, dtype=torch.long))
-    assert calls == [1, 16]
+    assert calls == [1, limit]
     x = torch.randn(4, 64, requires_grad=True)  # autograd always takes the torch path
     ex(x, torch.tensor([0, 1, 2, 3])).sum().backward()
-    assert calls == [1, 16] and x.grad is not None
+    assert calls == [1, limit] and x.grad is not None
 
 
 def test_build_caches_by_source_and_reports_compiler_errors(tmp_path):
