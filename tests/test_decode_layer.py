@@ -35,8 +35,9 @@ def model_and_caches(qk_norm: bool, kernel, g, block: int = 4, heads: int = 4, c
     """A 4-layer model (2 dense, 2 MoE layers; 3 RoPE layers, chunked unless chunk is None, 1
     NoPE; `heads` query heads over 2 kv heads) with the per-op kernels attached as a rank
     attaches them, and two caches holding the same random contents."""
+    # a vocabulary of 7 x 16: lm_head packs into panels like the projections (all but the 4-expert router)
     text = dataclasses.replace(small_text(chunk, heads), use_qk_norm=qk_norm, attn_temperature_tuning=True,
-                               floor_scale=4.0, attn_scale=0.1, moe_layers=(1, 3))
+                               floor_scale=4.0, attn_scale=0.1, moe_layers=(1, 3), vocab_size=112)
     model = TextModel(text)
     with torch.no_grad():
         for p in model.parameters():
@@ -58,7 +59,8 @@ def model_and_caches(qk_norm: bool, kernel, g, block: int = 4, heads: int = 4, c
     # as a rank does: the layers, the final norm and lm_head of a decode step in one call
     model.decode_stack = kernel.stack([layer.decode_kernel for layer in model.model.layers], model.model.norm,
                                       model.lm_head)
-    assert model.decode_stack.returns_logits
+    assert model.decode_stack.returns_logits and model.decode_stack._lm_panels is not None
+    assert all({"qkv", "o"} <= set(layer.decode_kernel._panels) for layer in model.model.layers)
     return text, model, layout, caches
 
 

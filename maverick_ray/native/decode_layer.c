@@ -96,10 +96,69 @@ static void rows_split_matmul(const mm_ctx *m, const float *x, const float *w, f
     }
 }
 
-/* y (T, n) = x (T, k) @ w (k, n) row-major, + y when accumulate (the residual already in y). */
-static void matmul(const mm_ctx *m, const float *x, const float *w, float *y, int64_t T, int64_t k, int64_t n,
-                   int accumulate) {
+/* Matmuls of GEMV_MAX_ROWS + 1 .. PANEL_MAX_ROWS rows read the weight packed in panels of NB
+ * columns, (n / NB, k, NB): each panel is contiguous, so a thread streams whole panels while it
+ * keeps RB x NB outputs in vector registers over all of k (TILE_ROWS). On the AMD EPYC host,
+ * weights from memory, 8-32 rows: 1.7-2.3x MKL's sgemm (BENCHMARKS.md); the same kernel over the
+ * row-major weight (64 bytes a row at a stride) was slower than MKL in the engine. Built for
+ * AVX-512, AVX2 and baseline x86-64, picked at load time (target_clones). */
+#define PANEL_MAX_ROWS 32
+#define NB 16
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));   /* unaligned loads and stores */
+#define LOAD8(p) (*(const v8u *)(p))
+#define STORE8(p, v) (*(v8u *)(p) = (v))
+
+/* w (k, n) row-major -> panels (n / NB, k, NB); n a multiple of NB. */
+void decode_layer_pack_panels(const float *w, float *panels, int64_t k, int64_t n) {
+    for (int64_t tj = 0; tj < n / NB; tj++)
+        for (int64_t i = 0; i < k; i++)
+            memcpy(panels + (tj * k + i) * NB, w + i * n + tj * NB, sizeof(float) * NB);
+}
+
+#define TILE_ROWS(RB)                                                                              \
+    for (; r0 + (RB) <= T; r0 += (RB)) {                                                           \
+        v8 a[RB][2];                                                                               \
+        for (int r = 0; r < (RB); r++) {                                                           \
+            a[r][0] = accumulate ? LOAD8(y + (r0 + r) * n + j) : (v8){0};                          \
+            a[r][1] = accumulate ? LOAD8(y + (r0 + r) * n + j + 8) : (v8){0};                      \
+        }                                                                                          \
+        for (int64_t i = 0; i < k; i++) {                                                          \
+            const v8 w0 = LOAD8(panel + i * NB), w1 = LOAD8(panel + i * NB + 8);                   \
+            for (int r = 0; r < (RB); r++) {                                                       \
+                const float xv = x[(r0 + r) * k + i];                                              \
+                a[r][0] += xv * w0;                                                                \
+                a[r][1] += xv * w1;                                                                \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < (RB); r++) {                                                           \
+            STORE8(y + (r0 + r) * n + j, a[r][0]);                                                 \
+            STORE8(y + (r0 + r) * n + j + 8, a[r][1]);                                             \
+        }                                                                                          \
+    }
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+static void panel_matmul(const mm_ctx *m, const float *x, const float *panels, float *y, int64_t T, int64_t k,
+                         int64_t n, int accumulate) {
+#pragma omp parallel for num_threads(m->nthreads) schedule(static) if (m->nthreads > 1)
+    for (int64_t tj = 0; tj < n / NB; tj++) {
+        const int64_t j = tj * NB;
+        const float *panel = panels + tj * k * NB;
+        int64_t r0 = 0;
+        TILE_ROWS(6)
+        TILE_ROWS(4)
+        TILE_ROWS(2)
+        TILE_ROWS(1)
+    }
+}
+
+/* y (T, n) = x (T, k) @ w (k, n) row-major, + y when accumulate (the residual already in y);
+ * panels: the same weight packed (decode_layer_pack_panels), or NULL. */
+static void matmul(const mm_ctx *m, const float *x, const float *w, const float *panels, float *y, int64_t T,
+                   int64_t k, int64_t n, int accumulate) {
     if (T <= GEMV_MAX_ROWS) { rows_split_matmul(m, x, w, y, T, k, n, accumulate); return; }
+    if (panels && T <= PANEL_MAX_ROWS) { panel_matmul(m, x, panels, y, T, k, n, accumulate); return; }
     const int m_ = (int)n, n_ = (int)T, k_ = (int)k;
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
     /* row-major y = x w is column-major y^T = w^T x^T: w^T is (n, k) with leading dimension n */
@@ -107,15 +166,16 @@ static void matmul(const mm_ctx *m, const float *x, const float *w, float *y, in
 }
 
 /* x (T, C) += (silu(y Wg) * (y Wu)) @ Wd, gate_up (C, 2I) with gate columns first. */
-static void swiglu_mlp(const mm_ctx *m, const float *y, const float *gate_up, const float *down, float *x, float *gu,
-                       float *act, int64_t T, int64_t C, int64_t I) {
-    matmul(m, y, gate_up, gu, T, C, 2 * I, 0);
+static void swiglu_mlp(const mm_ctx *m, const float *y, const float *gate_up, const float *gate_up_panels,
+                       const float *down, const float *down_panels, float *x, float *gu, float *act, int64_t T,
+                       int64_t C, int64_t I) {
+    matmul(m, y, gate_up, gate_up_panels, gu, T, C, 2 * I, 0);
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *a = act + t * I;
         for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
-    matmul(m, act, down, x, T, I, C, 1);
+    matmul(m, act, down, down_panels, x, T, I, C, 1);
 }
 
 typedef struct {
@@ -127,6 +187,8 @@ typedef struct {
     const float *mlp_gate_up, *mlp_down;
     const float *router, *shared_gate_up, *shared_down, *experts_gate_up, *experts_down;
     float *k_pool, *v_pool;
+    /* the same projections packed in panels (decode_layer_pack_panels), each NULL when not */
+    const float *p_qkv, *p_o, *p_mlp_gate_up, *p_mlp_down, *p_router, *p_shared_gate_up, *p_shared_down;
 } layer_t;
 
 int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, const int64_t *positions, const int64_t *write_rows,
@@ -155,26 +217,26 @@ int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, c
     int rc = 0;
 
     rms_norm_f32(x_in, L->w_in, xn, T, C, L->eps, nthreads);
-    matmul(&mm, xn, L->w_qkv, qkv, T, C, N, 0);
+    matmul(&mm, xn, L->w_qkv, L->p_qkv, qkv, T, C, N, 0);
     if (attention_prologue_f32(qkv, positions, T, H, KV, D, L->inv_freq, L->qk_eps, L->floor_scale, L->attn_scale,
                                q, L->k_pool, L->v_pool, write_rows, L->rows, nthreads)) { rc = 1; goto done; }
     int a = paged_attention_f32(q, L->k_pool, L->v_pool, table, first, end, NULL, T, T, nb, KV, H / KV, D,
                                 L->block_size, L->chunk, L->scale, attn, nthreads);
     if (a) { rc = a == 2 ? 2 : 4; goto done; }
     if (x != x_in) memcpy(x, x_in, sizeof(float) * (size_t)(T * C));
-    matmul(&mm, attn, L->w_o, x, T, H * D, C, 1);                       /* x = h */
+    matmul(&mm, attn, L->w_o, L->p_o, x, T, H * D, C, 1);                       /* x = h */
     if (y_out) {
         rms_norm_f32(x, L->w_post, y_out, T, C, L->eps, nthreads);
         goto done;
     }
     rms_norm_f32(x, L->w_post, xn, T, C, L->eps, nthreads);        /* xn = y */
     if (!moe) {
-        swiglu_mlp(&mm, xn, L->mlp_gate_up, L->mlp_down, x, gu, act, T, C, L->I);
+        swiglu_mlp(&mm, xn, L->mlp_gate_up, L->p_mlp_gate_up, L->mlp_down, L->p_mlp_down, x, gu, act, T, C, L->I);
         goto done;
     }
     float *logits = act + T * wide / 2, *rows = logits + T * E, *routed = rows + T * C;
     float *exs = routed + T * C, *eact = exs + T * C;
-    matmul(&mm, xn, L->router, logits, T, C, E, 0);
+    matmul(&mm, xn, L->router, L->p_router, logits, T, C, E, 0);
     for (int64_t t = 0; t < T; t++) {              /* top-1; the first of equal maxima, as torch.topk */
         const float *l = logits + t * E;
         int64_t best = 0;
@@ -188,7 +250,8 @@ int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, c
                            exs, eact, idx, idx + T, idx + T + 2 * (E + 1), L->expert_block, nthreads)) {
         rc = 4; goto done;   /* unreachable: the ids come from the argmax above, all in [0, E) */
     }
-    swiglu_mlp(&mm, xn, L->shared_gate_up, L->shared_down, x, gu, act, T, C, L->Is);   /* x = h + shared(y) */
+    swiglu_mlp(&mm, xn, L->shared_gate_up, L->p_shared_gate_up, L->shared_down, L->p_shared_down, x, gu, act,
+               T, C, L->Is);   /* x = h + shared(y) */
     for (int64_t j = 0; j < T * C; j++) x[j] += routed[j];
 done:
     free(buf);
@@ -206,7 +269,7 @@ done:
  * failure returns decode_layer_f32's code (5: a MoE layer without its router and experts in the
  * struct, which the caller must run layer by layer) with the failing layer's index in *failed. */
 typedef struct {
-    const float *w_norm, *w_lm;
+    const float *w_norm, *w_lm, *p_lm;   /* p_lm: w_lm packed in panels, or NULL */
     float eps;
     int64_t V;
     float *logits;
@@ -233,7 +296,7 @@ int decode_stack_f32(const layer_t *const *layers, int64_t n_layers, const int64
     if (!buf) { *failed = n_layers; return 2; }
     const mm_ctx mm = {buf + T * C, nthreads > 1 ? nthreads : 1};
     rms_norm_f32(x, head->w_norm, buf, T, C, head->eps, nthreads);
-    matmul(&mm, buf, head->w_lm, head->logits, T, C, V, 0);
+    matmul(&mm, buf, head->w_lm, head->p_lm, head->logits, T, C, V, 0);
     free(buf);
     return 0;
 }

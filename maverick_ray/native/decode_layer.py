@@ -23,7 +23,9 @@ _P, _L, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIZES = ("C", "H", "KV", "D", "I", "E", "Ie", "Is", "rows", "block_size", "chunk", "expert_block")
 _FLOATS = ("eps", "qk_eps", "floor_scale", "attn_scale", "scale")
 _WEIGHTS = ("w_in", "w_qkv", "w_o", "w_post", "inv_freq", "mlp_gate_up", "mlp_down", "router", "shared_gate_up",
-            "shared_down", "experts_gate_up", "experts_down", "k_pool", "v_pool")
+            "shared_down", "experts_gate_up", "experts_down", "k_pool", "v_pool",
+            "p_qkv", "p_o", "p_mlp_gate_up", "p_mlp_down", "p_router", "p_shared_gate_up", "p_shared_down")
+PANEL = 16   # columns of a packed panel (decode_layer.c NB): weights whose width is not a multiple stay unpacked
 
 
 class _Layer(ctypes.Structure):
@@ -56,11 +58,26 @@ class DecodeLayerKernel:
         self._stack_fn = lib.decode_stack_f32
         self._stack_fn.argtypes = [_P, _L, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         self._stack_fn.restype = ctypes.c_int
+        self._pack = lib.decode_layer_pack_panels
+        self._pack.argtypes = [_P, _P, _L, _L]
+        self._pack.restype = None
+
+    def panels(self, wt: torch.Tensor | None) -> torch.Tensor | None:
+        """wt (k, n), fp32 row-major -> the same weight packed in panels of PANEL columns, (n / PANEL, k,
+        PANEL), for the layer's 5-32-row matmuls (decode_layer.c: panel_matmul); None when it cannot be
+        (another dtype or layout, a width not a multiple of PANEL: that matmul goes to BLAS). The
+        panels are a second copy of the weight, made once at bind time."""
+        if (wt is None or wt.dim() != 2 or wt.dtype != torch.float32 or not wt.is_cpu or not wt.is_contiguous()
+                or wt.shape[1] % PANEL):
+            return None
+        out = torch.empty(wt.shape[1] // PANEL, wt.shape[0], PANEL)
+        self._pack(wt.data_ptr(), out.data_ptr(), wt.shape[0], wt.shape[1])
+        return out
 
     def stack(self, bound: list["BoundDecodeLayer"], norm=None, lm_head=None) -> "DecodeStack":
         """The runner of a whole model's decode step in one call, over every layer's runner; with
         the final `norm` (RMSNorm) and `lm_head` (fused: `wt` (C, V)) it returns logits."""
-        return DecodeStack(self._stack_fn, bound, norm, lm_head)
+        return DecodeStack(self, bound, norm, lm_head)
 
     def bind(self, layer) -> "BoundDecodeLayer | None":
         """`layer`'s runner when its weights have the layout the kernel reads: fp32 CPU, fused for
@@ -72,11 +89,11 @@ class DecodeLayerKernel:
             return None
         if not layer.is_moe:
             ok = ffn.gate_up is not None and getattr(ffn.down_proj, "wt", None) is not None
-            return BoundDecodeLayer(self._fn, layer, False) if ok else None
+            return BoundDecodeLayer(self, layer, False) if ok else None
         shared = ffn.shared_expert   # a MoE layer binds anyway: its attention half at least runs native
         whole = (ffn.top_k == 1 and getattr(ffn.router, "wt", None) is not None and shared.gate_up is not None
                  and getattr(shared.down_proj, "wt", None) is not None)
-        return BoundDecodeLayer(self._fn, layer, whole)
+        return BoundDecodeLayer(self, layer, whole)
 
 
 class BoundDecodeLayer:
@@ -84,10 +101,11 @@ class BoundDecodeLayer:
     layers whole too when `runs_moe`, else the call stops after the attention half and the MoE
     block runs on torch (experts on other ranks at EP > 1, a routing test hook)."""
 
-    def __init__(self, fn, layer, moe_layout: bool):
+    def __init__(self, kernel: DecodeLayerKernel, layer, moe_layout: bool):
         from ..model.moe import LocalDispatcher
 
-        self._fn, self.layer, self._local = fn, layer, LocalDispatcher
+        self._fn, self.layer, self._local = kernel._fn, layer, LocalDispatcher
+        self._panels = _layer_panels(kernel, layer, moe_layout)   # name -> packed copy (fixed once loaded)
         self._moe_layout = moe_layout    # a MoE layer's router and shared expert in the layout read
         self._spec: _Layer | None = None
         self._spec_key: tuple = ()
@@ -155,13 +173,13 @@ class BoundDecodeLayer:
         spec, old = self._spec, self._spec_key
         if (spec is None or spec.block_size != block_size or len(key) != len(old)
                 or any(a is not b for a, b in zip(key, old))):
-            spec = _spec(layer, inv_freq, k_pool, v_pool, block_size, experts)
+            spec = _spec(layer, inv_freq, k_pool, v_pool, block_size, experts, self._panels)
             self._spec, self._spec_key = spec, key
         return spec
 
 
 class _Head(ctypes.Structure):
-    _fields_ = [("w_norm", _P), ("w_lm", _P), ("eps", _F), ("V", _L), ("logits", _P)]
+    _fields_ = [("w_norm", _P), ("w_lm", _P), ("p_lm", _P), ("eps", _F), ("V", _L), ("logits", _P)]
 
 
 class DecodeStack:
@@ -170,12 +188,13 @@ class DecodeStack:
     the per-layer Python wrapper, ~35 us a layer (BENCHMARKS.md), which grows with the layer count.
     Given the final norm and lm_head, the same call ends with the logits."""
 
-    def __init__(self, fn, bound: list[BoundDecodeLayer], norm=None, lm_head=None):
-        self._fn, self.bound = fn, bound
+    def __init__(self, kernel: DecodeLayerKernel, bound: list[BoundDecodeLayer], norm=None, lm_head=None):
+        self._fn, self.bound = kernel._stack_fn, bound
         wt = getattr(lm_head, "wt", None)
         self.returns_logits = (norm is not None and wt is not None and wt.dtype == torch.float32 and wt.is_cpu
                                and wt.is_contiguous() and norm.weight.dtype == torch.float32)
         self._norm, self._lm = (norm, lm_head) if self.returns_logits else (None, None)
+        self._lm_panels = kernel.panels(wt) if self.returns_logits else None
         self._specs: list[_Layer] = []
         self._layer_ptrs = None                   # (L,) addresses of the layers' structs, for _specs
         self._groups: torch.Tensor | None = None  # (L,) each layer's KV cache group
@@ -208,6 +227,7 @@ class DecodeStack:
             wt = self._lm.wt
             logits = torch.empty(T, wt.shape[1])
             head = _Head(w_norm=self._norm.weight.data_ptr(), w_lm=wt.data_ptr(), eps=self._norm.eps, V=wt.shape[1],
+                         p_lm=None if self._lm_panels is None else self._lm_panels.data_ptr(),
                          logits=logits.data_ptr())
         rc = self._fn(self._layer_ptrs, len(specs), self._groups.data_ptr(), x.data_ptr(), out.data_ptr(), T,
                       batch.positions.data_ptr(), (_P * G)(*(w.data_ptr() for w in kv.write_rows)),
@@ -233,8 +253,26 @@ def _check_hidden(x: torch.Tensor, spec: _Layer) -> None:
                          f"got {x.dtype} {tuple(x.shape)} on {x.device}")
 
 
-def _spec(layer, inv_freq, k_pool, v_pool, block_size: int, experts) -> _Layer:
-    """experts: the MoE layer's Experts when the call may run the block whole, else None."""
+def _layer_weights(layer, moe_layout: bool) -> dict:
+    """The layer's projections the call reads, row-major (k, n), by their _Layer names."""
+    attn, ffn = layer.self_attn, layer.feed_forward
+    w = {"qkv": attn.qkv, "o": attn.o_proj.wt}
+    if not layer.is_moe:
+        w.update(mlp_gate_up=ffn.gate_up, mlp_down=ffn.down_proj.wt)
+    elif moe_layout:
+        w.update(router=ffn.router.wt, shared_gate_up=ffn.shared_expert.gate_up,
+                 shared_down=ffn.shared_expert.down_proj.wt)
+    return w
+
+
+def _layer_panels(kernel: DecodeLayerKernel, layer, moe_layout: bool) -> dict:
+    return {name: p for name, wt in _layer_weights(layer, moe_layout).items()
+            if (p := kernel.panels(wt)) is not None}
+
+
+def _spec(layer, inv_freq, k_pool, v_pool, block_size: int, experts, panels: dict) -> _Layer:
+    """experts: the MoE layer's Experts when the call may run the block whole, else None; panels:
+    packed copies of the layer's projections by name (see DecodeLayerKernel.panels)."""
     attn, ffn = layer.self_attn, layer.feed_forward
     s = _Layer(C=attn.o_proj.wt.shape[1], H=attn.n_heads, KV=attn.n_kv, D=attn.head_dim, rows=k_pool.shape[0],
                block_size=block_size, chunk=attn.chunk or 0, expert_block=EXPERT_BLOCK,
@@ -254,6 +292,9 @@ def _spec(layer, inv_freq, k_pool, v_pool, block_size: int, experts) -> _Layer:
     elif not layer.is_moe:
         s.I = ffn.down_proj.wt.shape[0]
         s.mlp_gate_up, s.mlp_down = ffn.gate_up.data_ptr(), ffn.down_proj.wt.data_ptr()
+    for name, p in panels.items():
+        if name in ("qkv", "o") or experts is not None or not layer.is_moe:
+            setattr(s, "p_" + name, p.data_ptr())
     return s
 
 
