@@ -49,7 +49,8 @@ class DecodeLayerKernel:
     RMSNorm, the fused q/k/v matmul, the attention prologue and cache write, paged attention,
     o_proj + residual, RMSNorm and the dense MLP or the MoE block (router, top-1, the routed
     expert of each token, the shared expert) in one native call. `bind(layer)` gives the
-    layer's runner, or None for a layer whose layout it cannot read (that layer stays on torch)."""
+    layer's runner, or None for a layer whose layout it cannot read (that layer stays on torch);
+    `stack(runners, norm, lm_head)` runs a whole step of them, and the head, in one call."""
 
     def __init__(self, lib: ctypes.CDLL):
         self._fn = lib.decode_layer_f32

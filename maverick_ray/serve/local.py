@@ -52,6 +52,12 @@ def serve_forever(args) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _stop_ray(own_cluster=not args.address)  # on a joined cluster the failed app stays for `serve status`
         return 1
+    # SIGTERM stops the server cleanly once it is up. Installed here, after ray.init installed its
+    # own (sys.exit from the signal), and before the ready line: installed after that line, a
+    # SIGTERM sent on reading it could still take Ray's path, which once left the process hanging
+    # on its threads for over a minute (CI).
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     name = args.served_model_name or (Path(args.model).name if args.model else "tiny")
     auth = ' -H "Authorization: Bearer $MAVERICK_RAY_API_KEY"' if args.api_key else ""
     print(f"maverick-ray ready: {url}/v1 (model '{name}', EP={args.ep_size}, replicas={args.replicas})", flush=True)
@@ -60,8 +66,6 @@ def serve_forever(args) -> int:
           f"\"max_tokens\": 16}}'", flush=True)
     if not args.address:
         print(f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics   dashboard: {url}/dashboard", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             pass
