@@ -60,8 +60,13 @@ class LlamaCpp:
         return self.bin / "llama-batched-bench"
 
 
+def _src(root: Path, version: str) -> Path:
+    """Where the extracted sdist of `version` lives under the build cache `root`."""
+    return root / f"llama_cpp_python-{version}"
+
+
 def _sdist(root: Path, version: str, sdist: str | None) -> Path:
-    src = root / f"llama_cpp_python-{version}"
+    src = _src(root, version)
     if (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
         return src
     root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,7 @@ def cached_build(version: str = LLAMA_CPP_PYTHON) -> LlamaCpp | None:
     root = home(version)
     build = root / "build"
     marker = build / "maverick-built.json"
-    lc = LlamaCpp(root / f"llama_cpp_python-{version}", build / "bin")
+    lc = LlamaCpp(_src(root, version), build / "bin")
     if (marker.exists() and json.loads(marker.read_text()) == _build_wanted(version) and lc.batched_bench.exists()
             and (lc.vendor / "convert_hf_to_gguf.py").exists()):
         return lc

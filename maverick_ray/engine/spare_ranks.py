@@ -92,31 +92,25 @@ class SparePool:
             return actor
         return None
 
-    def _warmed(self) -> list:
-        """The warm() refs of the spares that have finished warming up. A ref once ready stays
-        ready, so Ray is asked only about the others (engine stats call this every step)."""
+    def _warmed(self, timeout: float = 0.0) -> list:
+        """The warm() refs of the spares that have finished warming up, waiting up to `timeout` s
+        for the others (0: only asking). A ref once ready stays ready, so Ray is asked only about
+        the others (engine stats call this every step)."""
         import ray
 
         with self._lock:
             refs = [warm for have in self._spares.values() for _, warm in have]
         pending = [r for r in refs if r not in self._done]
         if pending:
-            self._done.update(ray.wait(pending, num_returns=len(pending), timeout=0)[0])
+            self._done.update(ray.wait(pending, num_returns=len(pending), timeout=timeout)[0])
         return [r for r in refs if r in self._done]
 
     def wait_warm(self, timeout: float) -> bool:
         """Waits up to `timeout` s for every spare started so far to finish warming up (a spare
         whose warm-up failed counts as finished: `take` drops it). True when all have."""
-        import ray
-
         with self._lock:
-            refs = [warm for have in self._spares.values() for _, warm in have]
-        if not refs:
-            return True
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        with self._lock:
-            self._done.update(done)
-        return not pending
+            started = sum(len(have) for have in self._spares.values())
+        return len(self._warmed(timeout)) >= started
 
     def ready(self) -> int:
         """How many spares have finished warming up (not probed)."""

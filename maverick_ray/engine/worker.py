@@ -213,7 +213,7 @@ class RankWorker:
                                                    self.model.lm_head)
         if self.native_decode_layers:
             log.info("rank %d: %d of %d decoder layers run decode steps in one native call", self.rank,
-                     self.native_decode_layers, len(self.model.model.layers))
+                     self.native_decode_layers, len(layers))
 
     # ---- live rebalancing (engine/live_eplb.py, engine/expert_swap.py) ---------------------
     _staging: dict | None = None   # {"placement", "thread", "staged", "error"} of the rebalance in progress

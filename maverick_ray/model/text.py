@@ -120,15 +120,17 @@ class TextModel(nn.Module):
                   and x.dtype == torch.float32 and x.is_cpu and not torch.is_grad_enabled())
         stacked = self.decode_stack(x, batch, self.inv_freq, cache, routed_ids) \
             if native and self.decode_stack is not None else None
-        if stacked is not None and self.decode_stack.returns_logits:
-            return stacked   # a decode step: every row is a last token, all_logits or not
-        for layer in self.model.layers if stacked is None else ():
-            kernel = layer.decode_kernel
-            if native and kernel is not None:
-                x = kernel(x, batch, self.inv_freq, cache, routed_ids)
-            else:
-                x = layer(x, batch, self.inv_freq, cache, routed_ids)
-        x = x if stacked is None else stacked
+        if stacked is not None:
+            if self.decode_stack.returns_logits:
+                return stacked   # a decode step: every row is a last token, all_logits or not
+            x = stacked
+        else:
+            for layer in self.model.layers:
+                kernel = layer.decode_kernel
+                if native and kernel is not None:
+                    x = kernel(x, batch, self.inv_freq, cache, routed_ids)
+                else:
+                    x = layer(x, batch, self.inv_freq, cache, routed_ids)
         if not all_logits and not batch.is_decode:  # decode: every row already is a last token
             x = x[batch.last_token_index()]  # (B, C)
         return project(self.model.norm(x), self.lm_head)

@@ -64,9 +64,14 @@ int grouped_swiglu_f32(const float *x, const int64_t *ids, int64_t R, int64_t E,
 #define GEMV_MAX_ROWS 4
 
 typedef struct {
-    float *part;    /* (nthreads, GEMV_MAX_ROWS, widest n) partial sums */
+    float *part;    /* (nthreads, T, widest n) partial sums when T <= GEMV_MAX_ROWS (mm_part_floats) */
     int nthreads;
 } mm_ctx;
+
+/* Floats of the partial sums a matmul context needs for T rows of outputs up to `widest` wide. */
+static int64_t mm_part_floats(int64_t T, int64_t widest, int nthreads) {
+    return T <= GEMV_MAX_ROWS ? (int64_t)(nthreads > 1 ? nthreads : 1) * T * widest : 0;
+}
 
 static void rows_split_matmul(const mm_ctx *m, const float *x, const float *w, float *y, int64_t T, int64_t k,
                               int64_t n, int accumulate) {
@@ -205,7 +210,7 @@ int decode_layer_f32(const layer_t *L, const float *x_in, float *x, int64_t T, c
     int64_t widest = N > C ? N : C;
     if (wide > widest) widest = wide;
     if (moe && E > widest) widest = E;
-    const int64_t part = T <= GEMV_MAX_ROWS ? (int64_t)(nthreads > 1 ? nthreads : 1) * T * widest : 0;
+    const int64_t part = mm_part_floats(T, widest, nthreads);
     const size_t floats = (size_t)(T * (C + N + 2 * H * D + wide + wide / 2)
                                    + (moe ? T * (E + 3 * C + L->Ie) : 0) + part);
     float *buf = malloc(sizeof(float) * floats);
@@ -291,7 +296,7 @@ int decode_stack_f32(const layer_t *const *layers, int64_t n_layers, const int64
     }
     if (!head || !head->w_lm) return 0;
     const int64_t C = layers[0]->C, V = head->V;
-    const int64_t part = T <= GEMV_MAX_ROWS ? (int64_t)(nthreads > 1 ? nthreads : 1) * T * V : 0;
+    const int64_t part = mm_part_floats(T, V, nthreads);
     float *buf = malloc(sizeof(float) * (size_t)(T * C + part));
     if (!buf) { *failed = n_layers; return 2; }
     const mm_ctx mm = {buf + T * C, nthreads > 1 ? nthreads : 1};

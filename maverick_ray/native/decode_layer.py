@@ -217,8 +217,6 @@ class DecodeStack:
             self._specs = specs
             self._layer_ptrs = (_P * len(specs))(*(ctypes.addressof(s) for s in specs))
             self._groups = torch.tensor([cache.group_of(b.layer.self_attn.layer) for b in self.bound])
-            for b, g in zip(self.bound, self._groups.tolist()):
-                b.layer.self_attn.group = g
         G = len(kv.table)
         out = torch.empty_like(x)
         ids = torch.empty(len(self._moe_blocks), T, dtype=torch.int64)
