@@ -231,7 +231,7 @@ def run_engine(args) -> dict:
 
     device = "cpu" if args.cpu_smoke else "cuda"
     seqs, new = (2, 4) if args.cpu_smoke else (args.seqs, args.new_tokens)
-    cfg = EngineConfig(max_num_seqs=seqs, max_model_len=256, device=device, dtype="auto")
+    cfg = EngineConfig(max_num_seqs=seqs, max_model_len=256, device=device, dtype="auto", cuda_graphs=args.cuda_graphs)
     steps: list = []
     with Engine(args.checkpoint, ParallelConfig(ep_size=1), cfg, use_ray=False, progress=False) as eng:
         params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
@@ -243,8 +243,10 @@ def run_engine(args) -> dict:
         outs = [[ev.token_id for ev in s if ev.token_id is not None] for s in streams]
         wall = time.perf_counter() - t0
         info = eng.ranks.call("info")[0]
+        graphs = eng.ranks.call("decode_graph_stats")[0]
     decode = [s.seconds for s in steps if s.num_seqs == seqs and s.admitted == 0]
     return {"checkpoint": str(args.checkpoint), "device": info["device"], "fp8_experts": info["fp8_experts"],
+            "cuda_graphs": info["cuda_graphs"], "cuda_graphs_off": info["cuda_graphs_off"], "graph_stats": graphs,
             "routed_expert_bytes": info["routed_expert_bytes"], "seqs": seqs, "new_tokens": new,
             "output_tokens_per_s": sum(map(len, outs)) / wall,
             "decode_step_ms_median": 1e3 * statistics.median(decode) if decode else None,
@@ -264,6 +266,8 @@ def main(argv=None) -> int:
     sub.choices["engine"].add_argument("--checkpoint", required=True)
     sub.choices["engine"].add_argument("--seqs", type=int, default=32)
     sub.choices["engine"].add_argument("--new-tokens", type=int, default=64)
+    sub.choices["engine"].add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
+                                       help="the engine's cuda_graphs setting (decode steps replayed from CUDA graphs)")
     sub.choices["engine"].add_argument("--name", default="engine_decode",
                                        help="results file name (NAME.json), e.g. engine_decode_fp8")
     args = ap.parse_args(argv)

@@ -6,7 +6,9 @@
 #   2. one real-size Maverick MoE layer (hidden 5120, width 8192, 128 experts, top-1; bf16 and FP8;
 #      32, 128 and 4096 tokens) against the HBM roofline, per-expert loop beside the grouped kernels
 #      (benchmarks/bench_moe_layer.py layer)
-#   3. EP = 1 engine decode on a `mini` checkpoint on the GPU, bf16 and FP8 (bench_moe_layer.py engine)
+#   3. EP = 1 engine decode on a `mini` checkpoint on the GPU, bf16 and FP8, at 32 and 1 sequences, each
+#      with decode steps replayed from CUDA graphs (cuda_graphs auto) and without (off), side by side
+#      (bench_moe_layer.py engine)
 # Every result goes to one directory: $OUT if set, else artifacts/gpu_check/<time>. A step that
 # fails or runs out of its time is recorded in summary.txt and the next step still runs; the exit
 # status is non-zero if any step failed.
@@ -50,17 +52,27 @@ print("torch._grouped_mm", hasattr(torch, "_grouped_mm"), "torch._scaled_mm", ha
 PY
 cat "$OUT/environment.txt"
 
-step gpu_tests 120 "$PYTHON" -m pytest tests/test_gpu.py tests/test_gpu_fp8.py -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+step gpu_tests 180 "$PYTHON" -m pytest tests/test_gpu.py tests/test_gpu_fp8.py -q -rs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 step moe_layer 150 "$PYTHON" benchmarks/bench_moe_layer.py layer --out "$OUT"
 CKPT=$(mktemp -d)/mini
 step make_mini 40 "$PYTHON" -m maverick_ray.cli make-checkpoint "$CKPT" --preset mini
-step engine_decode 60 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT" --out "$OUT"
+for graphs in auto off; do
+  for seqs in 32 1; do
+    step engine_decode_${seqs}_graphs_$graphs 60 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT" \
+      --out "$OUT" --seqs $seqs --cuda-graphs $graphs --name engine_decode_${seqs}_graphs_$graphs
+  done
+done
 step make_mini_fp8 45 "$PYTHON" -m maverick_ray.cli make-checkpoint "$CKPT-fp8" --preset mini --fp8
-step engine_decode_fp8 60 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT-fp8" --out "$OUT" \
-  --name engine_decode_fp8
+for graphs in auto off; do
+  step engine_decode_fp8_graphs_$graphs 60 "$PYTHON" benchmarks/bench_moe_layer.py engine --checkpoint "$CKPT-fp8" \
+    --out "$OUT" --cuda-graphs $graphs --name engine_decode_fp8_graphs_$graphs
+done
 rm -rf "$(dirname "$CKPT")"
 
 echo "total $(( $(date +%s) - START ))s; results in $OUT" | tee -a "$SUMMARY"
 [ -f "$OUT/moe_layer.md" ] && cat "$OUT/moe_layer.md"
-for f in "$OUT"/engine_decode*.json; do [ -f "$f" ] && { echo "$(basename "$f"):"; cat "$f"; echo; }; done
+for f in "$OUT"/engine_decode*.json; do [ -f "$f" ] && { echo "$(basename "$f"):"; "$PYTHON" -c "
+import json, sys; r = json.load(open(sys.argv[1]))
+print({k: r.get(k) for k in ('seqs', 'fp8_experts', 'cuda_graphs', 'cuda_graphs_off', 'decode_step_ms_median',
+                             'output_tokens_per_s', 'all_outputs_full_length', 'graph_stats')})" "$f"; }; done
 exit $FAILED

@@ -431,6 +431,10 @@ class EngineConfig:
     cpu_kernels: str = knob("auto", "auto: compile (once, ~1 s, needs a C compiler) and use the native CPU "
                                     "kernels for the routed experts of decode steps and for RMSNorm, falling back "
                                     "to torch when it cannot; off: torch only", choices=("auto", "off"))
+    cuda_graphs: str = knob("auto", "auto: decode steps on one GPU (EP = 1) replay CUDA graphs, one captured per "
+                                    "batch-size and context bucket on first use, instead of launching each op "
+                                    "from Python (needs routed experts as grouped GEMMs: Hopper, bf16 or FP8); "
+                                    "off: every step dispatches its ops", choices=("auto", "off"))
     cpu_collectives: str = knob("auto", "how CPU expert-parallel ranks exchange tokens. auto: through shared "
                                         "memory when every rank can map one segment (ranks on one host), else "
                                         "gloo over TCP; gloo: always gloo", choices=("auto", "gloo"))

@@ -65,3 +65,44 @@ def test_ep2_over_nccl_with_a_gpu_per_worker(tiny_ckpt):
             assert eng.last_step.a2a_bytes and max(eng.last_step.a2a_bytes) > 0  # NCCL all-to-all moved tokens
     finally:
         ray.shutdown()
+
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="CUDA-graph decode needs the routed experts as grouped GEMMs (Hopper)")
+
+
+@hopper
+def test_cuda_graph_decode_steps_match_the_ordinary_forward(tiny_ckpt):
+    """Decode steps captured in CUDA graphs per bucket and replayed (bf16), against the ordinary
+    forward on a twin cache: logits within bf16 rounding of a differently shaped batch, the same
+    argmax where the top two logits are apart, the same KV cache (graph_helpers.twin_decode)."""
+    from graph_helpers import twin_decode
+
+    experts = ModelConfig.from_pretrained(tiny_ckpt).text.num_local_experts
+    w = RankWorker(tiny_ckpt, 0, ExpertPlacement.contiguous(experts, 1),
+                   EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=6, max_model_len=256))
+    out = twin_decode(w, capture=True, rtol=0.05, atol=0.1)
+    assert out["stats"]["failed"] is None and out["stats"]["graphs"] >= 3
+    assert out["stats"]["replays"] == 60
+
+
+@hopper
+def test_engine_replays_cuda_graphs_on_one_gpu(tiny_ckpt):
+    """cuda_graphs=auto (the default) on one Hopper GPU: the rank captures decode graphs and
+    replays them, and the greedy outputs agree with cuda_graphs=off (bf16: the first tokens
+    exactly; later ones may part at a near-tie, since padded batches round differently)."""
+    prompts = prompts_for(tiny_ckpt)
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs, infos, stats = {}, {}, {}
+    for mode in ("off", "auto"):
+        cfg = EngineConfig(device="cuda", max_num_seqs=4, max_model_len=256, cuda_graphs=mode)
+        with Engine(tiny_ckpt, ParallelConfig(ep_size=1), cfg) as eng:
+            streams = [eng.add_request(p, greedy) for p in prompts]
+            outs[mode] = [[ev.token_id for ev in s if ev.token_id is not None] for s in streams]
+            outs[mode] += [eng.generate(prompts[0], greedy)["token_ids"]]
+            infos[mode], stats[mode] = eng.ranks.call("info")[0], eng.ranks.call("decode_graph_stats")[0]
+    assert not infos["off"]["cuda_graphs"] and infos["off"]["cuda_graphs_off"] == "cuda_graphs is off"
+    assert infos["auto"]["cuda_graphs"], infos["auto"]["cuda_graphs_off"]
+    assert stats["auto"]["graphs"] >= 2 and stats["auto"]["replays"] >= 2 * 23 and stats["auto"]["failed"] is None
+    assert all(len(o) == 24 for o in outs["auto"])
+    assert [o[:6] for o in outs["auto"]] == [o[:6] for o in outs["off"]], outs

@@ -91,3 +91,16 @@ def test_engine_keeps_fp8_experts_on_the_gpu_by_default(fp8_ckpt):
         logits = prefill_logits(w.model, p + out, w.device)                       # (T, V)
         agree += (logits[len(p) - 1:-1].argmax(-1) == torch.tensor(out)).tolist()
     assert sum(agree) / len(agree) >= 0.9, f"decode vs prefill argmax agreement {agree}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="CUDA-graph decode needs grouped FP8 GEMMs (Hopper)")
+def test_cuda_graph_decode_steps_with_fp8_experts(fp8_ckpt):
+    """FP8 routed experts (torch._scaled_grouped_mm) inside captured decode graphs, against the
+    ordinary forward on a twin cache (graph_helpers.twin_decode)."""
+    from graph_helpers import twin_decode
+
+    w = fp8_expert_worker(fp8_ckpt, EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=6, max_model_len=256))
+    assert w.fp8_experts
+    out = twin_decode(w, capture=True, rtol=0.05, atol=0.1)
+    assert out["stats"]["failed"] is None and out["stats"]["graphs"] >= 3

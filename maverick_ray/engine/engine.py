@@ -338,7 +338,8 @@ class Engine:
                     "rank_start_seconds": dict(self.ranks.start_seconds) if self.ranks else {},
                     "spare_ranks_ready": spares.ready() if (spares := getattr(self.ranks, "spares", None)) else 0,
                     "eplb": dict(self.eplb.stats) if self.eplb else None,
-                    "ranks": [{**{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives")},
+                    "ranks": [{**{k: i.get(k) for k in ("rank", "node_ip", "node_id", "pid", "experts", "collectives",
+                                                       "device", "cuda_graphs", "cuda_graphs_off")},
                                "running": self.scheduler.load(r), "kv_pages_used": self.scheduler.pages_used(r)}
                               for r, i in enumerate(self.ranks.infos if self.ranks else [])]}
 

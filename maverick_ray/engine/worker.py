@@ -79,6 +79,10 @@ class RankWorker:
             self.cache.attention_kernel = paged_attention_kernel()
             self.native_paged_attention = self.cache.attention_kernel is not None
             self._attach_decode_layers()
+        self.graphs = None   # model/decode_graphs.py DecodeGraphs: decode steps from CUDA graphs
+        self.graphs_off = "cuda_graphs is off" if self.engine.cuda_graphs == "off" else "not a GPU rank"  # why none
+        if self.device.type == "cuda" and self.engine.cuda_graphs == "auto":
+            self.graphs_off = self.use_decode_graphs()
         self.params: dict[str, SamplingParams] = {}
         self.tally = RoutingTally(token_class_table(self.checkpoint, self.config.text.vocab_size,
                                                     self.config.image_token_id), self.config.text.num_local_experts)
@@ -95,7 +99,8 @@ class RankWorker:
         if pages is None:
             free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
             pages = kv_pages(self.engine, self.config.text, layout, self.dtype, self.device, free)
-        return PagedKVCache(layout, pages, self.dtype, self.device)
+        # GPU ranks keep a scratch page for the padded rows of CUDA-graph decode steps
+        return PagedKVCache(layout, pages, self.dtype, self.device, scratch_page=self.device.type == "cuda")
 
     def _init_distributed(self, address: str | None) -> None:
         import deepspeed
@@ -215,6 +220,28 @@ class RankWorker:
             log.info("rank %d: %d of %d decoder layers run decode steps in one native call", self.rank,
                      self.native_decode_layers, len(layers))
 
+    def use_decode_graphs(self, capture: bool = True) -> str | None:
+        """Runs decode steps through DecodeGraphs (model/decode_graphs.py), replayed from CUDA
+        graphs when `capture` (capture=False runs the same padded steps without graphs: the CPU
+        tests' way to check them). Returns why it cannot (None: it will)."""
+        from ..model.decode_graphs import DecodeGraphs
+
+        if self.world > 1:
+            return "expert parallelism: each all-to-all's sizes are read on the host"
+        if capture and not all(b.experts.graph_capturable(self.device, self.dtype) for b in self.model.moe_blocks):
+            return "the routed experts are not grouped GEMMs here (they are on Hopper, in bf16 or FP8)"
+        if self.cache.scratch_page is None:   # a CPU rank's cache (tests): the same pages plus the scratch one
+            kernel = self.cache.attention_kernel
+            self.cache = PagedKVCache(self.cache.layout, self.cache.num_pages, self.dtype, self.device,
+                                      scratch_page=True)
+            self.cache.attention_kernel = kernel
+        self.graphs = DecodeGraphs(self.model, self.cache, self.engine.max_num_seqs, capture=capture)
+        return None
+
+    def decode_graph_stats(self) -> dict | None:
+        """DecodeGraphs.stats() (graphs captured, buckets, replays, why capture failed); None without."""
+        return self.graphs.stats() if self.graphs is not None else None
+
     # ---- live rebalancing (engine/live_eplb.py, engine/expert_swap.py) ---------------------
     _staging: dict | None = None   # {"placement", "thread", "staged", "error"} of the rebalance in progress
 
@@ -268,6 +295,8 @@ class RankWorker:
                            self.dtype, self.fp8_experts)
         self._staging = None
         apply(self.model, staged, self.rank)
+        if self.graphs is not None:   # graphs replay the old weights' addresses
+            self.graphs.clear()
         self.placement = placement
         self.dispatcher.set_placement(placement)
         return {"swapped": True, "nbytes": staged.nbytes, "loaded_experts": staged.loaded_experts}
@@ -305,6 +334,8 @@ class RankWorker:
                 "native_decode_layers": self.native_decode_layers,
                 "native_decode_stack": self.model.decode_stack is not None,
                 "native_paged_attention": self.native_paged_attention, "fp8_experts": self.fp8_experts,
+                "cuda_graphs": self.graphs is not None and self.graphs.failed is None,
+                "cuda_graphs_off": self.graphs_off if self.graphs is None else self.graphs.failed,
                 "collectives": self.collectives, "start_seconds": dict(self.start_seconds)}
 
     # ---- one lockstep step ---------------------------------------------------------------
@@ -330,15 +361,20 @@ class RankWorker:
                 self.params[w.seq_id] = w.params
         starts, lengths = [w.start for w in plan.work], [len(w.token_ids) for w in plan.work]
         groups = range(self.cache.layout.num_groups)
-        kv = KVView(self.cache.layout, starts, lengths, [[w.first[g] for w in plan.work] for g in groups],
-                    [[w.pages[g] for w in plan.work] for g in groups], self.device)
-        batch = ForwardBatch.build(starts, lengths, device=self.device, kv=kv)
+        first, pages = [[w.first[g] for w in plan.work] for g in groups], [[w.pages[g] for w in plan.work] for g in groups]
         ids = torch.tensor([t for w in plan.work for t in w.token_ids], dtype=torch.long, device=self.device)
         embeds = self._embed(ids, plan)
         self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
         routed: list[torch.Tensor] = []
         self._phase.clear()
-        logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_ids=routed)
+        logits = None
+        if self.graphs is not None and self.graphs.qualifies(lengths):
+            logits = self.graphs.run(embeds, starts, first, pages, routed)
+        if logits is None:
+            routed.clear()
+            kv = KVView(self.cache.layout, starts, lengths, first, pages, self.device)
+            batch = ForwardBatch.build(starts, lengths, device=self.device, kv=kv)
+            logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_ids=routed)
         counts, by_class = self.tally.count(routed, ids)
         # A prefill chunk that is not its prompt's last samples nothing.
         sampled = [i for i, w in enumerate(plan.work) if w.sample]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import is_hopper
+from .moe import group_ends, is_hopper
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max   # 448
@@ -97,16 +97,21 @@ class Fp8Experts(nn.Module):
         order = torch.argsort(local_ids, stable=True)
         xs = x[order]                                            # (Rl, C) rows sorted by expert
         if grouped_fp8_available(x.device):
-            out = self._grouped(xs, local_ids)
+            out = self._grouped(xs, local_ids, order)
         else:
             out = self._per_expert(xs, torch.bincount(local_ids, minlength=self.num_local).tolist())
         result = torch.empty(x.shape[0], C, dtype=x.dtype, device=x.device)
         result[order] = out.to(x.dtype)
         return result
 
-    def _grouped(self, xs: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+    def graph_capturable(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a decode step over these experts can be captured in a CUDA graph (the grouped
+        path runs without a host sync; the per-expert loop reads group sizes)."""
+        return grouped_fp8_available(device)
+
+    def _grouped(self, xs: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Both projections as one grouped FP8 GEMM each over all experts (offsets stay on the GPU)."""
-        offs = torch.cumsum(torch.bincount(local_ids, minlength=self.num_local), 0).to(torch.int32)  # (El,)
+        offs = group_ends(local_ids, order, self.num_local)     # (El,)
         x_q, x_s = quantize_rows(xs)                             # (Rl, C), (Rl, 1)
         h = torch._scaled_grouped_mm(x_q, self.gate_up_proj.transpose(-2, -1), scale_a=x_s.view(-1),
                                      scale_b=self.gate_up_proj_scale, offs=offs, out_dtype=torch.bfloat16)

@@ -99,9 +99,14 @@ class KVLayout:
 
 class PagedKVCache:
     def __init__(self, layout: KVLayout, num_pages: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-        shape = (num_pages * layout.block_size, layout.kv_heads, layout.head_dim)  # pages x Bs rows, flat
+                 device: torch.device | str = "cpu", scratch_page: bool = False):
+        """scratch_page: one more page past the `num_pages` the block manager hands out, page
+        `scratch_page` (= num_pages), where padded rows of a fixed-shape step write and read
+        (model/decode_graphs.py)."""
+        rows = (num_pages + int(scratch_page)) * layout.block_size
+        shape = (rows, layout.kv_heads, layout.head_dim)  # pages x Bs rows, flat
         self.layout, self.num_pages = layout, num_pages
+        self.scratch_page = num_pages if scratch_page else None
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.layers_per_group)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.layers_per_group)]
         self._group = [layout.group_of(layer) for layer in range(sum(len(g) for g in layout.groups))]

@@ -112,6 +112,15 @@ class MLP(nn.Module):
         return project(F.silu(gate) * up, self.down_proj, residual)
 
 
+def group_ends(local_ids: torch.Tensor, order: torch.Tensor, num_local: int) -> torch.Tensor:
+    """(El,) int32 end row of each local expert's group among the rows sorted by `order` (an
+    argsort of local_ids (Rl,)): the offsets torch's grouped GEMMs take. A search over the
+    sorted ids, not bincount: CUDA's bincount reads the ids' max on the host, a sync that also
+    makes a step impossible to capture in a CUDA graph (model/decode_graphs.py)."""
+    experts = torch.arange(num_local, device=local_ids.device, dtype=local_ids.dtype)
+    return torch.searchsorted(local_ids[order], experts, right=True, out_int32=True)
+
+
 def is_hopper(device: torch.device) -> bool:
     """Whether `device` is a Hopper GPU (sm90), where torch's grouped GEMMs run."""
     return device.type == "cuda" and _capability(device.index) == (9, 0)
@@ -211,6 +220,12 @@ class Experts(nn.Module):
         return result
 
 
+    def graph_capturable(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a decode step over these experts can be captured in a CUDA graph: only the
+        grouped GEMM path runs without a host sync (the per-expert loop reads group sizes)."""
+        return (device.type == "cuda" and dtype == torch.bfloat16 and self.gate_up_proj.dtype == torch.bfloat16
+                and hasattr(torch, "_grouped_mm") and is_hopper(device))
+
     def _grouped_gemm(self, x: torch.Tensor) -> bool:
         """bf16 inference on Hopper: each projection as one grouped GEMM over all experts
         (torch._grouped_mm): no per-expert launches, no host sync on the group sizes; 8% faster
@@ -219,7 +234,7 @@ class Experts(nn.Module):
                 and hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and is_hopper(x.device))
 
     def _grouped(self, x: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(torch.bincount(local_ids, minlength=self.num_local), 0).to(torch.int32)  # (El,)
+        offs = group_ends(local_ids, order, self.num_local)                          # (El,)
         h = torch._grouped_mm(x[order], self.gate_up_proj, offs=offs)                # (Rl, 2I)
         two_i = h.shape[-1]
         act = F.silu(h[:, :two_i // 2]) * h[:, two_i // 2:]                          # (Rl, I)
