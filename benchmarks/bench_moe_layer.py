@@ -7,6 +7,9 @@ token counts. Variants, side by side in one run:
   fp8 loop      torch._scaled_mm per expert: FP8 weights with per-channel scales, dynamic per-token
                 activation scales (the official FP8 checkpoint's scheme)
   fp8 grouped   torch._scaled_grouped_mm (when this torch has it)
+  bf16 triton   model/triton_experts.py: one program per (expert, output tile) streams the expert's
+                weights once for all its rows, gate/up and SiLU fused (when Triton imports)
+  fp8 triton    the same kernels over the FP8 weights, weight-only (bf16 activations)
 Roofline of a variant = max(weight bytes of the touched experts / measured bandwidth, FLOPs /
 measured matmul rate); bandwidth is a large device-to-device copy in the same run (read + write
 bytes / time), the matmul rate one large bf16 (and FP8) matmul. "% roofline" = roofline / time.
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REAL = dict(hidden=5120, inter=8192, experts=128, tokens=[32, 128, 4096], copy_bytes=4 << 30, mm=8192)
+REAL = dict(hidden=5120, inter=8192, experts=128, tokens=[32, 128, 512, 4096], copy_bytes=4 << 30, mm=8192)
 SMOKE = dict(hidden=64, inter=64, experts=8, tokens=[4, 16, 64], copy_bytes=16 << 20, mm=256)
 FP8_MAX = 448.0
 
@@ -166,6 +169,26 @@ class Layer:
         return out
 
 
+    def _triton(self, x, ids, fp8: bool):
+        from maverick_ray.model.triton_experts import expert_rows, row_bounds
+
+        order = torch.argsort(ids, stable=True)
+        bounds = row_bounds(ids, order, self.E)
+        if fp8:
+            y = expert_rows(x[order], bounds, self.w13, self.w2, self.s13, self.s2)
+        else:
+            y = expert_rows(x[order], bounds, self.experts.gate_up_proj, self.experts.down_proj)
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
+
+    def bf16_triton(self, x, ids):
+        return self._triton(x, ids, fp8=False)
+
+    def fp8_triton(self, x, ids):
+        return self._triton(x, ids, fp8=True)
+
+
 def run_layer(args) -> dict:
     dims = SMOKE if args.cpu_smoke else REAL
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -177,6 +200,8 @@ def run_layer(args) -> dict:
     layer = Layer(E, C, I, device, fp8=has_fp8)
     variants = [("bf16 loop", layer.bf16_loop, False), ("bf16 grouped", layer.bf16_grouped, False),
                 ("fp8 loop", layer.fp8_loop, True), ("fp8 grouped", layer.fp8_grouped, True)]
+    if device.type == "cuda":   # Triton kernels: CUDA only
+        variants += [("bf16 triton", layer.bf16_triton, False), ("fp8 triton", layer.fp8_triton, True)]
     gen = torch.Generator().manual_seed(0)
     rows = []
     for t in tokens:
@@ -197,7 +222,7 @@ def run_layer(args) -> dict:
                 sec = timed(lambda: fn(x, ids), device, args.repeats if t <= 512 else max(3, args.repeats // 4))
                 row.update(seconds=sec, roofline_seconds=floor, pct_roofline=100 * floor / sec,
                            weight_gb_s=weight_bytes / sec / 1e9, rel_err_vs_bf16_loop=err)
-            except (RuntimeError, AttributeError, TypeError, NotImplementedError, ValueError) as e:
+            except Exception as e:   # a variant this torch / Triton / GPU cannot run: recorded, the rest go on
                 row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -229,6 +254,10 @@ def run_engine(args) -> dict:
     from maverick_ray.engine.engine import Engine
     from maverick_ray.engine.sampling import SamplingParams
 
+    if args.no_triton:
+        from maverick_ray.model import moe
+
+        moe.TRITON_MAX_ROWS_PER_EXPERT = 0   # the EP = 1 engine runs in this process
     device = "cpu" if args.cpu_smoke else "cuda"
     seqs, new = (2, 4) if args.cpu_smoke else (args.seqs, args.new_tokens)
     cfg = EngineConfig(max_num_seqs=seqs, max_model_len=256, device=device, dtype="auto", cuda_graphs=args.cuda_graphs)
@@ -247,6 +276,7 @@ def run_engine(args) -> dict:
     decode = [s.seconds for s in steps if s.num_seqs == seqs and s.admitted == 0]
     return {"checkpoint": str(args.checkpoint), "device": info["device"], "fp8_experts": info["fp8_experts"],
             "cuda_graphs": info["cuda_graphs"], "cuda_graphs_off": info["cuda_graphs_off"], "graph_stats": graphs,
+            "triton_experts": not args.no_triton,
             "routed_expert_bytes": info["routed_expert_bytes"], "seqs": seqs, "new_tokens": new,
             "output_tokens_per_s": sum(map(len, outs)) / wall,
             "decode_step_ms_median": 1e3 * statistics.median(decode) if decode else None,
@@ -268,6 +298,8 @@ def main(argv=None) -> int:
     sub.choices["engine"].add_argument("--new-tokens", type=int, default=64)
     sub.choices["engine"].add_argument("--cuda-graphs", choices=("auto", "off"), default="auto",
                                        help="the engine's cuda_graphs setting (decode steps replayed from CUDA graphs)")
+    sub.choices["engine"].add_argument("--no-triton", action="store_true",
+                                       help="routed experts in torch's grouped GEMMs, not the Triton kernels")
     sub.choices["engine"].add_argument("--name", default="engine_decode",
                                        help="results file name (NAME.json), e.g. engine_decode_fp8")
     args = ap.parse_args(argv)

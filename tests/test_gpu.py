@@ -106,3 +106,72 @@ def test_engine_replays_cuda_graphs_on_one_gpu(tiny_ckpt):
     assert stats["auto"]["graphs"] >= 2 and stats["auto"]["replays"] >= 2 * 23 and stats["auto"]["failed"] is None
     assert all(len(o) == 24 for o in outs["auto"])
     assert [o[:6] for o in outs["auto"]] == [o[:6] for o in outs["off"]], outs
+
+
+def _expert_reference(xs, ids_sorted, gate_up, down):
+    """fp32 per row: silu(x Wg) * (x Wu) @ Wd of its expert; gate_up (El, C, 2I), down (El, I, C)."""
+    inter = gate_up.shape[2] // 2
+    out = torch.empty(xs.shape[0], down.shape[2], device=xs.device)
+    for e in ids_sorted.unique().tolist():
+        rows = ids_sorted == e
+        h = xs[rows].float() @ gate_up[e].float()
+        out[rows] = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ down[e].float()
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40, 300])
+def test_triton_expert_kernels_match_the_fp32_math(rows):
+    """model/triton_experts.py on bf16 weights (El, C, 2I) and on FP8 output-major weights with
+    per-channel scales: every row through its own expert, experts with no rows, groups longer than
+    one 16-row tile, widths that are no multiple of the tiles."""
+    tx = pytest.importorskip("maverick_ray.model.triton_experts")
+    g = torch.Generator().manual_seed(rows)
+    El, C, inter = 8, 320, 200
+    ids = torch.randint(0, El, (rows,), generator=g)
+    ids[ids == 3] = 4                                            # expert 3 gets no rows
+    gate_up = (torch.randn(El, C, 2 * inter, generator=g) / C ** 0.5).cuda()
+    down = (torch.randn(El, inter, C, generator=g) / inter ** 0.5).cuda()
+    x = torch.randn(rows, C, generator=g).cuda()
+    ids = ids.cuda()
+    order = torch.argsort(ids, stable=True)
+    xs, ids_sorted = x[order].bfloat16(), ids[order]
+    bounds = tx.row_bounds(ids, order, El)
+    assert bounds.tolist() == [int((ids < e).sum()) for e in range(El + 1)]
+    bf = tx.expert_rows(xs, bounds, gate_up.bfloat16(), down.bfloat16()).float()
+    want = _expert_reference(xs, ids_sorted, gate_up.bfloat16(), down.bfloat16())
+    assert (bf - want).norm() / want.norm() < 2e-2
+    s13, s2 = gate_up.abs().amax(1) / 448, down.abs().amax(1) / 448                       # (El, 2I), (El, C)
+    w13 = (gate_up / s13[:, None, :]).transpose(1, 2).contiguous().to(torch.float8_e4m3fn)  # (El, 2I, C)
+    w2 = (down / s2[:, None, :]).transpose(1, 2).contiguous().to(torch.float8_e4m3fn)        # (El, C, I)
+    f8 = tx.expert_rows(xs, bounds, w13, w2, s13, s2).float()
+    want8 = _expert_reference(xs, ids_sorted, (w13.float() * s13[:, :, None]).transpose(1, 2),
+                              (w2.float() * s2[:, :, None]).transpose(1, 2))
+    assert (f8 - want8).norm() / want8.norm() < 2e-2
+
+
+@hopper
+def test_bf16_experts_run_triton_for_few_rows_and_grouped_gemms_beyond(monkeypatch):
+    """Experts.forward (bf16, Hopper, inference): up to TRITON_MAX_ROWS_PER_EXPERT rows per expert
+    in the Triton kernels, more in torch._grouped_mm; both agree with each other."""
+    pytest.importorskip("maverick_ray.model.triton_experts")
+    from maverick_ray.model import moe
+
+    g = torch.Generator().manual_seed(0)
+    ex = moe.Experts(16, 256, 128)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 256 ** -0.5, generator=g)
+        ex.down_proj.normal_(0, 128 ** -0.5, generator=g)
+    ex = ex.cuda().bfloat16()
+    x = torch.randn(64, 256, generator=g).cuda().bfloat16()
+    ids = torch.randint(0, 16, (64,), generator=g).cuda()
+    calls = []
+    real = moe._triton_module()
+    assert real is not None and not moe._triton_failed
+    with torch.inference_mode():
+        monkeypatch.setattr(moe, "TRITON_MAX_ROWS_PER_EXPERT", 4)     # 64 rows over 16 experts: Triton
+        monkeypatch.setattr(real, "expert_rows", lambda *a, f=real.expert_rows: calls.append(1) or f(*a))
+        fast = ex(x, ids).float()
+        monkeypatch.setattr(moe, "TRITON_MAX_ROWS_PER_EXPERT", 3)     # at most 48: grouped GEMMs
+        grouped = ex(x, ids).float()
+    assert calls == [1] and not moe._triton_failed
+    assert (fast - grouped).norm() / grouped.norm() < 2e-2

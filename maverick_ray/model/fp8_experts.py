@@ -15,7 +15,9 @@ gate_up_proj (El, 2I, C), gate_up_proj_scale (El, 2I), down_proj (El, C, I), dow
 
 Use: build the TextModel on the meta device, `use_fp8_experts(model)`, then load that state dict
 (strict). Do not `.to(dtype)` the model afterwards: FP8 buffers are floating point and would be
-cast. On Hopper (sm90) both projections run as grouped FP8 GEMMs over all experts
+cast. On Hopper (sm90) batches of up to moe.TRITON_MAX_ROWS_PER_EXPERT rows per expert (decode) run in
+model/triton_experts.py's kernels, weight-only FP8 (the weights converted in registers, bf16
+activations, no activation quantization), larger ones as grouped FP8 GEMMs over all experts
 (torch._scaled_grouped_mm); on other FP8 GPUs (sm89) one torch._scaled_mm pair per touched expert;
 on CPU (tests) the same math in fp32.
 """
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import group_ends, is_hopper
+from .moe import group_ends, is_hopper, triton_expert_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max   # 448
@@ -111,6 +113,10 @@ class Fp8Experts(nn.Module):
 
     def _grouped(self, xs: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Both projections as one grouped FP8 GEMM each over all experts (offsets stay on the GPU)."""
+        y = triton_expert_rows(xs, local_ids, order, self.gate_up_proj, self.down_proj, self.gate_up_proj_scale,
+                               self.down_proj_scale)   # weight-only FP8: bf16 activations, no quantization
+        if y is not None:
+            return y
         offs = group_ends(local_ids, order, self.num_local)     # (El,)
         x_q, x_s = quantize_rows(xs)                             # (Rl, C), (Rl, 1)
         h = torch._scaled_grouped_mm(x_q, self.gate_up_proj.transpose(-2, -1), scale_a=x_s.view(-1),

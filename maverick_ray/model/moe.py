@@ -17,6 +17,7 @@ scaled rows with global expert ids and gets back one output row per routed row, 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,6 +120,47 @@ def group_ends(local_ids: torch.Tensor, order: torch.Tensor, num_local: int) -> 
     makes a step impossible to capture in a CUDA graph (model/decode_graphs.py)."""
     experts = torch.arange(num_local, device=local_ids.device, dtype=local_ids.dtype)
     return torch.searchsorted(local_ids[order], experts, right=True, out_int32=True)
+
+
+# Routed-expert batches of at most this many rows per local expert (on average) run in
+# model/triton_experts.py's kernels on CUDA (bf16 experts on Hopper, FP8 experts where the grouped
+# FP8 GEMM runs); larger ones in torch's grouped GEMMs. 0 turns the kernels off. Measured on an
+# H200 on a real-size layer of 128 experts (BENCHMARKS.md): the kernels 1.4-1.5x faster (bf16) and
+# 1.2x (FP8) up to 512 rows (4 per expert), 1.8-2.1x slower at 4096 (32 per expert), where they
+# read each expert's weights once per 16 rows.
+TRITON_MAX_ROWS_PER_EXPERT = 4
+_triton_failed: list[str] = []   # why the Triton kernels failed once in this process (then never again)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """model/triton_experts.py, or None where Triton does not import (CPU-only installs)."""
+    try:
+        from . import triton_experts
+    except Exception:  # no triton, or a triton that does not load
+        return None
+    return triton_experts
+
+
+def triton_expert_rows(xs: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
+                       down_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """xs (Rl, C) rows sorted by `order` (an argsort of local_ids) through the Triton kernels ->
+    (Rl, C) in xs's order; None where they do not apply (CPU, more than TRITON_MAX_ROWS_PER_EXPERT
+    rows per expert, no Triton) or failed once (logged; torch's grouped GEMMs then run instead,
+    for good)."""
+    applies = xs.is_cuda and 0 < xs.shape[0] <= TRITON_MAX_ROWS_PER_EXPERT * gate_up.shape[0] and not _triton_failed
+    mod = _triton_module() if applies else None
+    if mod is None:
+        return None
+    try:
+        bounds = mod.row_bounds(local_ids, order, gate_up.shape[0])
+        return mod.expert_rows(xs, bounds, gate_up, down, gate_up_scale, down_scale)
+    except Exception as e:   # a kernel that does not compile on this GPU / Triton: torch's path from now on
+        _triton_failed.append(f"{type(e).__name__}: {e}")
+        logging.getLogger(__name__).warning("Triton expert kernels failed, using torch's grouped GEMMs: %s",
+                                            _triton_failed[0])
+        return None
 
 
 def is_hopper(device: torch.device) -> bool:
@@ -234,14 +276,20 @@ class Experts(nn.Module):
                 and hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and is_hopper(x.device))
 
     def _grouped(self, x: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        offs = group_ends(local_ids, order, self.num_local)                          # (El,)
-        h = torch._grouped_mm(x[order], self.gate_up_proj, offs=offs)                # (Rl, 2I)
-        two_i = h.shape[-1]
-        act = F.silu(h[:, :two_i // 2]) * h[:, two_i // 2:]                          # (Rl, I)
-        y = torch._grouped_mm(act, self.down_proj, offs=offs)                         # (Rl, C)
+        xs = x[order]                                                                # (Rl, C) sorted
+        y = triton_expert_rows(xs, local_ids, order, self.gate_up_proj, self.down_proj)
+        if y is None:
+            y = self._grouped_mm(xs, local_ids, order)
         out = torch.empty_like(y)
         out[order] = y
         return out
+
+    def _grouped_mm(self, xs: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        offs = group_ends(local_ids, order, self.num_local)                          # (El,)
+        h = torch._grouped_mm(xs, self.gate_up_proj, offs=offs)                      # (Rl, 2I)
+        two_i = h.shape[-1]
+        act = F.silu(h[:, :two_i // 2]) * h[:, two_i // 2:]                          # (Rl, I)
+        return torch._grouped_mm(act, self.down_proj, offs=offs)                      # (Rl, C)
 
 
 class MoEBlock(nn.Module):
