@@ -39,6 +39,9 @@ def fused_experts(n_local, C, inter, seed=0):
     (128, 512, 256, 32),   # mini checkpoint, 32 sequences decoding
     (3, 40, 24, 150),      # widths not multiples of the block; > 64 rows per expert (several passes)
     (8, 64, 64, 1),
+    (5, 37, 19, 23),       # widths with a tail past whole 8-lane vectors; 1-3 rows left after 4-row tiles
+    (2, 64, 48, 64),       # 32 rows per expert: whole 4-row tiles
+    (4, 40, 36, 45),       # 9-14 rows per expert: tiles and the rows left after them
 ])
 def test_kernel_matches_torch_path(kernel, n_local, C, inter, rows):
     ex = fused_experts(n_local, C, inter)
