@@ -226,12 +226,25 @@ class Attention(nn.Module):
         first = torch.cumsum(n, 0) - n                                        # (F, 1)
         idx = rows[first + torch.minimum(j[None, :], n - 1)]                  # (F, N) padding repeats a row
         # Fresh prompts sit at positions 0..n-1 and padding comes after every real key, so the
-        # causal mask alone keeps real queries off it (padded queries are dropped).
-        mask = attention_mask(j, j, self.chunk)                               # (N, N)
+        # causal mask alone keeps real queries off it (padded queries are dropped); within one
+        # attention chunk SDPA applies it itself (is_causal).
+        causal = self.chunk is None or N <= self.chunk
+        mask = None if causal else attention_mask(j, j, self.chunk)            # (N, N)
         o = F.scaled_dot_product_attention(
             q[idx].transpose(1, 2), k[idx].transpose(1, 2), v[idx].transpose(1, 2),  # (F, H|KV, N, D)
-            attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+            attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv)
         return o.transpose(1, 2)[j[None, :] < n]                              # (rows, H, D), in order
+
+    def _fresh(self, q_i: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """One fresh prompt at positions 0..n-1: q_i (1, H, n, D), k, v (n, KV, D) -> (n, H, D).
+        Within one attention chunk the mask is plain causal, which SDPA then skips block by block
+        instead of reading a mask (2x faster at 2048 tokens on CPU, BENCHMARKS.md)."""
+        n = q_i.shape[2]
+        causal = self.chunk is None or n <= self.chunk
+        mask = None if causal else attention_mask(q_pos, q_pos, self.chunk)[None, None]   # (1, 1, n, n)
+        o = F.scaled_dot_product_attention(q_i, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+                                           is_causal=causal, enable_gqa=self.n_heads != self.n_kv)
+        return o[0].transpose(0, 1)
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """One new token per sequence: one batched SDPA over the sequences' gathered blocks.
@@ -271,15 +284,17 @@ class Attention(nn.Module):
                 continue
             q_i = q[offset:offset + n].transpose(0, 1)[None]  # (1, H, n, D)
             q_pos = batch.positions[offset:offset + n]
+            if start == 0:
+                # a fresh prompt: its own keys, no gather from the pages it has just written
+                outs.append(self._fresh(q_i, k[offset:offset + n], v[offset:offset + n], q_pos))
+                offset += n
+                continue
             if cache is not None:
                 k_i, v_i = cache.gather(self.layer, batch.kv.read_rows[self.group][i:i + 1])  # (1, N, KV, D)
                 k_pos = batch.kv.key_pos[self.group][i]                                       # (N,), -1: none
                 mask = attention_mask(q_pos, k_pos, self.chunk) & (k_pos >= 0)[None, :]      # (n, N)
             else:
-                if start != 0:
-                    raise ValueError("a sequence continuing from cached tokens needs a KV cache")
-                k_i, v_i = k[offset:offset + n][None], v[offset:offset + n][None]
-                mask = attention_mask(q_pos, torch.arange(n, device=q.device), self.chunk)   # (n, n)
+                raise ValueError("a sequence continuing from cached tokens needs a KV cache")
             o = F.scaled_dot_product_attention(q_i, k_i.transpose(1, 2), v_i.transpose(1, 2),
                                                attn_mask=mask[None, None], enable_gqa=self.n_heads != self.n_kv)
             outs.append(o[0].transpose(0, 1))  # (n, H, D)
