@@ -43,3 +43,29 @@ def test_fusion_keeps_the_state_dict_and_shares_storage():
     assert ours.lm_head.weight.t().is_contiguous()  # other linears stored column-major
     experts = ours.moe_blocks[0].experts  # routed experts stored output-major
     assert experts.gate_up_proj.transpose(1, 2).is_contiguous()
+
+
+def test_prefill_sized_matmuls_take_onednn_and_repack_after_an_in_place_change():
+    """fused.matmul: from PACKED_MIN_ROWS rows (fp32 CPU inference) through oneDNN's packed weight,
+    equal to mm/addmm; a weight changed in place (a state dict loaded) is packed afresh."""
+    import pytest
+
+    from maverick_ray.model import fused
+
+    if not fused._onednn():
+        pytest.skip("this torch has no oneDNN")
+    g = torch.Generator().manual_seed(0)
+    w, r = torch.randn(64, 96, generator=g), torch.randn(40, 96, generator=g)
+    with torch.inference_mode():
+        for rows in (fused.PACKED_MIN_ROWS - 1, fused.PACKED_MIN_ROWS, 40):
+            x = torch.randn(rows, 64, generator=g)
+            torch.testing.assert_close(fused.matmul(x, w), x @ w, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fused.matmul(x, w, r[:rows]), x @ w + r[:rows], rtol=1e-4, atol=1e-4)
+        assert hasattr(w, "_onednn_packed")
+        first = w._onednn_packed[1]
+        fused.matmul(x, w)
+        assert w._onednn_packed[1] is first   # packed once
+    w.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.matmul(x, w), x @ w, rtol=1e-4, atol=1e-4)
+        assert w._onednn_packed[1] is not first

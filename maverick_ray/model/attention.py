@@ -18,7 +18,7 @@ from ..config import TextConfig
 from .batch import ForwardBatch
 from .kv_cache import PagedKVCache
 from . import prefill_attention
-from .fused import project
+from .fused import matmul, project
 from .norm import rms_normalize
 from .rope import apply_rope, rotation
 
@@ -104,7 +104,7 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
             v = self.v_proj(x)
         else:
-            qk, v = (x @ self.qkv).split([(H + KV) * D, KV * D], dim=-1)
+            qk, v = matmul(x, self.qkv).split([(H + KV) * D, KV * D], dim=-1)
         return qk.view(T, H + KV, D), v.view(T, KV, D)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, inv_freq: torch.Tensor,
@@ -131,7 +131,7 @@ class Attention(nn.Module):
     def _native_prologue(self, x, batch: ForwardBatch, inv_freq, cache: PagedKVCache):
         """One matmul and one native call; k and v (stored in the cache) as views on demand."""
         T, H, KV, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
-        qkv = torch.mm(x, self.qkv)  # (T, (H + 2 KV) D), rotated and normed in place below
+        qkv = matmul(x, self.qkv)  # (T, (H + 2 KV) D), rotated and normed in place below
         q = self.prologue(qkv, batch.positions, H, KV, D, inv_freq if self.use_rope else None,
                           self.eps if self.qk_norm else None, self.floor_scale if self.temperature else None,
                           self.attn_scale, *cache.pools(self.layer), batch.kv.write_rows[self.group])

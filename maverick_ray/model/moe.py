@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .fused import project
+from .fused import matmul, project
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ class MLP(nn.Module):
         if self.gate_up is None:
             y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
             return y if residual is None else residual + y
-        gate, up = (x @ self.gate_up).chunk(2, dim=-1)  # (T, I) each
+        gate, up = matmul(x, self.gate_up).chunk(2, dim=-1)  # (T, I) each
         return project(F.silu(gate) * up, self.down_proj, residual)
 
 
