@@ -53,8 +53,8 @@ def fuse_columns(linears: list[nn.Linear]) -> torch.Tensor:
 
 # Matmuls of at least this many rows on fp32 CPU run through oneDNN over a packed copy of the
 # weight (fewer rows: decode steps, which the native kernels or MKL take). Side by side in one
-# process on the AMD EPYC host, mini's projections: 1.26-1.5x MKL's sgemm at 64-256 rows, 1.1-1.17x
-# at 512 (BENCHMARKS.md). The packed copy doubles the dense weights of a CPU rank.
+# process on the AMD EPYC host, mini's projections: 1.1-1.5x MKL's sgemm at 64-2048 rows
+# (benchmarks/bench_prefill_kernels.py). The packed copy doubles the dense weights of a CPU rank.
 PACKED_MIN_ROWS = 33
 
 

@@ -189,8 +189,9 @@ class Experts(nn.Module):
     # The native kernel runs batches of up to this many rows per local expert (on average), more
     # go to BLAS. Measured (BENCHMARKS.md): on an Intel host BLAS was 1.08x faster at 4 rows per
     # expert; on an AMD EPYC host, where MKL is slow at few rows, the kernel (with its register
-    # tiles from 8 rows a pass) was 2.2x faster at 4, 1.7x at 16 and 1.6x at 32, and MKL 1.1x
-    # faster at 64 (prefill chunks of 512-8192 tokens over 128 experts).
+    # tiles from 8 rows a pass) was 2.2-3x faster at 4, 1.7x at 16 and 1.6x at 32; at 64 one run
+    # had it 1.5x faster and another MKL 1.1x (prefill chunks of 512-8192 tokens over 128 experts;
+    # benchmarks/bench_prefill_kernels.py).
     KERNEL_MAX_ROWS_PER_EXPERT = 32
 
     def __init__(self, num_local: int, hidden: int, inter: int):
