@@ -69,3 +69,12 @@ def test_prefill_sized_matmuls_take_onednn_and_repack_after_an_in_place_change()
     with torch.inference_mode():
         torch.testing.assert_close(fused.matmul(x, w), x @ w, rtol=1e-4, atol=1e-4)
         assert w._onednn_packed[1] is not first
+
+
+def test_weights_made_under_inference_mode_take_plain_mm():
+    from maverick_ray.model import fused
+
+    with torch.inference_mode():
+        w, x = torch.randn(64, 32), torch.randn(fused.PACKED_MIN_ROWS + 7, 64)
+        torch.testing.assert_close(fused.matmul(x, w), x @ w)
+        assert not hasattr(w, "_onednn_packed")

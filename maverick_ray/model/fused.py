@@ -76,8 +76,9 @@ def _packed(w: torch.Tensor) -> torch.Tensor:
 def matmul(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, K) @ w (K, N) (+ residual (T, N)), through oneDNN's packed weight for fp32 CPU
     inference of PACKED_MIN_ROWS rows or more, else one mm / addmm."""
+    # (a weight made under inference_mode has no version counter to tell a stale packed copy by)
     if (x.shape[0] >= PACKED_MIN_ROWS and x.dtype == torch.float32 and x.is_cpu and x.dim() == 2
-            and not torch.is_grad_enabled() and _onednn()):
+            and not torch.is_grad_enabled() and not w.is_inference() and _onednn()):
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, _packed(w), None, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, _packed(w), None, "add")
