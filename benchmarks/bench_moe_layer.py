@@ -170,10 +170,11 @@ class Layer:
 
 
     def _triton(self, x, ids, fp8: bool):
-        from maverick_ray.model.triton_experts import expert_rows, row_bounds
+        from maverick_ray.model.moe import expert_row_bounds
+        from maverick_ray.model.triton_experts import expert_rows
 
         order = torch.argsort(ids, stable=True)
-        bounds = row_bounds(ids, order, self.E)
+        bounds = expert_row_bounds(ids, order, self.E)
         if fp8:
             y = expert_rows(x[order], bounds, self.w13, self.w2, self.s13, self.s2)
         else:

@@ -57,7 +57,7 @@ def twin_decode(w, capture: bool, rtol: float, atol: float, steps: int = 60, max
         want_routed, got_routed = [], []
         want = forward(plain, starts, [1] * len(seqs), ids, first, pages, want_routed).float()
         model.moe_blocks[0].dispatcher.begin_step(None)
-        got = graphs.run(model.embed(ids), starts, first, pages, got_routed)
+        got = graphs.run(model.embed(ids), starts, [1] * len(seqs), first, pages, got_routed)
         assert got is not None, graphs.stats()
         got = got.float()
         assert got.shape == want.shape

@@ -55,7 +55,7 @@ def test_steps_that_do_not_qualify_run_the_ordinary_way(tiny_ckpt):
     w.force_expert(3)   # a routing test hook would be baked into a graph
     assert not graphs.qualifies([1])
     x = torch.zeros(3, w.config.text.hidden_size)
-    assert graphs.run(x, [0, 0, 0], [[0] * 3] * 4, [[[0]] * 3] * 4) is None
+    assert graphs.run(x, [0, 0, 0], [1, 1, 1], [[0] * 3] * 4, [[[0]] * 3] * 4) is None
 
 
 def test_engine_decodes_through_padded_steps_as_the_reference(tiny_ckpt):
@@ -81,3 +81,19 @@ def test_engine_decodes_through_padded_steps_as_the_reference(tiny_ckpt):
     decodes = [s for s in steps if s.admitted == 0 and s.num_tokens]
     assert decodes and all(s.rank_received == [[s.num_tokens] * len(s.expert_counts)] for s in decodes)
     assert all([sum(c) for c in s.expert_counts] == [s.num_tokens] * len(s.expert_counts) for s in decodes)
+
+
+def test_expert_row_bounds_match_bincount():
+    """moe.expert_row_bounds (the grouped GEMMs' offsets and the Triton kernels' bounds, searched
+    on the device instead of CUDA's host-syncing bincount) against bincount's cumulative sums,
+    with empty experts and no rows at all."""
+    from maverick_ray.model.moe import expert_row_bounds
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (0, 1, 9, 64):
+        ids = torch.randint(0, 7, (rows,), generator=g)
+        ids[ids == 2] = 5
+        order = torch.argsort(ids, stable=True)
+        ends = torch.cumsum(torch.bincount(ids, minlength=7), 0).to(torch.int32)
+        assert torch.equal(expert_row_bounds(ids, order, 7, ends_only=True), ends)
+        assert expert_row_bounds(ids, order, 7).tolist() == [0] + ends.tolist()

@@ -367,11 +367,8 @@ class RankWorker:
         self.dispatcher.begin_step(plan.max_rank_tokens * self.config.text.num_experts_per_tok or None)
         routed: list[torch.Tensor] = []
         self._phase.clear()
-        logits = None
-        if self.graphs is not None and self.graphs.qualifies(lengths):
-            logits = self.graphs.run(embeds, starts, first, pages, routed)
-        if logits is None:
-            routed.clear()
+        logits = self.graphs.run(embeds, starts, lengths, first, pages, routed) if self.graphs is not None else None
+        if logits is None:   # no graphs, or a step they do not take
             kv = KVView(self.cache.layout, starts, lengths, first, pages, self.device)
             batch = ForwardBatch.build(starts, lengths, device=self.device, kv=kv)
             logits = self.model(batch=batch, cache=self.cache, inputs_embeds=embeds, routed_ids=routed)

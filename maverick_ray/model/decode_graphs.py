@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batch import ForwardBatch
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, _PerGroup
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,12 @@ class _StaticView:
         return self._rows[g]
 
     @property
-    def read_rows(self):
-        return _Groups(lambda g: self._gather_index(g)[0])
+    def read_rows(self) -> _PerGroup:
+        return _PerGroup(lambda g: self._gather_index(g)[0])
 
     @property
-    def key_pos(self):
-        return _Groups(lambda g: self._gather_index(g)[1])
-
-
-class _Groups:
-    def __init__(self, get):
-        self._get = get
-
-    def __getitem__(self, g: int) -> torch.Tensor:
-        return self._get(g)
+    def key_pos(self) -> _PerGroup:
+        return _PerGroup(lambda g: self._gather_index(g)[1])
 
 
 @dataclass
@@ -146,15 +138,15 @@ class DecodeGraphs:
         return (self.failed is None and 0 < len(lengths) <= self.max_batch and all(n == 1 for n in lengths)
                 and all(b.force_expert is None and b.route_bias is None for b in self.model.moe_blocks))
 
-    def run(self, x: torch.Tensor, starts: list[int], first: list[list[int]], pages: list[list[list[int]]],
-            routed_ids: list | None = None) -> torch.Tensor | None:
-        """One decode step: x (B, C) embeddings of each sequence's new token at position
-        starts[i]; first[g][i] and pages[g][i] its kept blocks in group g (as a RankPlan's work
-        carries them) -> (B, V) logits (a view of the bucket's buffer, valid until the next run),
-        or None when the step does not qualify (the caller runs the ordinary forward)."""
-        B = len(starts)
-        if not self.qualifies([1] * B):
+    def run(self, x: torch.Tensor, starts: list[int], lengths: list[int], first: list[list[int]],
+            pages: list[list[list[int]]], routed_ids: list | None = None) -> torch.Tensor | None:
+        """One step: x (B, C) embeddings of the new tokens, lengths[i] of them for sequence i at
+        position starts[i]; first[g][i] and pages[g][i] its kept blocks in group g (as a RankPlan's
+        work carries them) -> (B, V) logits (a view of the bucket's buffer, valid until the next
+        run), or None when the step does not qualify (the caller runs the ordinary forward)."""
+        if not self.qualifies(lengths):
             return None
+        B = len(starts)
         width = max(len(p) for group in pages for p in group)
         key = (batch_bucket(B, self.max_batch), blocks_bucket(width))
         bucket = self._buckets.get(key)

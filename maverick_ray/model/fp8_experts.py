@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .moe import group_ends, is_hopper, triton_expert_rows
+from .moe import expert_row_bounds, is_hopper, triton_expert_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max   # 448
@@ -117,7 +117,7 @@ class Fp8Experts(nn.Module):
                                self.down_proj_scale)   # weight-only FP8: bf16 activations, no quantization
         if y is not None:
             return y
-        offs = group_ends(local_ids, order, self.num_local)     # (El,)
+        offs = expert_row_bounds(local_ids, order, self.num_local, ends_only=True)   # (El,)
         x_q, x_s = quantize_rows(xs)                             # (Rl, C), (Rl, 1)
         h = torch._scaled_grouped_mm(x_q, self.gate_up_proj.transpose(-2, -1), scale_a=x_s.view(-1),
                                      scale_b=self.gate_up_proj_scale, offs=offs, out_dtype=torch.bfloat16)

@@ -113,13 +113,16 @@ class MLP(nn.Module):
         return project(F.silu(gate) * up, self.down_proj, residual)
 
 
-def group_ends(local_ids: torch.Tensor, order: torch.Tensor, num_local: int) -> torch.Tensor:
-    """(El,) int32 end row of each local expert's group among the rows sorted by `order` (an
-    argsort of local_ids (Rl,)): the offsets torch's grouped GEMMs take. A search over the
-    sorted ids, not bincount: CUDA's bincount reads the ids' max on the host, a sync that also
-    makes a step impossible to capture in a CUDA graph (model/decode_graphs.py)."""
-    experts = torch.arange(num_local, device=local_ids.device, dtype=local_ids.dtype)
-    return torch.searchsorted(local_ids[order], experts, right=True, out_int32=True)
+def expert_row_bounds(local_ids: torch.Tensor, order: torch.Tensor, num_local: int,
+                      ends_only: bool = False) -> torch.Tensor:
+    """(El + 1,) int32: the first row of each local expert among the rows sorted by `order` (an
+    argsort of local_ids (Rl,)), then Rl (model/triton_experts.py's bounds); ends_only: (El,)
+    the end row of each, the offsets torch's grouped GEMMs take, as a tensor of its own (not a
+    view one element in). A search over the sorted ids, not bincount: CUDA's bincount reads the
+    ids' max on the host, a sync that also makes a step impossible to capture in a CUDA graph
+    (model/decode_graphs.py)."""
+    experts = torch.arange(int(ends_only), num_local + 1, device=local_ids.device, dtype=local_ids.dtype)
+    return torch.searchsorted(local_ids[order], experts, out_int32=True)
 
 
 # Routed-expert batches of at most this many rows per local expert (on average) run in
@@ -154,7 +157,7 @@ def triton_expert_rows(xs: torch.Tensor, local_ids: torch.Tensor, order: torch.T
     if mod is None:
         return None
     try:
-        bounds = mod.row_bounds(local_ids, order, gate_up.shape[0])
+        bounds = expert_row_bounds(local_ids, order, gate_up.shape[0])
         return mod.expert_rows(xs, bounds, gate_up, down, gate_up_scale, down_scale)
     except Exception as e:   # a kernel that does not compile on this GPU / Triton: torch's path from now on
         _triton_failed.append(f"{type(e).__name__}: {e}")
@@ -265,8 +268,9 @@ class Experts(nn.Module):
 
 
     def graph_capturable(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether a decode step over these experts can be captured in a CUDA graph: only the
-        grouped GEMM path runs without a host sync (the per-expert loop reads group sizes)."""
+        """Whether inference on `dtype` inputs here runs the grouped path (_grouped_gemm), the only
+        one without a host sync (the per-expert loop reads group sizes), so that a decode step
+        over these experts can be captured in a CUDA graph."""
         return (device.type == "cuda" and dtype == torch.bfloat16 and self.gate_up_proj.dtype == torch.bfloat16
                 and hasattr(torch, "_grouped_mm") and is_hopper(device))
 
@@ -274,8 +278,7 @@ class Experts(nn.Module):
         """bf16 inference on Hopper: each projection as one grouped GEMM over all experts
         (torch._grouped_mm): no per-expert launches, no host sync on the group sizes; 8% faster
         than the per-expert loop on a real-size layer on an H100 (BENCHMARKS.md)."""
-        return (x.is_cuda and x.dtype == torch.bfloat16 and self.gate_up_proj.dtype == torch.bfloat16
-                and hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and is_hopper(x.device))
+        return not torch.is_grad_enabled() and self.graph_capturable(x.device, x.dtype)
 
     def _grouped(self, x: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         xs = x[order]                                                                # (Rl, C) sorted
@@ -287,7 +290,7 @@ class Experts(nn.Module):
         return out
 
     def _grouped_mm(self, xs: torch.Tensor, local_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        offs = group_ends(local_ids, order, self.num_local)                          # (El,)
+        offs = expert_row_bounds(local_ids, order, self.num_local, ends_only=True)   # (El,)
         h = torch._grouped_mm(xs, self.gate_up_proj, offs=offs)                      # (Rl, 2I)
         two_i = h.shape[-1]
         act = F.silu(h[:, :two_i // 2]) * h[:, two_i // 2:]                          # (Rl, I)

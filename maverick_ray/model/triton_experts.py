@@ -110,7 +110,8 @@ def _project(xs: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, boun
 
 def expert_rows(xs: torch.Tensor, bounds: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                 gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """xs (Rl, C) rows sorted by local expert, bounds (El + 1,) each expert's first row (and Rl)
+    """xs (Rl, C) rows sorted by local expert, bounds (El + 1,) each expert's first row (and Rl;
+    moe.expert_row_bounds)
     -> (Rl, C) = silu(xs Wg) * (xs Wu) @ Wd per row's expert, in xs's dtype.
 
     bf16 weights: gate_up (El, C, 2I), down (El, I, C). FP8 weights (scales given): gate_up
@@ -121,8 +122,3 @@ def expert_rows(xs: torch.Tensor, bounds: torch.Tensor, gate_up: torch.Tensor, d
     act = _project(xs.contiguous(), gate_up, gate_up_scale, bounds, inter, fp8, glu=True)   # (Rl, I)
     return _project(act, down, down_scale, bounds, C, fp8, glu=False)                       # (Rl, C)
 
-
-def row_bounds(local_ids: torch.Tensor, order: torch.Tensor, num_local: int) -> torch.Tensor:
-    """(El + 1,) int32: the first row of each local expert among the rows sorted by `order`, then Rl."""
-    experts = torch.arange(num_local + 1, device=local_ids.device, dtype=local_ids.dtype)
-    return torch.searchsorted(local_ids[order], experts, out_int32=True)
